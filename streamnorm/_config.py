@@ -1,0 +1,42 @@
+"""Numba options and blocking constants, kept in one place.
+
+Every ``@njit`` in the package takes its options from here, never from a literal at the decorator.
+
+The fastmath set follows stumpy's: it allows reassociation (needed to vectorize the contiguous
+reductions) but leaves out ``nnan``/``ninf`` so that NaN and Inf checks survive compilation.
+
+The blocking constants fix how rows are cut into blocks and blocks into parallel chunks. They
+depend only on the array's shape and dtype, never on the thread count, which is what makes the
+parallel kernels bit-identical for any ``NUMBA_NUM_THREADS``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+FASTMATH: set[str] = {"nsz", "arcp", "contract", "afn", "reassoc"}
+
+#: Options for serial kernels.
+JIT: dict[str, Any] = {"nogil": True, "cache": True, "fastmath": FASTMATH, "error_model": "numpy"}
+
+#: Options for the few helpers whose floating-point semantics must stay exact (NaN/Inf tests):
+#: LLVM may fold a finiteness test away under a combination of the flags above.
+STRICT_JIT: dict[str, Any] = {"nogil": True, "cache": True, "error_model": "numpy"}
+
+#: Options for parallel kernels.
+PARALLEL_JIT: dict[str, Any] = {**JIT, "parallel": True}
+
+#: Bytes of input per block in the (rows, D) kernel: a block is read twice and must stay in L1/L2.
+BLOCK_BYTES = 32 * 1024
+
+#: Elements per contiguous segment in the channels-first kernel.
+SEG_LEN = 4096
+
+#: Elements of input that one parallel task (a chunk of blocks or segments) handles at least.
+CHUNK_ELEMS = 64 * 1024
+
+#: Upper bound on the number of parallel chunks of the (rows, D) kernel.
+MAX_CHUNKS = 256
+
+#: Bytes of input per block copied by the generic (any-stride) path.
+GENERIC_BLOCK_BYTES = 1024 * 1024

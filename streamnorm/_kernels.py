@@ -1,0 +1,280 @@
+"""Numba kernels: block moments for each layout and the Chan merge.
+
+Pure array-in/array-out functions, no validation. ``streamnorm._moments`` decides which kernel an
+array reaches and in which shape.
+
+Every kernel follows the same scheme:
+
+1. the reduced elements are cut into fixed-size blocks (rows of a ``(rows, D)`` view, or contiguous
+   segments of a ``(A, C, L)`` view); the cut depends only on the shape and dtype;
+2. each block's ``(n, mean, M2)`` is computed with a two-pass over the cache-resident block, after
+   subtracting a per-dimension reference value ``ref`` (the shift keeps digits when the data sit far
+   from zero);
+3. the blocks of a chunk are merged in order into the chunk's own slot (one parallel task a chunk,
+   no shared accumulators), then the chunk slots are merged serially in order.
+
+Results are therefore bit-identical for any number of threads. Means are returned un-shifted.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from ._config import JIT, PARALLEL_JIT, STRICT_JIT
+
+
+@njit(**STRICT_JIT)
+def isfinite(v):  # type: ignore[no-untyped-def]
+    """``np.isfinite`` compiled without fastmath, so that callers with fastmath keep the test."""
+    return np.isfinite(v)
+
+
+@njit(**JIT)
+def chan_merge_into(n_a, mean_a, m2_a, n_b, mean_b, m2_b):  # type: ignore[no-untyped-def]
+    """Merge state ``b`` into state ``a`` in place (flat float64 arrays of one length)."""
+    for d in range(n_a.shape[0]):
+        nb = n_b[d]
+        if nb == 0.0:
+            continue
+        na = n_a[d]
+        if na == 0.0:
+            n_a[d] = nb
+            mean_a[d] = mean_b[d]
+            m2_a[d] = m2_b[d]
+            continue
+        n = na + nb
+        delta = mean_b[d] - mean_a[d]
+        mean_a[d] = mean_a[d] + delta * (nb / n)
+        m2_a[d] = m2_a[d] + m2_b[d] + delta * delta * (na * (nb / n))
+        n_a[d] = n
+
+
+@njit(**STRICT_JIT)
+def _finish(n, mean, m2, ref):  # type: ignore[no-untyped-def]
+    """Add the reference back; dimensions with a NaN/Inf become NaN; empty ones get NaN mean, 0 M2."""
+    for d in range(mean.shape[0]):
+        if n[d] == 0.0:
+            mean[d] = np.nan
+            m2[d] = 0.0
+            continue
+        mean[d] = mean[d] + ref[d]
+        if not (np.isfinite(mean[d]) and np.isfinite(m2[d])):
+            mean[d] = np.nan
+            m2[d] = np.nan
+
+
+@njit(**PARALLEL_JIT)
+def rows_moments(x, ref, block_rows, chunk_blocks):  # type: ignore[no-untyped-def]
+    """Moments of the columns of a 2-D array ``x`` of shape (R, D), reduced over R.
+
+    Returns ``(n, mean, m2)``, each float64 of shape (D,).
+    """
+    R, D = x.shape
+    nblocks = (R + block_rows - 1) // block_rows
+    nchunks = (nblocks + chunk_blocks - 1) // chunk_blocks
+    c_n = np.zeros(nchunks)
+    c_mean = np.zeros((nchunks, D))
+    c_m2 = np.zeros((nchunks, D))
+    for k in prange(nchunks):
+        s = np.empty(D)
+        q = np.empty(D)
+        cm = c_mean[k]
+        cq = c_m2[k]
+        n_acc = 0.0
+        b1 = min(nblocks, (k + 1) * chunk_blocks)
+        for b in range(k * chunk_blocks, b1):
+            r0 = b * block_rows
+            r1 = min(R, r0 + block_rows)
+            nb = float(r1 - r0)
+            s[:] = 0.0
+            for r in range(r0, r1):
+                for d in range(D):
+                    s[d] += x[r, d] - ref[d]
+            for d in range(D):
+                s[d] /= nb
+            q[:] = 0.0
+            for r in range(r0, r1):
+                for d in range(D):
+                    t = (x[r, d] - ref[d]) - s[d]
+                    q[d] += t * t
+            n = n_acc + nb
+            f = nb / n
+            g = n_acc * f
+            for d in range(D):
+                delta = s[d] - cm[d]
+                cm[d] += delta * f
+                cq[d] += q[d] + delta * delta * g
+            n_acc = n
+        c_n[k] = n_acc
+    n_out = np.zeros(D)
+    mean_out = np.zeros(D)
+    m2_out = np.zeros(D)
+    nk = np.empty(D)
+    for k in range(nchunks):
+        nk[:] = c_n[k]
+        chan_merge_into(n_out, mean_out, m2_out, nk, c_mean[k], c_m2[k])
+    _finish(n_out, mean_out, m2_out, ref)
+    return n_out, mean_out, m2_out
+
+
+@njit(**PARALLEL_JIT)
+def rows_moments_general(x, ref, w, use_w, omit, block_rows, chunk_blocks):  # type: ignore[no-untyped-def]
+    """Like :func:`rows_moments`, with optional per-row weights ``w`` and NaN/Inf omission.
+
+    With ``omit`` a non-finite value is skipped and counts are per column. With ``use_w`` row ``r``
+    counts ``w[r]`` times (frequency weights). Returns ``(n, mean, m2)`` of shape (D,).
+    """
+    R, D = x.shape
+    nblocks = (R + block_rows - 1) // block_rows
+    nchunks = (nblocks + chunk_blocks - 1) // chunk_blocks
+    c_n = np.zeros((nchunks, D))
+    c_mean = np.zeros((nchunks, D))
+    c_m2 = np.zeros((nchunks, D))
+    for k in prange(nchunks):
+        s = np.empty(D)
+        q = np.empty(D)
+        cn = np.empty(D)
+        b1 = min(nblocks, (k + 1) * chunk_blocks)
+        for b in range(k * chunk_blocks, b1):
+            r0 = b * block_rows
+            r1 = min(R, r0 + block_rows)
+            s[:] = 0.0
+            q[:] = 0.0
+            cn[:] = 0.0
+            for r in range(r0, r1):
+                wr = w[r] if use_w else 1.0
+                if wr == 0.0:
+                    continue
+                for d in range(D):
+                    xv = x[r, d]
+                    if omit and not isfinite(xv):
+                        continue
+                    v = xv - ref[d]
+                    s[d] += wr * v
+                    cn[d] += wr
+            for d in range(D):
+                if cn[d] > 0.0:
+                    s[d] /= cn[d]
+            for r in range(r0, r1):
+                wr = w[r] if use_w else 1.0
+                if wr == 0.0:
+                    continue
+                for d in range(D):
+                    xv = x[r, d]
+                    if omit and not isfinite(xv):
+                        continue
+                    v = xv - ref[d]
+                    t = v - s[d]
+                    q[d] += wr * (t * t)
+            chan_merge_into(c_n[k], c_mean[k], c_m2[k], cn, s, q)
+    n_out = np.zeros(D)
+    mean_out = np.zeros(D)
+    m2_out = np.zeros(D)
+    for k in range(nchunks):
+        chan_merge_into(n_out, mean_out, m2_out, c_n[k], c_mean[k], c_m2[k])
+    _finish(n_out, mean_out, m2_out, ref)
+    return n_out, mean_out, m2_out
+
+
+@njit(**PARALLEL_JIT)
+def cf_moments(x, ref, seg_len, chunk_segs):  # type: ignore[no-untyped-def]
+    """Moments of a 3-D array ``x`` of shape (A, C, L), reduced over A and L (channels-first).
+
+    ``L`` should be the contiguous axis. Covers NCL/NCHW/NCDHW (as ``(N, C, H*W...)``), per-sample
+    statistics (``(1, rows, L)``) and 1-D data (``(1, 1, n)``). Returns ``(n, mean, m2)`` of shape (C,).
+    """
+    A, C, L = x.shape
+    nseg_row = (L + seg_len - 1) // seg_len
+    nseg = A * nseg_row
+    ncpc = (nseg + chunk_segs - 1) // chunk_segs
+    c_n = np.zeros((C, ncpc))
+    c_mean = np.zeros((C, ncpc))
+    c_m2 = np.zeros((C, ncpc))
+    for t in prange(C * ncpc):
+        c = t // ncpc
+        k = t - c * ncpc
+        r = ref[c]
+        n_acc = 0.0
+        m_acc = 0.0
+        q_acc = 0.0
+        s1 = min(nseg, (k + 1) * chunk_segs)
+        for sg in range(k * chunk_segs, s1):
+            a = sg // nseg_row
+            l0 = (sg - a * nseg_row) * seg_len
+            l1 = min(L, l0 + seg_len)
+            nb = float(l1 - l0)
+            tot = 0.0
+            for i in range(l0, l1):
+                tot += x[a, c, i] - r
+            mb = tot / nb
+            qq = 0.0
+            for i in range(l0, l1):
+                v = (x[a, c, i] - r) - mb
+                qq += v * v
+            n = n_acc + nb
+            f = nb / n
+            delta = mb - m_acc
+            m_acc += delta * f
+            q_acc += qq + delta * delta * (n_acc * f)
+            n_acc = n
+        c_n[c, k] = n_acc
+        c_mean[c, k] = m_acc
+        c_m2[c, k] = q_acc
+    n_out = np.zeros(C)
+    mean_out = np.zeros(C)
+    m2_out = np.zeros(C)
+    for c in prange(C):
+        na = 0.0
+        ma = 0.0
+        qa = 0.0
+        for k in range(ncpc):
+            nb = c_n[c, k]
+            if nb == 0.0:
+                continue
+            n = na + nb
+            f = nb / n
+            delta = c_mean[c, k] - ma
+            ma += delta * f
+            qa += c_m2[c, k] + delta * delta * (na * f)
+            na = n
+        n_out[c] = na
+        mean_out[c] = ma
+        m2_out[c] = qa
+    _finish(n_out, mean_out, m2_out, ref)
+    return n_out, mean_out, m2_out
+
+
+@njit(**JIT)
+def first_finite_rows(x):  # type: ignore[no-untyped-def]
+    """Per column of a 2-D array, its first finite value (0.0 where there is none)."""
+    R, D = x.shape
+    ref = np.zeros(D)
+    found = np.zeros(D, dtype=np.bool_)
+    left = D
+    for r in range(R):
+        if left == 0:
+            break
+        for d in range(D):
+            if not found[d]:
+                v = float(x[r, d])
+                if isfinite(v):
+                    ref[d] = v
+                    found[d] = True
+                    left -= 1
+    return ref
+
+
+@njit(**PARALLEL_JIT)
+def parallel_sum(x):  # type: ignore[no-untyped-def]
+    """Plain parallel sum of a contiguous 1-D array: the memory-read limit for benchmarks."""
+    n = x.shape[0]
+    nchunks = max(1, min(1024, n // 65536))
+    step = (n + nchunks - 1) // nchunks
+    part = np.zeros(nchunks)
+    for k in prange(nchunks):
+        acc = 0.0
+        for i in range(k * step, min(n, (k + 1) * step)):
+            acc += x[i]
+        part[k] = acc
+    return part.sum()
