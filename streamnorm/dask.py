@@ -1,0 +1,411 @@
+"""Dask adapter (extra ``dask``): moments of arrays larger than memory, on threads or a cluster.
+
+:func:`moments` is a :func:`dask.array.reduction`: streamnorm's kernel computes each chunk's
+``(count, mean, M2)``, and the chunk states are combined with the Chan merge in Dask's tree. It runs
+on whatever scheduler is active (the threaded default, or a ``distributed`` client).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ._extras import require
+from ._moments import NAN_POLICIES, Axis, Moments, _check_dtype, _normalize_axes
+
+da = require("dask.array", "dask")
+dask = require("dask", "dask")
+
+__all__ = ["moments"]
+
+#: Dtype of the reduction's output blocks: one (count, mean, M2) record per dimension.
+STATE_DTYPE = np.dtype([("n", "f8"), ("mean", "f8"), ("m2", "f8")])
+
+#: Bytes of float64 per shifted slab of a chunk (the slab is read back from cache by the kernel).
+SLAB_BYTES = 4 * 1024 * 1024
+
+
+# --------------------------------------------------------------------------------------------
+# the three steps of the reduction
+#
+# A chunk state is a dict of arrays in Dask's ``keepdims`` shape: ``n`` (count), ``ref`` (a value
+# near the data), ``mean`` (the mean *minus* ``ref``) and ``m2``. Keeping the reference apart from
+# the small shifted mean is what keeps the merge exact for data far from zero: the difference of
+# two chunk means is formed as ``(ref_b - ref_a) + (mean_b - mean_a)``, where each part is exact or
+# small, instead of from two rounded unshifted means.
+
+_State = dict[str, np.ndarray]
+
+
+def _empty_state(shape: tuple[int, ...]) -> _State:
+    return {
+        "n": np.zeros(shape),
+        "ref": np.zeros(shape),
+        "mean": np.full(shape, np.nan),
+        "m2": np.zeros(shape),
+    }
+
+
+def _merge_into(a: _State, b: _State) -> None:
+    """Chan-merge state ``b`` into state ``a`` in place (flat float64 arrays, same length)."""
+    na, nb = a["n"], b["n"]
+    take = (na == 0.0) & (nb > 0.0)  # a is empty there: b's state as it is
+    both = (na > 0.0) & (nb > 0.0)
+    if take.any():
+        for k in ("ref", "mean", "m2"):
+            a[k][take] = b[k][take]
+    if both.any():
+        n1, n2 = na[both], nb[both]
+        n = n1 + n2
+        f = n2 / n
+        delta = (b["ref"][both] - a["ref"][both]) + (b["mean"][both] - a["mean"][both])
+        a["mean"][both] = a["mean"][both] + delta * f
+        a["m2"][both] = a["m2"][both] + b["m2"][both] + delta * delta * (n1 * f)
+    a["n"] += nb
+
+
+def _core_state(
+    y: np.ndarray, axis: tuple[int, ...], w: np.ndarray | None, nan_policy: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Flat (n, mean, m2) of one slab from the core, length-1 axes dropped first.
+
+    A length-1 axis holds nothing to reduce or to split; dropping it (a view) gives the core the
+    plainest layout. If the weighted axis is dropped, its single weight applies to every sample.
+    """
+    ones = [i for i in range(y.ndim) if y.shape[i] == 1]
+    red = [i for i in axis if i not in ones]
+    if not red:  # one sample per dimension: keep one reduced axis
+        ones.remove(axis[0])
+        red = [axis[0]]
+    if w is not None and axis[0] in ones:
+        w = np.full(y.shape[red[0]], w[0])
+    z = y.squeeze(axis=tuple(ones)) if ones else y
+    new_axes = tuple(i - sum(1 for o in ones if o < i) for i in red)
+    d = Moments().update(z, new_axes, weights=w, nan_policy=nan_policy).to_dict()
+    return d["count"], d["mean"], d["m2"]
+
+
+def _block_ref(x: np.ndarray, axis: tuple[int, ...], nan_policy: str) -> np.ndarray:
+    """A per-dimension value near the data: the first sample (keepdims shape, float64)."""
+    first = tuple(slice(0, 1) if i in axis else slice(None) for i in range(x.ndim))
+    ref = np.array(x[first], dtype=np.float64)
+    bad = ~np.isfinite(ref)
+    if bad.any():
+        ref[bad] = 0.0
+        if nan_policy == "omit":  # the first finite value would do; the slab mean is as good
+            n, m, _ = _core_state(x, axis, None, "omit")
+            m = m.reshape(ref.shape)
+            fix = bad & np.isfinite(m)
+            ref[fix] = m[fix]
+    return ref
+
+
+def _chunk(
+    x: np.ndarray,
+    weights: np.ndarray | None = None,
+    *,
+    axis: tuple[int, ...],
+    nan_policy: str = "propagate",
+) -> _State:
+    """One block's state, with the reduced axes kept at length 1 (Dask's ``keepdims`` shape).
+
+    The block is shifted by its first sample slab by slab along the first reduced axis (each slab
+    at most ``SLAB_BYTES`` of float64), each slab goes through the core kernel, and the slab states
+    are merged in order.
+    """
+    kshape = tuple(1 if i in axis else s for i, s in enumerate(x.shape))
+    if x.size == 0:  # an empty block (no samples, or no dimensions)
+        return _empty_state(kshape)
+    a0 = axis[0]
+    w = None
+    if weights is not None:
+        w = np.ascontiguousarray(
+            weights[tuple(slice(None) if i == a0 else 0 for i in range(x.ndim))], dtype=np.float64
+        )
+    ref = _block_ref(x, axis, nan_policy)
+    size = int(np.prod(kshape, dtype=np.int64))
+    acc = _empty_state((size,))
+    acc["mean"] = np.zeros(size)
+    per_row = max(1, x.size // x.shape[a0]) * 8
+    step = max(1, SLAB_BYTES // per_row)
+    for i in range(0, x.shape[a0], step):
+        sl = tuple(slice(i, i + step) if j == a0 else slice(None) for j in range(x.ndim))
+        y = np.subtract(x[sl], ref, dtype=np.float64)
+        n, m, q = _core_state(y, axis, None if w is None else w[i : i + step], nan_policy)
+        _merge_into(acc, {"n": n, "ref": np.zeros(size), "mean": m, "m2": q})
+    acc["ref"] = ref.reshape(-1).copy()
+    return {k: v.reshape(kshape) for k, v in acc.items()}
+
+
+def _flatten(parts: Any) -> list[_State]:
+    """Dask hands ``combine``/``aggregate`` one state or nested lists of states, in block order."""
+    if isinstance(parts, dict):
+        return [parts]
+    out: list[_State] = []
+    for p in parts:
+        out.extend(_flatten(p))
+    return out
+
+
+def _merge(parts: Any) -> _State:
+    """Chan-merge the states in block order (a fixed order, whatever the completion order)."""
+    states = _flatten(parts)
+    shape = states[0]["n"].shape
+    acc = {k: np.array(v, dtype=np.float64).reshape(-1) for k, v in states[0].items()}
+    for s in states[1:]:
+        if s["n"].shape != shape:
+            raise ValueError(
+                f"internal: state shapes differ in the merge ({s['n'].shape} vs {shape})"
+            )
+        _merge_into(acc, {k: np.asarray(v, dtype=np.float64).reshape(-1) for k, v in s.items()})
+    return {k: v.reshape(shape) for k, v in acc.items()}
+
+
+def _combine(
+    parts: Any, axis: tuple[int, ...], keepdims: bool = True, computing_meta: bool = False
+) -> Any:
+    if computing_meta:
+        return parts
+    return _merge(parts)
+
+
+def _aggregate(
+    parts: Any, axis: tuple[int, ...], keepdims: bool = False, computing_meta: bool = False
+) -> Any:
+    """The merged state as a structured array of (count, mean, M2) records, kept axes only."""
+    if computing_meta:
+        return parts
+    st = _merge(parts)
+    shape = st["n"].shape
+    if not keepdims:
+        shape = tuple(s for i, s in enumerate(shape) if i not in axis)
+    n = st["n"].reshape(-1)
+    mean = (st["ref"] + st["mean"]).reshape(-1)
+    m2 = st["m2"].reshape(-1)
+    empty = n == 0.0
+    mean[empty] = np.nan
+    m2[empty] = 0.0
+    bad = ~empty & ~(np.isfinite(mean) & np.isfinite(m2))
+    mean[bad] = np.nan
+    m2[bad] = np.nan
+    out = np.empty(shape, dtype=STATE_DTYPE)
+    out["n"], out["mean"], out["m2"] = n.reshape(shape), mean.reshape(shape), m2.reshape(shape)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# input checks
+
+
+def _check_x(x: Any) -> Any:
+    if not isinstance(x, da.Array):
+        raise TypeError(
+            f"streamnorm.dask.moments takes a dask.array.Array, got {type(x).__module__}."
+            f"{type(x).__name__}; use streamnorm.moments for in-memory arrays, or wrap the data "
+            "with dask.array.from_array(x, chunks=...)"
+        )
+    _check_dtype(np.empty(0, dtype=x.dtype))
+    if x.ndim == 0:
+        raise ValueError("x is 0-d (a scalar); moments need at least a 1-D array of samples")
+    if any(math.isnan(c) for cs in x.chunks for c in cs):
+        raise ValueError(
+            "x has unknown chunk sizes (NaN in x.chunks); call x.compute_chunk_sizes() first"
+        )
+    return x
+
+
+def _check_weights(weights: Any, x: Any, axes: tuple[int, ...]) -> tuple[Any, Any]:
+    """Weights as a 1-D dask array chunked like ``x`` along ``axes[0]``, and broadcast to ``x``."""
+    if not axes:
+        raise ValueError("weights need at least one reduced axis; got axis=()")
+    a0 = axes[0]
+    n0 = x.shape[a0]
+    if isinstance(weights, da.Array):
+        w = weights
+    else:
+        w = np.asarray(weights)
+    if w.dtype.kind not in "fiub":
+        raise TypeError(f"weights must be real numbers, got dtype {w.dtype}")
+    if w.ndim != 1 or w.shape[0] != n0:
+        raise ValueError(
+            f"weights must be 1-D with one weight per sample along axis {a0} "
+            f"(length {n0}), got shape {w.shape}"
+        )
+    if isinstance(w, np.ndarray):
+        wf = w.astype(np.float64)
+        if not np.all(np.isfinite(wf)) or np.any(wf < 0):
+            raise ValueError("weights must be finite and non-negative")
+        w = da.from_array(wf, chunks=(x.chunks[a0],))
+    else:
+        w = w.astype(np.float64).rechunk((x.chunks[a0],))
+    shape = [1] * x.ndim
+    shape[a0] = n0
+    wb = da.broadcast_to(w.reshape(tuple(shape)), x.shape, chunks=x.chunks)
+    return w, wb
+
+
+def _check_split_every(split_every: Any) -> Any:
+    if split_every is None or isinstance(split_every, dict):
+        return split_every
+    if isinstance(split_every, bool) or not isinstance(split_every, (int, np.integer)):
+        raise TypeError(f"split_every must be an int >= 2, a dict or None, got {split_every!r}")
+    if split_every < 2:
+        raise ValueError(
+            f"split_every must be >= 2 (blocks merged per tree node), got {split_every}"
+        )
+    return int(split_every)
+
+
+# --------------------------------------------------------------------------------------------
+# public
+
+
+def moments(
+    x: Any,
+    axis: Axis = 0,
+    *,
+    weights: Any = None,
+    nan_policy: str = "propagate",
+    split_every: int | dict[int, int] | None = None,
+) -> Moments:
+    """Per-dimension moments of a Dask array, computed chunk by chunk and merged in a tree.
+
+    Parameters
+    ----------
+    x : dask.array.Array, shape (..., D...)
+        Real numbers, any chunking (regular, irregular, empty chunks, chunks along the kept axes).
+        Only one chunk per task is in memory at a time.
+    axis : int or tuple of int or None, default 0
+        Axes to reduce over, as in :func:`streamnorm.moments`: ``(N, D)`` rows ``axis=0``,
+        NCHW ``axis=(0, 2, 3)``, NHWC ``axis=(0, 1, 2)``, per-sample ``axis=(2, 3)``.
+    weights : array_like or dask.array.Array, shape (n,), optional
+        One non-negative frequency weight per sample along the first reduced axis. A Dask array
+        is rechunked to the chunking of that axis.
+    nan_policy : {"propagate", "raise", "omit"}
+        As in :meth:`streamnorm.Moments.update`. ``raise`` reports the count and the (global)
+        dimensions of the non-finite values after the pass.
+    split_every : int or dict, optional
+        Fan-in of Dask's reduction tree (chunk states merged per node); Dask's default if omitted.
+
+    Returns
+    -------
+    Moments
+        The same state ``streamnorm.moments(x.compute(), axis, ...)`` would give (to rounding),
+        with dimension shape ``x.shape`` without the reduced axes.
+
+    Notes
+    -----
+    This is :func:`dask.array.reduction` with ``chunk`` = streamnorm's kernel (each chunk's count,
+    mean and M2, computed with a per-chunk shift) and ``combine``/``aggregate`` = the Chan merge
+    ``M2 = M2a + M2b + d^2 na nb / n``. It never forms ``E[x^2] - E[x]^2``, so data far from zero
+    keep their digits (``dask.array.var`` loses them: it sums raw powers per chunk). The tree's
+    shape depends only on the chunking, and each node merges its inputs in block order, so the
+    result does not depend on which worker finishes first; lost chunks are recomputed by Dask.
+
+    Examples
+    --------
+    >>> import numpy as np, dask.array as da, streamnorm.dask
+    >>> x = da.from_array(np.arange(12.0).reshape(6, 2), chunks=(4, 2))
+    >>> m = streamnorm.dask.moments(x)
+    >>> m.count, m.mean.tolist(), m.var().tolist()
+    (6, [5.0, 6.0], [11.666666666666666, 11.666666666666666])
+    """
+    x = _check_x(x)
+    if nan_policy not in NAN_POLICIES:
+        raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+    axes = _normalize_axes(axis, x.ndim)
+    split_every = _check_split_every(split_every)
+    w, wb = (None, None) if weights is None else _check_weights(weights, x, axes)
+    nsamp = int(np.prod([x.shape[i] for i in axes], dtype=np.int64))
+    kept = tuple(s for i, s in enumerate(x.shape) if i not in axes)
+    if nsamp == 0 or int(np.prod(kept, dtype=np.int64)) == 0 or not axes:
+        # nothing to reduce over a cluster: the core handles the degenerate shapes
+        return _degenerate(x, axes, w, nan_policy)
+    kernel_policy = "propagate" if nan_policy == "raise" else nan_policy
+    red = da.reduction(
+        x,
+        chunk=_chunk_with(kernel_policy),
+        combine=_combine,
+        aggregate=_aggregate,
+        axis=axes,
+        keepdims=False,
+        dtype=STATE_DTYPE,
+        split_every=split_every,
+        concatenate=False,
+        meta=np.empty((0,) * len(kept), dtype=STATE_DTYPE),
+        weights=wb,
+        name="streamnorm-moments",
+    )
+    if w is None:
+        (st,) = dask.compute(red)
+        total = float(nsamp)
+    else:
+        st, ws = dask.compute(red, w.sum())
+        total = float(ws) * (nsamp // x.shape[axes[0]])
+    st = np.asarray(st)
+    n, mean, m2 = (np.ascontiguousarray(st[k]).reshape(-1) for k in ("n", "mean", "m2"))
+    if nan_policy == "raise" and (np.isnan(mean) & (n > 0)).any():
+        _raise_nonfinite(x, axes, kept)
+    return Moments.from_dict(
+        {
+            "format": "streamnorm.Moments",
+            "version": 1,
+            "empty": False,
+            "shape": np.asarray(kept, dtype=np.int64),
+            "count": n,
+            "mean": mean,
+            "m2": m2,
+            "total": total,
+            "weighted": weights is not None,
+            "per_dim": nan_policy == "omit",
+        }
+    )
+
+
+def _chunk_with(nan_policy: str) -> Any:
+    """Dask's ``chunk`` callable: ``chunk(x_chunk, weights_chunk=None, axis, keepdims)``."""
+
+    def chunk(
+        x: np.ndarray,
+        weights: np.ndarray | None = None,
+        axis: tuple[int, ...] = (),
+        keepdims: bool = True,
+        computing_meta: bool = False,
+    ) -> Any:
+        if computing_meta:
+            return x
+        return _chunk(x, weights, axis=axis, nan_policy=nan_policy)
+
+    chunk.__name__ = "streamnorm_chunk"
+    return chunk
+
+
+def _degenerate(x: Any, axes: tuple[int, ...], w: Any, nan_policy: str) -> Moments:
+    """No samples, no dimensions or no reduced axis: the core gives the state directly.
+
+    With no samples or no dimensions nothing is read (a zero-size stand-in carries the shape);
+    with ``axis=()`` every element is its own dimension, so the state is as large as ``x``.
+    """
+    w1 = None if w is None else np.asarray(w.compute())
+    if x.size == 0:
+        data = np.empty(x.shape, dtype=x.dtype)
+    else:
+        data = np.asarray(x.compute())
+    return Moments().update(data, axes, weights=w1, nan_policy=nan_policy)
+
+
+def _raise_nonfinite(x: Any, axes: tuple[int, ...], kept: tuple[int, ...]) -> None:
+    bad = np.asarray((~da.isfinite(x)).sum(axis=axes).compute())
+    total = int(bad.sum())
+    where = np.argwhere(bad.reshape(kept) > 0) if kept else np.zeros((1, 0), int)
+    dims: Sequence[Any] = [
+        tuple(int(i) for i in r) if len(r) != 1 else int(r[0]) for r in where[:10]
+    ]
+    more = "" if len(where) <= 10 else f" and {len(where) - 10} more"
+    raise ValueError(
+        f"{total} non-finite value(s) (NaN/Inf) in dimension(s) {list(dims)}{more}; "
+        "use nan_policy='omit' to skip them or 'propagate' to get NaN for those dimensions"
+    )
