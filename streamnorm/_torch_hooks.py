@@ -1,8 +1,18 @@
-"""Hooks that feed every BatchNorm layer's input to a Tracker, and writing estimates back."""
+"""Hooks that feed every BatchNorm layer's input to a Tracker, and writing estimates back.
+
+:func:`track` registers a forward pre-hook on each BatchNorm layer; while the layer trains, the
+hook hands its input, without copying it, to ``tracker.update(name, x, axis=...)`` with the axes
+BatchNorm reduces over. :func:`load_estimates` writes a Tracker's estimates into the layers'
+``running_mean`` / ``running_var`` buffers in PyTorch's (unbiased) convention.
+"""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
+
+import numpy as np
 
 from ._extras import require
 
@@ -10,7 +20,10 @@ torch = require("torch")
 
 from torch.nn.modules.batchnorm import _BatchNorm  # noqa: E402
 
-__all__ = ["bn_layers"]
+__all__ = ["bn_axes", "bn_layers", "load_estimates", "track"]
+
+# dtypes numpy cannot view; converted to float32 (a copy, the only one)
+_UPCAST = (torch.float16, torch.bfloat16)
 
 
 def bn_layers(model: Any) -> list[tuple[str, Any]]:
@@ -32,3 +45,210 @@ def bn_layers(model: Any) -> list[tuple[str, Any]]:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     return [(name, m) for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
+
+
+def bn_axes(ndim: int) -> tuple[int, ...]:
+    """The axes BatchNorm reduces over for an input with ``ndim`` dimensions.
+
+    Parameters
+    ----------
+    ndim : int
+        2 for ``(N, C)``, 3 for ``(N, C, L)``, 4 for ``(N, C, H, W)``, 5 for ``(N, C, D, H, W)``.
+
+    Returns
+    -------
+    tuple of int
+        Every axis but the channel axis 1: ``(0,)``, ``(0, 2)``, ``(0, 2, 3)``, ``(0, 2, 3, 4)``.
+    """
+    if ndim < 2:
+        raise ValueError(f"BatchNorm input needs at least 2 dimensions (N, C, ...), got {ndim}")
+    return (0, *range(2, ndim))
+
+
+def _select(model: Any, layers: Iterable[str] | None) -> list[tuple[str, Any]]:
+    found = bn_layers(model)
+    if layers is None:
+        return found
+    if isinstance(layers, str):
+        raise TypeError(f"layers must be an iterable of layer names, got the string {layers!r}")
+    by_name = dict(found)
+    chosen = []
+    for name in layers:
+        if name not in by_name:
+            raise ValueError(
+                f"layer {name!r} is not a BatchNorm layer of the model; "
+                f"its BatchNorm layers are {sorted(by_name)}"
+            )
+        chosen.append((name, by_name[name]))
+    return chosen
+
+
+def _make_hook(tracker: Any, name: str) -> Any:
+    def hook(module: Any, args: tuple[Any, ...]) -> None:
+        if not module.training or not args:
+            return
+        x = args[0]
+        if not isinstance(x, torch.Tensor) or x.ndim < 2 or x.numel() == 0:
+            return  # BatchNorm itself reports a malformed input
+        x = x.detach()
+        if x.dtype in _UPCAST:
+            x = x.float()
+        tracker.update(name, x, axis=bn_axes(x.ndim))
+
+    return hook
+
+
+@contextlib.contextmanager
+def track(model: Any, tracker: Any, *, layers: Iterable[str] | None = None) -> Iterator[Any]:
+    """Feed the input of every training BatchNorm layer of ``model`` to ``tracker``.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    tracker : streamnorm.Tracker
+        Anything with ``update(layer: str, x, axis=...)``; layers are named by their qualified
+        module names (see :func:`bn_layers`).
+    layers : iterable of str, optional
+        Only these BatchNorm layers (qualified names); all of them by default.
+
+    Yields
+    ------
+    tracker
+        The same ``tracker``.
+
+    Notes
+    -----
+    A forward pre-hook runs before each BatchNorm forward. It does nothing while the layer is
+    in evaluation mode, so evaluation passes inside the block do not pollute the statistics.
+    In training mode the input is detached and passed on as is: a CPU tensor reaches the kernel
+    as a zero-copy strided view (``channels_last`` included), a CUDA tensor is passed as a CUDA
+    tensor. Only ``float16`` / ``bfloat16`` inputs are converted to ``float32`` first, because
+    numpy cannot view them. The axes are those BatchNorm reduces: all but the channel axis 1
+    (``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)``, ``(N, C, D, H, W)``).
+
+    The hooks are removed when the block exits, also when it raises.
+
+    Examples
+    --------
+    >>> with track(model, tracker):                                    # doctest: +SKIP
+    ...     train(model, x, y, epochs=5, batch_size=32, on_epoch=lambda e: tracker.next_epoch())
+    """
+    if not callable(getattr(tracker, "update", None)):
+        raise TypeError(
+            f"tracker must have an update(layer, x, axis=...) method (e.g. streamnorm.Tracker), "
+            f"got {type(tracker).__name__}"
+        )
+    chosen = _select(model, layers)
+    handles = []
+    try:
+        for name, module in chosen:
+            handles.append(module.register_forward_pre_hook(_make_hook(tracker, name)))
+        yield tracker
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _running_var(est: Any) -> Any:
+    """An estimator's variance in PyTorch's ``running_var`` convention (unbiased)."""
+    return est.var
+
+
+def _collect(estimates: Any, estimator: str) -> dict[str, tuple[Any, Any]]:
+    """``{layer: (mean, running_var)}`` from a Tracker or an ``estimates()`` dict."""
+    if not isinstance(estimator, str):
+        raise TypeError(f"estimator must be a name (str), got {type(estimator).__name__}")
+    if hasattr(estimates, "estimator") and hasattr(estimates, "estimator_names"):
+        names = list(estimates.estimator_names)
+        if estimator not in names:
+            raise ValueError(f"unknown estimator {estimator!r}; the tracker has {names}")
+        out = {}
+        for layer in estimates.layers:
+            est = estimates.estimator(layer, estimator)
+            out[layer] = (est.mean, _running_var(est))
+        return out
+    if not isinstance(estimates, Mapping):
+        raise TypeError(
+            "estimates must be a streamnorm.Tracker or its estimates() dict "
+            f"{{layer: {{estimator: (mean, var)}}}}, got {type(estimates).__name__}"
+        )
+    out = {}
+    for layer, per_est in estimates.items():
+        if not isinstance(per_est, Mapping):
+            raise TypeError(
+                f"estimates[{layer!r}] must map estimator names to (mean, var), "
+                f"got {type(per_est).__name__}"
+            )
+        if estimator not in per_est:
+            raise ValueError(
+                f"unknown estimator {estimator!r} for layer {layer!r}; it has {sorted(per_est)}"
+            )
+        pair = per_est[estimator]
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise TypeError(f"estimates[{layer!r}][{estimator!r}] must be a (mean, var) pair")
+        out[layer] = (pair[0], pair[1])
+    return out
+
+
+def load_estimates(model: Any, estimates: Any, estimator: str = "population") -> list[str]:
+    """Write one estimator's statistics into the BatchNorm buffers of ``model``.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    estimates : streamnorm.Tracker or dict
+        A Tracker whose layers are named by qualified module names (as :func:`track` names
+        them), or its ``estimates()`` dict ``{layer: {estimator: (mean, var)}}`` with arrays of
+        shape (C,).
+    estimator : str, default "population"
+        Which estimator's statistics to load.
+
+    Returns
+    -------
+    list of str
+        The layers written, in model order. Layers of the model not named in ``estimates``
+        are left as they are.
+
+    Notes
+    -----
+    ``running_var`` holds an unbiased estimate of the variance (PyTorch's convention). From a
+    Tracker, each estimator's variance is converted to it (see the estimator's documentation
+    of its convention); from a plain dict the variance is written as given. The values are
+    cast to the buffers' dtype and device; ``num_batches_tracked`` is left unchanged. All
+    layers are checked before any buffer is written, so on error the model is unchanged.
+    """
+    layers = dict(bn_layers(model))
+    stats = _collect(estimates, estimator)
+    staged = []
+    for layer, (mean, var) in stats.items():
+        bn = layers.get(layer)
+        if bn is None:
+            raise ValueError(
+                f"layer {layer!r} of the estimates is not a BatchNorm layer of the model; "
+                f"its BatchNorm layers are {sorted(layers)}"
+            )
+        if bn.running_mean is None or bn.running_var is None:
+            raise ValueError(
+                f"BatchNorm layer {layer!r} has track_running_stats=False and no buffers to load"
+            )
+        if isinstance(bn.running_mean, torch.nn.parameter.UninitializedBuffer):
+            raise ValueError(
+                f"lazy BatchNorm layer {layer!r} is not initialized yet; run one forward pass first"
+            )
+        m = np.asarray(mean, dtype=np.float64).reshape(-1)
+        v = np.asarray(var, dtype=np.float64).reshape(-1)
+        want = tuple(bn.running_mean.shape)
+        if m.shape != want or v.shape != want:
+            raise ValueError(
+                f"layer {layer!r} has {want[0]} channels but the {estimator!r} estimate has "
+                f"mean shape {m.shape} and var shape {v.shape}; estimates come from another model"
+            )
+        if np.any(v < 0):
+            raise ValueError(f"the {estimator!r} variance of layer {layer!r} has negative entries")
+        staged.append((layer, bn, m, v))
+    with torch.no_grad():
+        for _, bn, m, v in staged:
+            bn.running_mean.copy_(torch.from_numpy(m))
+            bn.running_var.copy_(torch.from_numpy(v))
+    order = list(layers)
+    return sorted((s[0] for s in staged), key=order.index)
