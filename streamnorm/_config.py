@@ -16,6 +16,11 @@ from typing import Any
 
 FASTMATH: set[str] = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
+#: The same without ``reassoc``, for kernels that vectorize across independent columns and need
+#: no reassociation: with it, LLVM may turn ``(x0 - ref) + (x1 - ref)`` into ``(x0 + x1) - 2 ref``
+#: and lose the digits the shift by ``ref`` is there to keep.
+FASTMATH_ORDERED: set[str] = FASTMATH - {"reassoc"}
+
 #: Options for serial kernels.
 JIT: dict[str, Any] = {"nogil": True, "cache": True, "fastmath": FASTMATH, "error_model": "numpy"}
 
@@ -26,8 +31,12 @@ STRICT_JIT: dict[str, Any] = {"nogil": True, "cache": True, "error_model": "nump
 #: Options for parallel kernels.
 PARALLEL_JIT: dict[str, Any] = {**JIT, "parallel": True}
 
+#: Options for the column-wise kernels (no reassociation; see ``FASTMATH_ORDERED``).
+ORDERED_JIT: dict[str, Any] = {**JIT, "fastmath": FASTMATH_ORDERED}
+ORDERED_PARALLEL_JIT: dict[str, Any] = {**ORDERED_JIT, "parallel": True}
+
 #: Bytes of input per block in the (rows, D) kernel: a block is read twice and must stay in L1/L2.
-BLOCK_BYTES = 32 * 1024
+BLOCK_BYTES = 64 * 1024
 
 #: Elements per contiguous segment in the channels-first kernel.
 SEG_LEN = 4096
@@ -40,3 +49,7 @@ MAX_CHUNKS = 256
 
 #: Bytes of input per block copied by the generic (any-stride) path.
 GENERIC_BLOCK_BYTES = 1024 * 1024
+
+#: Batches smaller than this (bytes) run the serial twin of a kernel: a parallel launch costs
+#: more than it saves on them. The choice depends on the size only, never on the thread count.
+SERIAL_BYTES = 256 * 1024

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ._config import JIT, PARALLEL_JIT, STRICT_JIT
+from ._config import JIT, ORDERED_JIT, ORDERED_PARALLEL_JIT, PARALLEL_JIT, STRICT_JIT
 
 
 @njit(**STRICT_JIT)
@@ -64,8 +64,54 @@ def _finish(n, mean, m2, ref):  # type: ignore[no-untyped-def]
             m2[d] = np.nan
 
 
-@njit(**PARALLEL_JIT)
-def rows_moments(x, ref, block_rows, chunk_blocks):  # type: ignore[no-untyped-def]
+@njit(**ORDERED_JIT)
+def _rows_block(x, r0, r1, ref, s, q, m):  # type: ignore[no-untyped-def]
+    """Two-pass moments of rows ``r0:r1`` of ``x`` (shifted by ``ref``) into ``s`` (mean) and ``q`` (M2).
+
+    Rows are taken four at a time so that each accumulator is loaded and stored once per four
+    rows. The second pass centres on ``m = ref + s``: its rounding is a constant offset that
+    changes M2 only by ``n * offset**2``.
+    """
+    D = x.shape[1]
+    nb = r1 - r0
+    r4 = r0 + nb // 4 * 4
+    s[:] = 0.0
+    for r in range(r0, r4, 4):
+        x0 = x[r]
+        x1 = x[r + 1]
+        x2 = x[r + 2]
+        x3 = x[r + 3]
+        for d in range(D):
+            rd = ref[d]
+            s[d] += ((x0[d] - rd) + (x1[d] - rd)) + ((x2[d] - rd) + (x3[d] - rd))
+    for r in range(r4, r1):
+        xr = x[r]
+        for d in range(D):
+            s[d] += xr[d] - ref[d]
+    for d in range(D):
+        s[d] /= nb
+        m[d] = ref[d] + s[d]
+    q[:] = 0.0
+    for r in range(r0, r4, 4):
+        x0 = x[r]
+        x1 = x[r + 1]
+        x2 = x[r + 2]
+        x3 = x[r + 3]
+        for d in range(D):
+            md = m[d]
+            t0 = x0[d] - md
+            t1 = x1[d] - md
+            t2 = x2[d] - md
+            t3 = x3[d] - md
+            q[d] += (t0 * t0 + t1 * t1) + (t2 * t2 + t3 * t3)
+    for r in range(r4, r1):
+        xr = x[r]
+        for d in range(D):
+            t = xr[d] - m[d]
+            q[d] += t * t
+
+
+def _rows_moments(x, ref, block_rows, chunk_blocks):  # type: ignore[no-untyped-def]
     """Moments of the columns of a 2-D array ``x`` of shape (R, D), reduced over R.
 
     Returns ``(n, mean, m2)``, each float64 of shape (D,).
@@ -79,6 +125,7 @@ def rows_moments(x, ref, block_rows, chunk_blocks):  # type: ignore[no-untyped-d
     for k in prange(nchunks):
         s = np.empty(D)
         q = np.empty(D)
+        m = np.empty(D)
         cm = c_mean[k]
         cq = c_m2[k]
         n_acc = 0.0
@@ -86,18 +133,8 @@ def rows_moments(x, ref, block_rows, chunk_blocks):  # type: ignore[no-untyped-d
         for b in range(k * chunk_blocks, b1):
             r0 = b * block_rows
             r1 = min(R, r0 + block_rows)
+            _rows_block(x, r0, r1, ref, s, q, m)
             nb = float(r1 - r0)
-            s[:] = 0.0
-            for r in range(r0, r1):
-                for d in range(D):
-                    s[d] += x[r, d] - ref[d]
-            for d in range(D):
-                s[d] /= nb
-            q[:] = 0.0
-            for r in range(r0, r1):
-                for d in range(D):
-                    t = (x[r, d] - ref[d]) - s[d]
-                    q[d] += t * t
             n = n_acc + nb
             f = nb / n
             g = n_acc * f
@@ -118,7 +155,12 @@ def rows_moments(x, ref, block_rows, chunk_blocks):  # type: ignore[no-untyped-d
     return n_out, mean_out, m2_out
 
 
-@njit(**PARALLEL_JIT)
+rows_moments = njit(**ORDERED_PARALLEL_JIT)(_rows_moments)
+#: the same kernel without threads, for batches too small to repay a parallel launch
+rows_moments_serial = njit(**ORDERED_JIT)(_rows_moments)
+
+
+@njit(**ORDERED_PARALLEL_JIT)
 def rows_moments_general(x, ref, w, use_w, omit, block_rows, chunk_blocks):  # type: ignore[no-untyped-def]
     """Like :func:`rows_moments`, with optional per-row weights ``w`` and NaN/Inf omission.
 
@@ -177,8 +219,7 @@ def rows_moments_general(x, ref, w, use_w, omit, block_rows, chunk_blocks):  # t
     return n_out, mean_out, m2_out
 
 
-@njit(**PARALLEL_JIT)
-def cf_moments(x, ref, seg_len, chunk_segs):  # type: ignore[no-untyped-def]
+def _cf_moments(x, ref, seg_len, chunk_segs):  # type: ignore[no-untyped-def]
     """Moments of a 3-D array ``x`` of shape (A, C, L), reduced over A and L (channels-first).
 
     ``L`` should be the contiguous axis. Covers NCL/NCHW/NCDHW (as ``(N, C, H*W...)``), per-sample
@@ -202,16 +243,17 @@ def cf_moments(x, ref, seg_len, chunk_segs):  # type: ignore[no-untyped-def]
         for sg in range(k * chunk_segs, s1):
             a = sg // nseg_row
             l0 = (sg - a * nseg_row) * seg_len
-            l1 = min(L, l0 + seg_len)
-            nb = float(l1 - l0)
+            seg = x[a, c, l0 : min(L, l0 + seg_len)]
+            m = seg.shape[0]
             tot = 0.0
-            for i in range(l0, l1):
-                tot += x[a, c, i] - r
-            mb = tot / nb
+            for i in range(m):
+                tot += seg[i] - r
+            mb = tot / m
             qq = 0.0
-            for i in range(l0, l1):
-                v = (x[a, c, i] - r) - mb
+            for i in range(m):
+                v = (seg[i] - r) - mb
                 qq += v * v
+            nb = float(m)
             n = n_acc + nb
             f = nb / n
             delta = mb - m_acc
@@ -243,6 +285,10 @@ def cf_moments(x, ref, seg_len, chunk_segs):  # type: ignore[no-untyped-def]
         m2_out[c] = qa
     _finish(n_out, mean_out, m2_out, ref)
     return n_out, mean_out, m2_out
+
+
+cf_moments = njit(**PARALLEL_JIT)(_cf_moments)
+cf_moments_serial = njit(**JIT)(_cf_moments)
 
 
 @njit(**JIT)

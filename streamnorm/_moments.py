@@ -15,7 +15,14 @@ from typing import Any
 import numpy as np
 
 from . import _kernels as K
-from ._config import BLOCK_BYTES, CHUNK_ELEMS, GENERIC_BLOCK_BYTES, MAX_CHUNKS, SEG_LEN
+from ._config import (
+    BLOCK_BYTES,
+    CHUNK_ELEMS,
+    GENERIC_BLOCK_BYTES,
+    MAX_CHUNKS,
+    SEG_LEN,
+    SERIAL_BYTES,
+)
 from ._layout import Plan, plan, row_weights
 
 FORMAT_NAME = "streamnorm.Moments"
@@ -130,7 +137,8 @@ def _run_rows(
     R, D = x.shape
     br, cb = _rows_params(D, x.itemsize, R)
     if w is None and not omit:
-        return K.rows_moments(x, _ref_rows(x), br, cb)  # type: ignore[no-any-return]
+        kernel = K.rows_moments_serial if x.nbytes < SERIAL_BYTES else K.rows_moments
+        return kernel(x, _ref_rows(x), br, cb)  # type: ignore[no-any-return]
     ref = K.first_finite_rows(x) if omit else _ref_rows(x)
     ww = w if w is not None else np.empty(0)
     return K.rows_moments_general(x, ref, ww, w is not None, omit, br, cb)  # type: ignore[no-any-return]
@@ -141,7 +149,8 @@ def _run_cf(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     ref = x[0, :, 0].astype(np.float64)
     ref[~np.isfinite(ref)] = 0.0
     seg, cs = _cf_params(A, L)
-    return K.cf_moments(x, ref, seg, cs)  # type: ignore[no-any-return]
+    kernel = K.cf_moments_serial if x.nbytes < SERIAL_BYTES else K.cf_moments
+    return kernel(x, ref, seg, cs)  # type: ignore[no-any-return]
 
 
 def _generic(
