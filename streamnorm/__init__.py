@@ -5,11 +5,18 @@ estimators at once, and offline recalibration of saved models.
 """
 
 from ._moments import Moments, moments
+from ._tracker import Tracker
+from .estimators import EMA, CumulativeAverage, Population, WindowedAverage
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CumulativeAverage",
+    "EMA",
     "Moments",
+    "Population",
+    "Tracker",
+    "WindowedAverage",
     "__version__",
     "moments",
 ]

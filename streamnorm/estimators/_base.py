@@ -1,0 +1,440 @@
+"""The estimator protocol: a shallow abstract base shared by the test-time estimators.
+
+An estimator consumes per-batch :class:`~streamnorm.Moments` and keeps a per-dimension estimate
+of the population mean and variance. Subclasses implement a handful of hooks that work on flat
+float64 arrays; the base class owns validation, counts, conversion between variance conventions
+and serialization.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, ClassVar
+
+import numpy as np
+
+from .._moments import Moments
+from . import _kernels as EK
+
+FORMAT_NAME = "streamnorm.Estimator"
+FORMAT_VERSION = 1
+CONVENTIONS = ("biased", "unbiased")
+
+
+class _Owner:
+    """Something that may hold batches not yet applied to an estimator (a Tracker layer)."""
+
+    def flush(self) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+Unpacked = tuple[tuple[int, ...] | None, np.ndarray, np.ndarray, np.ndarray, float, bool]
+
+
+def unpack(batch: Any) -> Unpacked:
+    """``(shape, n, mean, m2, min_count, weighted)`` of a batch, flat float64 arrays, zero-copy.
+
+    ``shape`` is ``None`` for an empty ``Moments``. Reads the state of :class:`Moments` directly
+    (one package, one layout): the public properties build read-only views per call, which costs
+    more than the estimators' arithmetic when many small layers are tracked.
+    """
+    if not isinstance(batch, Moments):
+        raise TypeError(
+            f"estimators are fed streamnorm.Moments, got {type(batch).__name__}; wrap an array "
+            "with streamnorm.moments(x, axis=...) or use streamnorm.Tracker.update"
+        )
+    shape = batch._shape
+    if shape is None:
+        return None, batch._n, batch._mean, batch._m2, 0.0, False
+    n = batch._n
+    if batch._per_dim:
+        cmin = float(n.min()) if n.size else 0.0
+    else:
+        cmin = float(batch._total)
+    return shape, n, batch._mean, batch._m2, cmin, bool(batch._weighted)
+
+
+def check_epoch(epoch: Any) -> int:
+    """A non-negative int epoch, or a clear error."""
+    if isinstance(epoch, (bool, np.bool_)) or not isinstance(epoch, (int, np.integer)):
+        raise TypeError(f"epoch must be a non-negative int, got {epoch!r}")
+    if epoch < 0:
+        raise ValueError(f"epoch must be >= 0, got {epoch}; number epochs 0, 1, 2, ...")
+    return int(epoch)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def check_convention(convention: Any) -> str:
+    if convention not in CONVENTIONS:
+        raise ValueError(
+            f"convention must be 'biased' (divide by n) or 'unbiased' (divide by n - 1), "
+            f"got {convention!r}"
+        )
+    return str(convention)
+
+
+def _scalar(v: Any) -> Any:
+    a = np.asarray(v)
+    if a.shape != ():
+        raise ValueError(f"expected a scalar in the estimator record, got shape {a.shape}")
+    return a.item()
+
+
+class Estimator(abc.ABC):
+    """Base class of the test-time estimators (River-style: ``update(...) -> self``).
+
+    Subclasses keep their state in flat float64 arrays of length ``D`` (the number of
+    dimensions, e.g. channels) and implement the hooks ``_clear_state``, ``_init_state``,
+    ``_apply``, ``_mean_flat``, ``_var_flat``, ``_params`` and ``_state``/``_set_state``.
+
+    Attributes
+    ----------
+    var_convention : {"biased", "unbiased"}
+        Which variance :attr:`var` returns. ``"unbiased"`` means it is built from Bessel-corrected
+        (``n - 1``) variances, as PyTorch's ``running_var``; ``"biased"`` from ``/ n`` variances,
+        as Keras' ``moving_variance`` and ONNX. :meth:`running_var` converts to either one.
+    """
+
+    _registry: ClassVar[dict[str, type[Estimator]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        Estimator._registry[cls.__name__] = cls
+
+    def __init__(self) -> None:
+        self._owner: _Owner | None = None
+        self._clear()
+
+    # ------------------------------------------------------------------ hooks
+    @abc.abstractmethod
+    def _clear_state(self) -> None: ...
+
+    @abc.abstractmethod
+    def _init_state(self, D: int) -> None: ...
+
+    @abc.abstractmethod
+    def _apply(self, n: np.ndarray, mu: np.ndarray, m2: np.ndarray, epochs: np.ndarray) -> None:
+        """Apply ``k`` batches given as ``(k, D)`` arrays and their epochs ``(k,)``, in order."""
+
+    @abc.abstractmethod
+    def _mean_flat(self) -> np.ndarray: ...
+
+    @abc.abstractmethod
+    def _var_flat(self, convention: str) -> np.ndarray: ...
+
+    @abc.abstractmethod
+    def _params(self) -> dict[str, Any]: ...
+
+    @abc.abstractmethod
+    def _state(self) -> dict[str, Any]: ...
+
+    @abc.abstractmethod
+    def _set_state(self, d: Any, D: int) -> None: ...
+
+    @property
+    @abc.abstractmethod
+    def var_convention(self) -> str:
+        """``"biased"`` or ``"unbiased"``: the convention of :attr:`var`."""
+
+    @property
+    def min_batch_count(self) -> int:
+        """Samples a batch needs in every dimension: 0 (any), 1 or 2 (unbiased batch variance)."""
+        return 0
+
+    def _check_epoch_order(self, epoch: int) -> None:
+        """Raise if ``epoch`` may not follow the batches seen so far (default: any order)."""
+        return None
+
+    # ------------------------------------------------------------------ state
+    def _clear(self) -> None:
+        self._shape: tuple[int, ...] | None = None
+        self._count = np.zeros(0)
+        self._batches = 0
+        self._weighted = False
+        self._clear_state()
+
+    def _sync(self) -> None:
+        if self._owner is not None:
+            self._owner.flush()
+
+    def reset(self) -> Estimator:
+        """Forget every batch (the parameters stay). Returns ``self``."""
+        self._sync()
+        self._clear()
+        return self
+
+    # ------------------------------------------------------------------ updating
+    def update(self, batch: Moments, *, epoch: int = 0) -> Estimator:
+        """Feed one batch's moments.
+
+        Parameters
+        ----------
+        batch : Moments
+            The batch's per-dimension moments, e.g. ``streamnorm.moments(x, axis=(0, 2, 3))``
+            for an NCHW batch; its dimension shape must match earlier batches.
+        epoch : int, default 0
+            The training epoch the batch belongs to (``>= 0``). Only :class:`WindowedAverage`
+            uses it, and it requires epochs that never go backwards.
+
+        Returns
+        -------
+        self
+        """
+        shape, n, mu, m2, cmin, weighted = unpack(batch)
+        epoch = check_epoch(epoch)
+        self._sync()
+        if shape is None or n.size == 0:
+            return self
+        self.check_batch(shape, cmin)
+        self._check_epoch_order(epoch)
+        self._feed(shape, n[None], mu[None], m2[None], np.array([epoch], dtype=np.int64), weighted)
+        return self
+
+    def check_batch(self, shape: tuple[int, ...], min_count: float) -> None:
+        """Raise ``ValueError`` if a batch of this shape and smallest count cannot be fed."""
+        if self._shape is not None and shape != self._shape:
+            raise ValueError(
+                f"dimension mismatch: {type(self).__name__} has dimension shape {self._shape}, "
+                f"the batch has {shape}; reduce over the axes that leave {self._shape}"
+            )
+        need = self.min_batch_count
+        if need == 2 and not min_count > 1:
+            raise ValueError(
+                f"{type(self).__name__} needs more than 1 sample per dimension in every batch "
+                f"(the unbiased batch variance divides by n - 1), got a batch with {min_count:g}; "
+                "use larger batches or unbiased=False"
+            )
+        if need == 1 and not min_count > 0:
+            raise ValueError(
+                f"{type(self).__name__} needs at least 1 sample per dimension in every batch, got "
+                "a batch with an empty dimension (all values omitted as NaN?)"
+            )
+
+    def _feed(
+        self,
+        shape: tuple[int, ...],
+        n: np.ndarray,
+        mu: np.ndarray,
+        m2: np.ndarray,
+        epochs: np.ndarray,
+        weighted: bool,
+    ) -> None:
+        """Apply ``k`` validated batches: ``(k, D)`` float64 arrays, C-contiguous."""
+        if self._shape is None:
+            self._shape = shape
+            D = n.shape[1]
+            self._count = np.zeros(D)
+            self._init_state(D)
+        EK.add_rows(self._count, n)
+        self._batches += n.shape[0]
+        self._weighted = self._weighted or weighted
+        self._apply(n, mu, m2, epochs)
+
+    # ------------------------------------------------------------------ reading
+    @property
+    def shape(self) -> tuple[int, ...] | None:
+        """Dimension shape of the batches, or ``None`` before the first one."""
+        return self._shape
+
+    @property
+    def batches(self) -> int:
+        """Number of batches seen."""
+        self._sync()
+        return self._batches
+
+    @property
+    def count(self) -> Any:
+        """Samples seen: an int (a float with weights), per-dimension counts if they differ."""
+        self._sync()
+        c = self._count
+        if c.size == 0 or bool(np.all(c == c[0])):
+            v = float(c[0]) if c.size else 0.0
+            return v if self._weighted else int(v)
+        out = c.copy() if self._weighted else c.astype(np.int64)
+        return out.reshape(self._shape or ())
+
+    def _out(self, flat: np.ndarray) -> Any:
+        out = np.array(flat, dtype=np.float64).reshape(self._shape or ())
+        return out[()] if out.shape == () else out
+
+    def _need_data(self) -> None:
+        if self._shape is None:
+            raise ValueError(
+                f"{type(self).__name__} has no batches yet; call update() with a batch first"
+            )
+
+    @property
+    def mean(self) -> Any:
+        """Estimate of the population mean (float64, the batches' dimension shape)."""
+        self._sync()
+        self._need_data()
+        return self._out(self._mean_flat())
+
+    @property
+    def var(self) -> Any:
+        """Estimate of the population variance, in the convention :attr:`var_convention`."""
+        self._sync()
+        self._need_data()
+        return self._out(self._var_flat(self.var_convention))
+
+    def running_var(self, convention: str = "unbiased") -> Any:
+        """The variance estimate in a given convention (default PyTorch's ``running_var``).
+
+        Parameters
+        ----------
+        convention : {"unbiased", "biased"}
+            ``"unbiased"``: what PyTorch's BatchNorm stores in ``running_var``. ``"biased"``:
+            what Keras (``moving_variance``) and ONNX (``input_var``) store.
+
+        Returns
+        -------
+        ndarray, float64, the batches' dimension shape
+        """
+        convention = check_convention(convention)
+        self._sync()
+        self._need_data()
+        return self._out(self._var_flat(convention))
+
+    # ------------------------------------------------------------------ combining
+    def merge(self, other: Estimator) -> Estimator:
+        """A new estimator holding both ``self``'s and ``other``'s batches."""
+        raise TypeError(f"{type(self).__name__} cannot be merged")
+
+    def __add__(self, other: Any) -> Estimator:
+        if not isinstance(other, Estimator):
+            return NotImplemented
+        return self.merge(other)
+
+    def _merge_check(self, other: Any) -> None:
+        if type(other) is not type(self):
+            raise TypeError(
+                f"can only merge {type(self).__name__} with {type(self).__name__}, "
+                f"got {type(other).__name__}"
+            )
+        if other._params() != self._params():
+            raise ValueError(
+                f"cannot merge estimators with different parameters: {self._params()} vs "
+                f"{other._params()}"
+            )
+        if self._shape is not None and other._shape is not None and self._shape != other._shape:
+            raise ValueError(
+                f"cannot merge estimators of dimension shapes {self._shape} and {other._shape}"
+            )
+
+    def _merge_base(self, other: Estimator) -> Estimator:
+        """The new estimator's base state (counts, batches); state arrays are the caller's."""
+        out = type(self)(**self._params())
+        out._shape = self._shape if self._shape is not None else other._shape
+        if self._shape is None:
+            out._count = other._count.copy()
+        elif other._shape is None:
+            out._count = self._count.copy()
+        else:
+            out._count = self._count + other._count
+        out._batches = self._batches + other._batches
+        out._weighted = self._weighted or other._weighted
+        return out
+
+    def copy(self) -> Estimator:
+        """An independent copy (not attached to any Tracker)."""
+        return type(self).from_dict(self.to_dict())
+
+    def __copy__(self) -> Estimator:
+        return self.copy()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Estimator:
+        return self.copy()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (from_dict, (self.to_dict(),))
+
+    # ------------------------------------------------------------------ serialization
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of numpy arrays, scalars and strings; :func:`from_dict` rebuilds it."""
+        self._sync()
+        d: dict[str, Any] = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "estimator": type(self).__name__,
+            "empty": self._shape is None,
+            "shape": np.asarray(self._shape if self._shape is not None else (), dtype=np.int64),
+            "count": self._count.copy(),
+            "batches": int(self._batches),
+            "weighted": bool(self._weighted),
+        }
+        for k, v in self._params().items():
+            d["param_" + k] = v
+        if self._shape is not None:
+            for k, v in self._state().items():
+                d["state_" + k] = np.array(v, copy=True)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Estimator:
+        """Rebuild an estimator from :meth:`to_dict`'s output (also read back from ``.npz``)."""
+        if not hasattr(d, "keys") or not hasattr(d, "__getitem__"):
+            raise TypeError(f"from_dict takes a mapping, got {type(d).__name__}")
+        for key in ("format", "version", "estimator", "empty", "shape", "count", "batches"):
+            if key not in d:
+                raise ValueError(f"not a streamnorm estimator record: missing {key!r}")
+        if str(_scalar(d["format"])) != FORMAT_NAME:
+            raise ValueError(f"not a streamnorm estimator record: format {d['format']!r}")
+        version = int(_scalar(d["version"]))
+        if version != FORMAT_VERSION:
+            raise ValueError(
+                f"estimator format version {version} is not supported (this streamnorm reads "
+                f"version {FORMAT_VERSION}); upgrade streamnorm"
+            )
+        name = str(_scalar(d["estimator"]))
+        klass = Estimator._registry.get(name)
+        if klass is None:
+            raise ValueError(
+                f"unknown estimator {name!r}; known: {sorted(Estimator._registry)} (import the "
+                "module that defines it first)"
+            )
+        if cls is not Estimator and not issubclass(klass, cls):
+            raise ValueError(f"the record holds a {name}, not a {cls.__name__}")
+        params = {k[6:]: _scalar(d[k]) for k in d.keys() if str(k).startswith("param_")}
+        obj = klass(**params)
+        if bool(_scalar(d["empty"])):
+            return obj
+        shape = tuple(int(s) for s in np.asarray(d["shape"]).reshape(-1))
+        D = int(np.prod(shape, dtype=np.int64))
+        count = np.asarray(d["count"], dtype=np.float64).reshape(-1)
+        if count.shape != (D,):
+            raise ValueError(f"corrupt estimator record: count does not match shape {shape}")
+        obj._shape = shape
+        obj._count = count.copy()
+        obj._batches = int(_scalar(d["batches"]))
+        obj._weighted = bool(_scalar(d.get("weighted", False)))
+        obj._init_state(D)
+        state = {k[6:]: d[k] for k in d.keys() if str(k).startswith("state_")}
+        obj._set_state(state, D)
+        return obj
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self._params().items())
+        seen = "" if self._shape is None else f", shape={self._shape}"
+        return f"{type(self).__name__}({params}){seen}"
+
+
+def state_array(state: Any, key: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A float64 copy of ``state[key]`` checked against ``shape``."""
+    if key not in state:
+        raise ValueError(f"corrupt estimator record: missing state {key!r}")
+    a = np.array(state[key], dtype=np.float64)
+    if a.shape != shape:
+        raise ValueError(
+            f"corrupt estimator record: state {key!r} has shape {a.shape}, not {shape}"
+        )
+    return a
+
+
+def from_dict(d: Any) -> Estimator:
+    """Rebuild any estimator from its :meth:`Estimator.to_dict` record."""
+    return Estimator.from_dict(d)
