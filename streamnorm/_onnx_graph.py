@@ -1,0 +1,285 @@
+"""Graph surgery for ONNX recalibration.
+
+:func:`prepare` finds every ``BatchNormalization`` node of the main graph and makes sure each one
+reads its ``mean`` and ``var`` from an initializer of its own (copying shared initializers and
+statistics that reach the node through ``Identity`` or ``Constant`` nodes), so that writing one
+node's statistics can never change another node. :func:`calibration_model` turns those
+initializers into graph inputs (fed at run time, so one session serves every pass) and exposes
+every BatchNorm input as a graph output.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ._extras import require
+
+MIN_OPSET = 9
+
+
+@dataclass
+class BNNode:
+    """One ``BatchNormalization`` node.
+
+    Attributes
+    ----------
+    name : str
+        The node's name (made unique; ``BatchNormalization_<i>`` when it has none).
+    x : str
+        Name of its input tensor ``X``, shape (N, C, ...).
+    mean, var : str
+        Names of its own statistics initializers, shape (C,).
+    eps : float
+    channels : int
+    depth : int
+        1 + the largest depth of a BatchNorm node upstream (1 when there is none): nodes of the
+        same depth do not depend on each other's statistics.
+    x_is_input : bool
+        ``X`` is a graph input (its moments are those of the data).
+    """
+
+    name: str
+    x: str
+    mean: str
+    var: str
+    eps: float
+    channels: int
+    depth: int
+    x_is_input: bool
+
+
+def opset_version(model: Any) -> int:
+    """The model's default-domain opset."""
+    for op in model.opset_import:
+        if op.domain in ("", "ai.onnx"):
+            return int(op.version)
+    return 0
+
+
+def _has_bn(graph: Any) -> bool:
+    for node in graph.node:
+        if node.op_type == "BatchNormalization":
+            return True
+        for a in node.attribute:
+            subs = ([a.g] if a.HasField("g") else []) + list(a.graphs)
+            if any(_has_bn(g) for g in subs):
+                return True
+    return False
+
+
+def _unique(base: str, taken: set[str]) -> str:
+    base = re.sub(r"[^0-9A-Za-z_./:-]", "_", base) or "bn"
+    name, i = base, 1
+    while name in taken:
+        name = f"{base}_{i}"
+        i += 1
+    taken.add(name)
+    return name
+
+
+def prepare(model: Any) -> list[BNNode]:
+    """Give every BatchNorm node its own statistics initializers (in place); list the nodes.
+
+    Parameters
+    ----------
+    model : onnx.ModelProto
+        Loaded with its external data. Changed in place.
+
+    Returns
+    -------
+    list of BNNode
+        In graph (topological) order.
+
+    Raises
+    ------
+    ValueError
+        For an opset below 9, no BatchNorm node, a node in training mode or inside a subgraph,
+        statistics fed as graph inputs or computed by the graph.
+    """
+    onnx = require("onnx")
+    numpy_helper = onnx.numpy_helper
+    opset = opset_version(model)
+    if opset < MIN_OPSET:
+        raise ValueError(
+            f"the model uses opset {opset}; recalibration supports opset {MIN_OPSET} and later: "
+            "convert it first with onnx.version_converter.convert_version(model, 15)"
+        )
+    g = model.graph
+    bn_idx = [
+        i for i, n in enumerate(g.node)
+        if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx")
+    ]  # fmt: skip
+    for n in g.node:
+        for a in n.attribute:
+            subs = ([a.g] if a.HasField("g") else []) + list(a.graphs)
+            if any(_has_bn(s) for s in subs):
+                raise ValueError(
+                    f"node {n.name!r} ({n.op_type}) holds BatchNormalization nodes in a subgraph, "
+                    "which recalibration does not reach; inline or export the model without "
+                    "control flow"
+                )
+    if not bn_idx:
+        raise ValueError("the model has no BatchNormalization node to recalibrate")
+    inits = {t.name: t for t in g.initializer}
+    graph_inputs = {i.name for i in g.input}
+    producers = {o: n for n in g.node for o in n.output}
+    uses: Counter[str] = Counter(i for n in g.node for i in n.input)
+    uses.update(o.name for o in g.output)
+    taken = set(inits) | graph_inputs | set(producers) | {v.name for v in g.value_info}
+    taken |= {n.name for n in g.node}
+    names: set[str] = set()
+    depth: dict[str, int] = {}
+    out: list[BNNode] = []
+    by_node: dict[int, BNNode] = {}
+    bn_set = set(bn_idx)
+    for i, node in enumerate(g.node):
+        d_in = max((depth.get(x, 0) for x in node.input if x), default=0)
+        if i in bn_set:
+            bn = _one(node, i, d_in + 1, onnx, numpy_helper, inits, graph_inputs, producers,
+                      uses, taken, names, model)  # fmt: skip
+            by_node[i] = bn
+            out.append(bn)
+        for o in node.output:
+            depth[o] = d_in + (1 if i in bn_set else 0)
+    # drop initializers no node reads any more (their users got copies)
+    keep = [t for t in g.initializer if uses[t.name] > 0 or t.name in graph_inputs]
+    if len(keep) != len(g.initializer):
+        del g.initializer[:]
+        g.initializer.extend(keep)
+    return out
+
+
+def _one(
+    node: Any, i: int, depth: int, onnx: Any, numpy_helper: Any, inits: dict[str, Any],
+    graph_inputs: set[str], producers: dict[str, Any], uses: Counter[str], taken: set[str],
+    names: set[str], model: Any,
+) -> BNNode:  # fmt: skip
+    base = node.name or f"BatchNormalization_{i}"
+    name = base
+    k = 1
+    while name in names:
+        name = f"{base}_{k}"
+        k += 1
+    names.add(name)
+    for a in node.attribute:
+        if a.name == "training_mode" and a.i:
+            raise ValueError(
+                f"BatchNormalization node {name!r} has training_mode=1 (it normalizes with batch "
+                "statistics and ignores the stored ones); export the model in inference mode"
+            )
+    if len(node.input) < 5:
+        raise ValueError(f"BatchNormalization node {name!r} has {len(node.input)} inputs, not 5")
+    eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+    values = []
+    for slot, what in ((3, "mean"), (4, "var")):
+        src = node.input[slot]
+        value, direct = _resolve(src, name, what, inits, graph_inputs, producers, numpy_helper)
+        if value.ndim != 1:
+            raise ValueError(
+                f"BatchNormalization node {name!r}: {what} {src!r} has shape {value.shape}, "
+                "expected (C,)"
+            )
+        if not direct or uses[src] > 1:
+            new = _unique(f"{name}.{what}", taken)
+            t = numpy_helper.from_array(np.ascontiguousarray(value), new)
+            model.graph.initializer.append(t)
+            inits[new] = t
+            if model.ir_version < 4:  # initializers must be listed as inputs there
+                model.graph.input.append(
+                    onnx.helper.make_tensor_value_info(new, t.data_type, list(t.dims))
+                )
+                graph_inputs.add(new)
+            node.input[slot] = new
+            uses[src] -= 1
+            uses[new] += 1
+            src = new
+        values.append((src, value))
+    (mean_name, mean), (var_name, var) = values
+    if mean.shape != var.shape:
+        raise ValueError(
+            f"BatchNormalization node {name!r}: mean has shape {mean.shape} but var {var.shape}"
+        )
+    x = node.input[0]
+    return BNNode(
+        name=name, x=x, mean=mean_name, var=var_name, eps=float(eps), channels=int(mean.shape[0]),
+        depth=depth, x_is_input=x in graph_inputs and x not in inits,
+    )  # fmt: skip
+
+
+def _resolve(
+    src: str, node: str, what: str, inits: dict[str, Any], graph_inputs: set[str],
+    producers: dict[str, Any], numpy_helper: Any,
+) -> tuple[np.ndarray, bool]:  # fmt: skip
+    """The stored value of a statistics input, and whether it is the initializer itself."""
+    name, direct = src, True
+    for _ in range(10_000):
+        if name in inits:
+            return numpy_helper.to_array(inits[name]), direct
+        if name in graph_inputs:
+            raise ValueError(
+                f"the {what} of BatchNormalization node {node!r} is the graph input {name!r}, fed "
+                "at run time, so the file stores no statistics to recalibrate; export the model "
+                "with its statistics as initializers (constants)"
+            )
+        prod = producers.get(name)
+        if prod is None:
+            raise ValueError(
+                f"the {what} of BatchNormalization node {node!r} ({name!r}) is undefined"
+            )
+        if prod.op_type == "Identity":
+            name, direct = prod.input[0], False
+            continue
+        if prod.op_type == "Constant":
+            for a in prod.attribute:
+                if a.name == "value":
+                    return numpy_helper.to_array(a.t), False
+        raise ValueError(
+            f"the {what} of BatchNormalization node {node!r} is computed by a {prod.op_type} node "
+            f"({prod.name!r}), not stored; recalibration can only rewrite stored statistics"
+        )
+    raise ValueError(f"the {what} of BatchNormalization node {node!r} forms a cycle")
+
+
+def _elem_types(model: Any) -> dict[str, int]:
+    onnx = require("onnx")
+    types: dict[str, int] = {}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+        vis = list(inferred.graph.value_info)
+    except Exception:  # shape inference is best effort; types then fall back below
+        vis = []
+    for v in [*model.graph.input, *model.graph.output, *model.graph.value_info, *vis]:
+        if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type:
+            types[v.name] = v.type.tensor_type.elem_type
+    return types
+
+
+def calibration_model(model: Any, bns: list[BNNode]) -> Any:
+    """A copy of ``model`` with statistics as graph inputs and BatchNorm inputs as outputs."""
+    onnx = require("onnx")
+    cal = onnx.ModelProto()
+    cal.CopyFrom(model)
+    g = cal.graph
+    types = _elem_types(model)
+    stats = {n for b in bns for n in (b.mean, b.var)}
+    moved = [t for t in g.initializer if t.name in stats]
+    keep = [t for t in g.initializer if t.name not in stats]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    inputs = {i.name for i in g.input}
+    for t in moved:
+        if t.name not in inputs:
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    outputs = {o.name for o in g.output}
+    for b in bns:
+        if b.x_is_input or b.x in outputs:
+            continue
+        elem = types.get(b.x, onnx.TensorProto.FLOAT)
+        g.output.append(onnx.helper.make_tensor_value_info(b.x, elem, None))
+        outputs.add(b.x)
+    return cal
