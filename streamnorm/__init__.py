@@ -5,6 +5,7 @@ estimators at once, and offline recalibration of saved models.
 """
 
 from ._moments import Moments, moments
+from ._normalize import normalize
 from ._tracker import Tracker
 from .estimators import EMA, CumulativeAverage, Population, WindowedAverage
 
@@ -19,4 +20,5 @@ __all__ = [
     "WindowedAverage",
     "__version__",
     "moments",
+    "normalize",
 ]
