@@ -179,3 +179,10 @@ def bn_input_moments(model: Any, x: Any, *, train_bn: bool = False) -> dict[str,
         model.train(was)
         model.load_state_dict(saved)
     return got
+
+
+def digits_arch() -> Any:
+    """The architecture of :func:`trained_digits`, for ``--arch _calib_fixtures:digits_arch``."""
+    from streamnorm import _digits as D
+
+    return D.make_cnn(seed=0, width=8)
