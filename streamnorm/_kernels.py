@@ -51,26 +51,70 @@ def chan_merge_into(n_a, mean_a, m2_a, n_b, mean_b, m2_b):  # type: ignore[no-un
 
 
 @njit(**STRICT_JIT)
+def chan_merge_dd(n_a, mean_a, lo_a, m2_a, n_b, mean_b, lo_b, m2_b):  # type: ignore[no-untyped-def]
+    """Chan merge of state ``b`` into ``a`` in place, with means kept as ``mean + lo``.
+
+    ``lo`` is the rounding residual of the mean (a double-double mean). Far from zero the stored
+    float64 mean alone carries ``ulp(mean)`` of error, which the merge term ``d**2 na nb / n``
+    would amplify; with the residual, ``d`` keeps full precision. Compiled without fastmath: the
+    two-sum below must not be reassociated away.
+    """
+    for d in range(n_a.shape[0]):
+        nb = n_b[d]
+        if nb == 0.0:
+            continue
+        na = n_a[d]
+        if na == 0.0:
+            n_a[d] = nb
+            mean_a[d] = mean_b[d]
+            lo_a[d] = lo_b[d]
+            m2_a[d] = m2_b[d]
+            continue
+        n = na + nb
+        delta = (mean_b[d] - mean_a[d]) + (lo_b[d] - lo_a[d])
+        t = delta * (nb / n)
+        a = mean_a[d]
+        hi = a + t
+        bb = hi - a
+        err = (a - (hi - bb)) + (t - bb)
+        mean_a[d] = hi
+        lo_a[d] = lo_a[d] + err
+        m2_a[d] = m2_a[d] + m2_b[d] + delta * delta * (na * (nb / n))
+        n_a[d] = n
+
+
+@njit(**STRICT_JIT)
 def _finish(n, mean, m2, ref):  # type: ignore[no-untyped-def]
-    """Add the reference back; dimensions with a NaN/Inf become NaN; empty ones get NaN mean, 0 M2."""
+    """Add the reference back, returning the residual ``lo`` of that addition.
+
+    Dimensions with a NaN/Inf become NaN; empty ones get NaN mean and 0 M2.
+    """
+    lo = np.zeros(mean.shape[0])
     for d in range(mean.shape[0]):
         if n[d] == 0.0:
             mean[d] = np.nan
             m2[d] = 0.0
             continue
-        mean[d] = mean[d] + ref[d]
+        s = mean[d]
+        r = ref[d]
+        hi = r + s
+        bb = hi - r
+        mean[d] = hi
+        lo[d] = (r - (hi - bb)) + (s - bb)
         if not (np.isfinite(mean[d]) and np.isfinite(m2[d])):
             mean[d] = np.nan
             m2[d] = np.nan
+            lo[d] = 0.0
+    return lo
 
 
 @njit(**ORDERED_JIT)
-def _rows_block(x, r0, r1, ref, s, q, m):  # type: ignore[no-untyped-def]
-    """Two-pass moments of rows ``r0:r1`` of ``x`` (shifted by ``ref``) into ``s`` (mean) and ``q`` (M2).
+def _rows_block(x, r0, r1, ref, s, q):  # type: ignore[no-untyped-def]
+    """Two-pass moments of rows ``r0:r1`` of ``x`` shifted by ``ref``: mean into ``s``, M2 into ``q``.
 
     Rows are taken four at a time so that each accumulator is loaded and stored once per four
-    rows. The second pass centres on ``m = ref + s``: its rounding is a constant offset that
-    changes M2 only by ``n * offset**2``.
+    rows. Both passes subtract ``ref`` first (exact for data near it) and never form
+    ``ref + s``, whose rounding would bias M2 by ``n * ulp(ref)**2``.
     """
     D = x.shape[1]
     nb = r1 - r0
@@ -90,7 +134,6 @@ def _rows_block(x, r0, r1, ref, s, q, m):  # type: ignore[no-untyped-def]
             s[d] += xr[d] - ref[d]
     for d in range(D):
         s[d] /= nb
-        m[d] = ref[d] + s[d]
     q[:] = 0.0
     for r in range(r0, r4, 4):
         x0 = x[r]
@@ -98,16 +141,17 @@ def _rows_block(x, r0, r1, ref, s, q, m):  # type: ignore[no-untyped-def]
         x2 = x[r + 2]
         x3 = x[r + 3]
         for d in range(D):
-            md = m[d]
-            t0 = x0[d] - md
-            t1 = x1[d] - md
-            t2 = x2[d] - md
-            t3 = x3[d] - md
+            rd = ref[d]
+            sd = s[d]
+            t0 = (x0[d] - rd) - sd
+            t1 = (x1[d] - rd) - sd
+            t2 = (x2[d] - rd) - sd
+            t3 = (x3[d] - rd) - sd
             q[d] += (t0 * t0 + t1 * t1) + (t2 * t2 + t3 * t3)
     for r in range(r4, r1):
         xr = x[r]
         for d in range(D):
-            t = xr[d] - m[d]
+            t = (xr[d] - ref[d]) - s[d]
             q[d] += t * t
 
 
@@ -125,7 +169,6 @@ def _rows_moments(x, ref, block_rows, chunk_blocks):  # type: ignore[no-untyped-
     for k in prange(nchunks):
         s = np.empty(D)
         q = np.empty(D)
-        m = np.empty(D)
         cm = c_mean[k]
         cq = c_m2[k]
         n_acc = 0.0
@@ -133,7 +176,7 @@ def _rows_moments(x, ref, block_rows, chunk_blocks):  # type: ignore[no-untyped-
         for b in range(k * chunk_blocks, b1):
             r0 = b * block_rows
             r1 = min(R, r0 + block_rows)
-            _rows_block(x, r0, r1, ref, s, q, m)
+            _rows_block(x, r0, r1, ref, s, q)
             nb = float(r1 - r0)
             n = n_acc + nb
             f = nb / n
@@ -151,8 +194,8 @@ def _rows_moments(x, ref, block_rows, chunk_blocks):  # type: ignore[no-untyped-
     for k in range(nchunks):
         nk[:] = c_n[k]
         chan_merge_into(n_out, mean_out, m2_out, nk, c_mean[k], c_m2[k])
-    _finish(n_out, mean_out, m2_out, ref)
-    return n_out, mean_out, m2_out
+    lo = _finish(n_out, mean_out, m2_out, ref)
+    return n_out, mean_out, m2_out, lo
 
 
 rows_moments = njit(**ORDERED_PARALLEL_JIT)(_rows_moments)
@@ -215,8 +258,8 @@ def rows_moments_general(x, ref, w, use_w, omit, block_rows, chunk_blocks):  # t
     m2_out = np.zeros(D)
     for k in range(nchunks):
         chan_merge_into(n_out, mean_out, m2_out, c_n[k], c_mean[k], c_m2[k])
-    _finish(n_out, mean_out, m2_out, ref)
-    return n_out, mean_out, m2_out
+    lo = _finish(n_out, mean_out, m2_out, ref)
+    return n_out, mean_out, m2_out, lo
 
 
 def _cf_moments(x, ref, seg_len, chunk_segs):  # type: ignore[no-untyped-def]
@@ -283,8 +326,8 @@ def _cf_moments(x, ref, seg_len, chunk_segs):  # type: ignore[no-untyped-def]
         n_out[c] = na
         mean_out[c] = ma
         m2_out[c] = qa
-    _finish(n_out, mean_out, m2_out, ref)
-    return n_out, mean_out, m2_out
+    lo = _finish(n_out, mean_out, m2_out, ref)
+    return n_out, mean_out, m2_out, lo
 
 
 cf_moments = njit(**PARALLEL_JIT)(_cf_moments)

@@ -39,6 +39,30 @@ Axis = int | Sequence[int] | None
 # input checks
 
 
+def _on_cuda_device(x: Any) -> bool:
+    """True for CUDA memory: ``__cuda_array_interface__``, a CUDA DLPack device, a CUDA tensor.
+
+    Looks only at attributes; imports nothing (the GPU path is imported when it is needed).
+    """
+    if isinstance(x, np.ndarray):
+        return False
+    if getattr(x, "is_cuda", False) is True:  # torch, whatever the dtype
+        return True
+    try:
+        if hasattr(x, "__cuda_array_interface__"):
+            return True
+    except (TypeError, RuntimeError):  # a producer that has CAI but not for this dtype
+        return True
+    dev = getattr(x, "__dlpack_device__", None)
+    if dev is None or not hasattr(x, "__dlpack__"):
+        return False
+    try:
+        kind = int(dev()[0])
+    except Exception:
+        return False
+    return kind in (2, 13)  # kDLCUDA, kDLCUDAManaged
+
+
 def _as_array(x: Any) -> np.ndarray:
     if isinstance(x, np.ndarray):
         return x
@@ -131,9 +155,10 @@ def _ref_rows(x: np.ndarray) -> np.ndarray:
     return ref
 
 
-def _run_rows(
-    x: np.ndarray, w: np.ndarray | None, omit: bool
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+Stats = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # n, mean, m2, lo (mean residual)
+
+
+def _run_rows(x: np.ndarray, w: np.ndarray | None, omit: bool) -> Stats:
     R, D = x.shape
     br, cb = _rows_params(D, x.itemsize, R)
     if w is None and not omit:
@@ -144,7 +169,7 @@ def _run_rows(
     return K.rows_moments_general(x, ref, ww, w is not None, omit, br, cb)  # type: ignore[no-any-return]
 
 
-def _run_cf(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _run_cf(x: np.ndarray) -> Stats:
     A, C, L = x.shape
     ref = x[0, :, 0].astype(np.float64)
     ref[~np.isfinite(ref)] = 0.0
@@ -153,13 +178,12 @@ def _run_cf(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return kernel(x, ref, seg, cs)  # type: ignore[no-any-return]
 
 
-def _generic(
-    p: Plan, axes: tuple[int, ...], w: np.ndarray | None, omit: bool
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _generic(p: Plan, axes: tuple[int, ...], w: np.ndarray | None, omit: bool) -> Stats:
     """Any layout: copy blocks of the reduced axes into contiguous (rows, D) buffers."""
     base = p.base
-    red = [a for a in p.red_phys]
-    kept = list(p.kept_phys)
+    # size-1 axes are not in the physical lists; they go anywhere without changing the order
+    red = p.red_phys + [a for a in axes if a not in p.red_phys]
+    kept = p.kept_phys + [a for a in range(base.ndim) if a not in axes and a not in p.kept_phys]
     y = np.transpose(base, red + kept)
     nr = len(red)
     rshape = y.shape[:nr]
@@ -184,9 +208,7 @@ def _generic(
     while j > 0 and inner * rshape[j - 1] <= target:
         inner *= rshape[j - 1]
         j -= 1
-    n_acc = np.zeros(D)
-    m_acc = np.zeros(D)
-    q_acc = np.zeros(D)
+    acc = [np.zeros(D), np.full(D, np.nan), np.zeros(D), np.zeros(D)]  # n, mean, lo, m2
     if j == nr:  # even one row of the innermost reduced axis is too big: slice it
         outer_idx = list(np.ndindex(*rshape[: nr - 1]))
         step = target
@@ -198,42 +220,35 @@ def _generic(
     for idx in slices:
         blk = np.ascontiguousarray(y[idx], dtype=work_dtype).reshape(-1, D)
         wb = None if wR is None else np.ascontiguousarray(wR[idx]).reshape(-1)
-        n, m, q = _run_rows(blk, wb, omit)
-        K.chan_merge_into(n_acc, m_acc, q_acc, n, m, q)
-    return n_acc, m_acc, q_acc
+        n, m, q, lo = _run_rows(blk, wb, omit)
+        K.chan_merge_dd(*acc, n, m, lo, q)
+    return acc[0], acc[1], acc[3], acc[2]
 
 
-def _batch(
-    x: np.ndarray, axes: tuple[int, ...], w: np.ndarray | None, nan_policy: str
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, ...]]:
-    """(n, mean, m2) of one batch as flat float64 arrays, and the dimension shape."""
+def _batch(x: np.ndarray, axes: tuple[int, ...], w: np.ndarray | None, nan_policy: str) -> Stats:
+    """(n, mean, m2, lo) of one batch as flat float64 arrays over the kept dims."""
     omit = nan_policy == "omit"
     p = plan(x, axes)
     native = x.dtype in _KERNEL_DTYPES and x.dtype.isnative
-    if p.kind == "none":
+    if p.kind == "none":  # nothing reduced: every dimension holds one sample
         flat = p.view.astype(np.float64).reshape(-1)
         n = np.ones(flat.shape[0]) if w is None else np.full(flat.shape[0], float(w[0]))
-        m2 = np.zeros_like(flat)
         bad = ~np.isfinite(flat)
         if omit:
             n[bad] = 0.0
-        else:
-            m2[bad] = np.nan
-        flat = flat.copy()
-        flat[bad] = np.nan
-        flat[n == 0] = np.nan
-        return n, flat, m2, p.kept_shape
-    if not native or p.kind == "generic" or (p.kind == "cf" and (w is not None or omit)):
-        n, m, q = _generic(p, axes, w, omit)
-        K._finish(n, m, q, np.zeros_like(m))
+        m2 = np.where(bad & ~omit, np.nan, 0.0)
+        flat[bad | (n == 0)] = np.nan
+        stats: Stats = (n, flat, m2, np.zeros_like(flat))
+    elif not native or p.kind == "generic" or (p.kind == "cf" and (w is not None or omit)):
+        stats = _generic(p, axes, w, omit)
     elif p.kind == "rows":
         wr = None if w is None else row_weights(p, w, axes[0])
-        n, m, q = _run_rows(p.view, wr, omit)
+        stats = _run_rows(p.view, wr, omit)
     else:
-        n, m, q = _run_cf(p.view)
+        stats = _run_cf(p.view)
     if p.kept_phys != sorted(p.kept_phys) or p.flipped:
-        n, m, q = (p.restore(a).reshape(-1) for a in (n, m, q))
-    return n, m, q, p.kept_shape
+        stats = tuple(p.restore(a).reshape(-1) for a in stats)  # type: ignore[assignment]
+    return stats
 
 
 def _raise_nonfinite(x: np.ndarray, axes: tuple[int, ...], shape: tuple[int, ...]) -> None:
@@ -282,7 +297,7 @@ class Moments:
     (4, [4.5, 5.5, 6.5], [11.25, 11.25, 11.25])
     """
 
-    __slots__ = ("_shape", "_n", "_mean", "_m2", "_total", "_weighted", "_per_dim")
+    __slots__ = ("_shape", "_n", "_mean", "_lo", "_m2", "_total", "_weighted", "_per_dim")
 
     def __init__(
         self,
@@ -295,6 +310,7 @@ class Moments:
         self._shape: tuple[int, ...] | None = None
         self._n = np.zeros(0)
         self._mean = np.zeros(0)
+        self._lo = np.zeros(0)  # rounding residual of the mean: the true mean is _mean + _lo
         self._m2 = np.zeros(0)
         self._total = 0.0
         self._weighted = False
@@ -329,6 +345,7 @@ class Moments:
         self._shape = mean_a.shape
         self._n = np.broadcast_to(cnt, mean_a.shape).astype(np.float64).reshape(-1)
         self._mean = mean_a.reshape(-1).copy()
+        self._lo = np.zeros_like(self._mean)
         self._m2 = m2_a.reshape(-1).copy()
         self._per_dim = cnt.shape != () and mean_a.size > 0 and bool(np.any(cnt != cnt.flat[0]))
         self._total = float(cnt.flat[0]) if cnt.size and not self._per_dim else 0.0
@@ -430,18 +447,19 @@ class Moments:
         total: float,
         weighted: bool,
         per_dim: bool,
+        lo: np.ndarray | None = None,
     ) -> None:
+        lo = np.zeros_like(mean) if lo is None else lo
         if self._shape is None:
             self._shape = shape
-            self._n, self._mean, self._m2 = n.copy(), mean.copy(), m2.copy()
-            # keep the invariant: empty dims have NaN mean and 0 M2
+            self._n, self._mean, self._lo, self._m2 = n.copy(), mean.copy(), lo.copy(), m2.copy()
         else:
             if shape != self._shape:
                 raise ValueError(
                     f"dimension mismatch: this Moments has dimension shape {self._shape}, "
                     f"the batch has {shape}; reduce over the axes that leave {self._shape}"
                 )
-            K.chan_merge_into(self._n, self._mean, self._m2, n, mean, m2)
+            K.chan_merge_dd(self._n, self._mean, self._lo, self._m2, n, mean, lo, m2)
         self._total += total
         self._weighted = self._weighted or weighted
         self._per_dim = self._per_dim or per_dim
@@ -452,6 +470,7 @@ class Moments:
         out = Moments()
         out._shape = self._shape
         out._n, out._mean, out._m2 = self._n.copy(), self._mean.copy(), self._m2.copy()
+        out._lo = self._lo.copy()
         out._total, out._weighted, out._per_dim = self._total, self._weighted, self._per_dim
         return out
 
@@ -466,7 +485,7 @@ class Moments:
             return self
         self._merge_in(
             other._n, other._mean, other._m2, other._shape,
-            other._total, other._weighted, other._per_dim,
+            other._total, other._weighted, other._per_dim, other._lo,
         )  # fmt: skip
         return self
 
@@ -504,6 +523,7 @@ class Moments:
             "shape": np.asarray(shape if shape is not None else (), dtype=np.int64),
             "count": self._n.copy(),
             "mean": self._mean.copy(),
+            "mean_lo": self._lo.copy(),
             "m2": self._m2.copy(),
             "total": float(self._total),
             "weighted": bool(self._weighted),
@@ -539,6 +559,10 @@ class Moments:
             raise ValueError("corrupt Moments record: negative counts")
         out._shape = shape
         out._n, out._mean, out._m2 = (a.copy() for a in arrs)
+        lo = np.asarray(d.get("mean_lo", np.zeros(size)), dtype=np.float64).reshape(-1)
+        if lo.shape != (size,):
+            raise ValueError(f"corrupt Moments record: mean_lo does not match shape {shape}")
+        out._lo = lo.copy()
         out._total = float(np.asarray(d["total"]))
         out._weighted = bool(np.asarray(d.get("weighted", False)))
         out._per_dim = bool(np.asarray(d.get("per_dim", False)))
@@ -584,12 +608,18 @@ def atomic_write(path: str | os.PathLike[str], write: Any, mode: str = "wb") -> 
 # one batch
 
 
-def _compute(
-    x: Any, axis: Axis, weights: Any, nan_policy: str
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, ...], float, bool, bool] | None:
+Batch = tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, ...], float, bool, bool, np.ndarray]
+
+
+def _compute(x: Any, axis: Axis, weights: Any, nan_policy: str) -> Batch | None:
+    """One batch: ``(n, mean, m2, dims_shape, total, weighted, per_dim, lo)`` or ``None`` if empty.
+
+    ``n``, ``mean``, ``m2``, ``lo`` are flat float64 arrays over the dimensions; ``lo`` is the
+    rounding residual of ``mean`` (see ``chan_merge_dd``); ``total`` the samples (or weight) seen.
+    """
     if nan_policy not in NAN_POLICIES:
         raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
-    if hasattr(x, "__cuda_array_interface__") and not isinstance(x, np.ndarray):
+    if _on_cuda_device(x):
         from .cuda import _host_batch  # lazy: the GPU path is an optional extra
 
         return _host_batch(x, axis, weights, nan_policy)  # type: ignore[no-any-return]
@@ -607,8 +637,8 @@ def _compute(
         and a.shape[0] > 0
         and a.shape[1] > 0
     ):
-        n, m, q = _run_rows(a, None, False)
-        return n, m, q, (a.shape[1],), float(a.shape[0]), False, False
+        n, m, q, lo = _run_rows(a, None, False)
+        return n, m, q, (a.shape[1],), float(a.shape[0]), False, False, lo
     axes = _normalize_axes(axis, a.ndim)
     w = None if weights is None else _check_weights(weights, a, axes)
     nsamp = int(np.prod([a.shape[i] for i in axes], dtype=np.int64))
@@ -622,12 +652,13 @@ def _compute(
             total = float(nsamp)
         if nsamp == 0:
             return None
-        return np.zeros(0), np.zeros(0), np.zeros(0), kept, total, w is not None, False
-    n, m, q, shape = _batch(a, axes, w, nan_policy)
+        e = np.zeros(0)
+        return e, e, e, kept, total, w is not None, False, e
+    n, m, q, lo = _batch(a, axes, w, nan_policy)
     if nan_policy == "raise" and (np.isnan(m) & (n > 0)).any():
-        _raise_nonfinite(a, axes, shape)
+        _raise_nonfinite(a, axes, kept)
     total = float(nsamp) if w is None else float(w.sum()) * (nsamp // a.shape[axes[0]])
-    return n, m, q, shape, total, w is not None, nan_policy == "omit"
+    return n, m, q, kept, total, w is not None, nan_policy == "omit", lo
 
 
 def moments(

@@ -1,0 +1,180 @@
+"""Kernels against the long-double oracle over layouts, dtypes and strides."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from naive import moments_ld
+
+import streamnorm as sn
+from streamnorm import Moments, moments
+
+DTYPES = ["float16", "float32", "float64", "int8", "int16", "int32", "int64",
+          "uint8", "uint16", "uint32", "uint64", "bool"]  # fmt: skip
+
+
+def make(shape, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    dt = np.dtype(dtype)
+    if dt.kind == "b":
+        return rng.random(shape) < 0.3
+    if dt.kind in "iu":
+        info = np.iinfo(dt)
+        lo, hi = max(info.min, -1000), min(info.max, 1000)
+        return rng.integers(lo, hi, size=shape, endpoint=True).astype(dt)
+    return (rng.standard_normal(shape) * 3 + 1).astype(dt)
+
+
+def check(x, axis, *, rtol=1e-12, weights=None, nan_policy="propagate"):
+    m = moments(x, axis, weights=weights, nan_policy=nan_policy)
+    n, mu, m2 = moments_ld(x, axis, weights=weights, omit=nan_policy == "omit")
+    mean = np.asarray(m.mean, dtype=np.float64)
+    var = np.asarray(m.var(), dtype=np.float64)
+    assert mean.shape == mu.shape
+    np.testing.assert_allclose(mean, mu.astype(np.float64), rtol=rtol, atol=1e-13)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ref_var = (m2 / n).astype(np.float64)
+    np.testing.assert_allclose(var, ref_var, rtol=rtol, atol=1e-13)
+    cnt = np.asarray(m.count, dtype=np.float64)
+    np.testing.assert_allclose(np.broadcast_to(cnt, n.shape), n.astype(np.float64), rtol=1e-15)
+    return m
+
+
+LAYOUTS = [
+    ("rows", (300, 17), 0),
+    ("rows-wide", (40, 1030), 0),
+    ("rows-neg-axis", (300, 17), -2),
+    ("nchw", (6, 5, 7, 9), (0, 2, 3)),
+    ("ncl", (7, 4, 33), (0, 2)),
+    ("ncdhw", (3, 4, 5, 2, 6), (0, 2, 3, 4)),
+    ("nhwc", (6, 7, 9, 5), (0, 1, 2)),
+    ("per-sample", (6, 5, 7, 9), (2, 3)),
+    ("layer-norm", (6, 5, 7, 9), (1, 2, 3)),
+    ("1d", (1001,), 0),
+    ("all-axes", (6, 5, 7), None),
+    ("middle", (6, 5, 7), 1),
+    ("two-kept", (6, 5, 7, 3), (0, 2)),
+    ("no-reduction", (4, 3), ()),
+]
+
+
+@pytest.mark.parametrize("name,shape,axis", LAYOUTS, ids=[lay[0] for lay in LAYOUTS])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_layouts(name, shape, axis, dtype):
+    check(make(shape, dtype), axis)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name,shape,axis", [LAYOUTS[0], LAYOUTS[3], LAYOUTS[6]], ids=["rows", "nchw", "nhwc"])
+def test_dtypes(dtype, name, shape, axis):
+    x = make(shape, dtype)
+    rtol = 1e-12
+    check(x, axis, rtol=rtol)
+
+
+def _views(x):
+    """Views of a 4-D NCHW array: strided, reversed, Fortran, transposed (channels_last)."""
+    yield "contiguous", x, (0, 2, 3)
+    yield "reversed-N", x[::-1], (0, 2, 3)
+    yield "reversed-C", x[:, ::-1], (0, 2, 3)
+    yield "strided-W", x[:, :, :, ::3], (0, 2, 3)
+    yield "strided-C", x[:, ::2], (0, 2, 3)
+    yield "fortran", np.asfortranarray(x), (0, 2, 3)
+    nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    yield "channels-last-view", nhwc.transpose(0, 3, 1, 2), (0, 2, 3)
+    yield "channels-last-view-per-sample", nhwc.transpose(0, 3, 1, 2), (2, 3)
+    yield "nhwc-reversed-H", nhwc[:, ::-1], (0, 1, 2)
+    yield "transposed-HW", x.transpose(0, 1, 3, 2), (0, 2, 3)
+    yield "broadcast", np.broadcast_to(x[:1], x.shape), (0, 2, 3)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "int16", "float16"])
+def test_strided_views(dtype):
+    x = make((5, 6, 7, 8), dtype, seed=3)
+    for name, v, axis in _views(x):
+        m = check(v, axis)
+        assert m.shape == tuple(s for i, s in enumerate(v.shape) if i not in axis), name
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_2d_views(order):
+    x = np.asarray(make((200, 30), "float32", seed=5), order=order)
+    for v in (x, x[:, ::3], x[::-1], x[::-2, 1::2], x.T, x[::7]):
+        check(v, 0)
+        check(v, 1)
+
+
+def test_inputs_never_modified_nor_copied_whole():
+    x = make((64, 8, 5, 5), "float32")
+    before = x.copy()
+    x.flags.writeable = False
+    moments(x, (0, 2, 3))
+    moments(x, (0, 2, 3), weights=np.ones(64), nan_policy="omit")
+    np.testing.assert_array_equal(x, before)
+
+
+def test_torch_like_and_list_input():
+    m = moments([[1.0, 2.0], [3.0, 5.0]])
+    np.testing.assert_allclose(m.mean, [2.0, 3.5])
+    np.testing.assert_allclose(m.var(ddof=1), [2.0, 4.5])
+
+
+def test_one_d_state_is_scalar():
+    m = moments(np.arange(10.0))
+    assert m.shape == ()
+    assert isinstance(m.mean, np.floating)
+    assert m.mean == 4.5
+    assert m.count == 10
+
+
+def test_zero_sample_batch_is_noop():
+    m = Moments().update(np.ones((3, 4)))
+    before = m.to_dict()
+    m.update(np.ones((0, 4)))
+    m.update(np.ones((0, 4)), weights=np.ones(0))
+    after = m.to_dict()
+    for k in before:
+        np.testing.assert_array_equal(before[k], after[k])
+    assert Moments().update(np.ones((0, 4))).shape is None
+
+
+def test_count_le_ddof_gives_nan_without_warning():
+    m = moments(np.ones((1, 3)))
+    with np.errstate(all="raise"):
+        assert np.all(np.isnan(m.var(ddof=1)))
+        assert np.all(m.var(ddof=0) == 0)
+
+
+def test_merge_and_update_equal_one_shot():
+    x = make((1000, 9), "float64", seed=7)
+    a, b = moments(x[:300]), moments(x[300:])
+    one = moments(x)
+    for m in (a + b, a.merge(b), Moments.merge_all([a, b]), a.copy().__iadd__(b)):
+        np.testing.assert_allclose(m.mean, one.mean, rtol=1e-14)
+        np.testing.assert_allclose(m.var(), one.var(), rtol=1e-13)
+        assert m.count == 1000
+    # merge does not touch its inputs
+    assert a.count == 300 and b.count == 700
+    assert Moments.merge_all([]).shape is None
+    assert (Moments() + a).count == 300
+
+
+def test_read_only_views():
+    m = moments(make((10, 3), "float32"))
+    with pytest.raises(ValueError):
+        m.mean[0] = 1.0
+    with pytest.raises(ValueError):
+        m.m2[0] = 1.0
+
+
+def test_update_returns_self_and_constructor():
+    x = make((50, 4), "float32")
+    m = Moments()
+    assert m.update(x) is m
+    np.testing.assert_array_equal(Moments(x).mean, m.mean)
+    assert "Moments(shape=(4,), count=50)" == repr(m)
+    assert repr(Moments()) == "Moments(empty)"
+
+
+def test_public_names():
+    assert sn.moments is moments and sn.Moments is Moments
