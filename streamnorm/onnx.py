@@ -31,9 +31,9 @@ _MAX_PROTO = 2**31 - 2**20  # protobuf's 2 GiB limit, with room to spare
 # loading
 
 
-def _load(path: str) -> tuple[Any, set[str], bool]:
+def _load(path: str) -> tuple[Any, set[str], set[str]]:
     """The model with its external data loaded, the real paths of every file it came from, and
-    whether it used external data."""
+    the names of the tensors stored as external data."""
     onnx = require("onnx")
     from onnx import external_data_helper as ext
 
@@ -45,10 +45,10 @@ def _load(path: str) -> tuple[Any, set[str], bool]:
         raise ValueError(f"{path!r} is not a readable ONNX model: {e}") from e
     files = {os.path.realpath(path)}
     base = os.path.dirname(os.path.abspath(path))
-    external = False
+    external: set[str] = set()
     for t in ext._get_all_tensors(model):
         if ext.uses_external_data(t):
-            external = True
+            external.add(t.name)
             info = ext.ExternalDataInfo(t)
             files.add(os.path.realpath(os.path.join(base, info.location)))
     if external:
@@ -194,8 +194,11 @@ def _shard_pass(
 # writing
 
 
-def _save(model: Any, out_path: str, external: bool, inputs: set[str]) -> None:
+def _save(model: Any, out_path: str, external: set[str], inputs: set[str]) -> None:
+    """Write atomically; tensors that were external data in the input stay external."""
     onnx = require("onnx")
+    from onnx import external_data_helper as ext
+
     if not external and model.ByteSize() < _MAX_PROTO:
         try:
             onnx.checker.check_model(model)
@@ -214,10 +217,16 @@ def _save(model: Any, out_path: str, external: bool, inputs: set[str]) -> None:
         )
     with tempfile.TemporaryDirectory(prefix=".tmp-", dir=folder) as tmp:
         tmp_model = os.path.join(tmp, os.path.basename(out_path))
-        onnx.save_model(
-            model, tmp_model, save_as_external_data=True, all_tensors_to_one_file=True,
-            location=location, size_threshold=1024,
-        )  # fmt: skip
+        marked = False
+        for t in ext._get_all_tensors(model):
+            if t.name in external and t.HasField("raw_data"):
+                ext.set_external_data(t, location)
+                marked = True
+        if not marked or model.ByteSize() >= _MAX_PROTO:
+            ext.convert_model_to_external_data(
+                model, all_tensors_to_one_file=True, location=location, size_threshold=1024
+            )
+        onnx.save_model(model, tmp_model)
         try:
             onnx.checker.check_model(tmp_model)
         except Exception as e:

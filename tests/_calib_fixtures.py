@@ -79,7 +79,11 @@ def onnx_cnn(
         ),
     ]  # fmt: skip
     graph = helper.make_graph(
-        nodes, "cnn", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, c2, 4, 4])], inits
+        nodes,
+        "cnn",
+        inputs,
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, c2, 4, 4])],
+        inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = ir_version if ir_version is not None else (4 if opset <= 9 else 8)
@@ -131,7 +135,7 @@ def _trained() -> tuple[Any, dict[str, Any], tuple[Any, ...]]:
     data = D.load_digits_nchw(seed=0)
     model = D.make_cnn(seed=0, width=8)
     with torch.random.fork_rng():
-        D.train(model, data[0], data[1], epochs=2, batch_size=32, lr=0.05, seed=0)
+        D.train(model, data[0], data[1], epochs=2, batch_size=64, lr=0.1, seed=0)
     return model, copy.deepcopy(model.state_dict()), data
 
 

@@ -146,7 +146,9 @@ def test_sequential_reaches_the_fixed_point_one_pass_does_not() -> None:
             mean, var = got[name]
             scale = np.sqrt(var)
             worst_seq = max(worst_seq, float(np.max(np.abs(m.running_mean.numpy() - mean) / scale)))
-            np.testing.assert_allclose(m.running_mean.double().numpy(), mean, atol=1e-4 * scale.max())
+            np.testing.assert_allclose(
+                m.running_mean.double().numpy(), mean, atol=1e-4 * scale.max()
+            )
             np.testing.assert_allclose(m.running_var.double().numpy(), var, rtol=1e-4)
     one = copy.deepcopy(model)
     recalibrate(one, x, mode="one-pass", batch_size=37, progress=False)
@@ -233,7 +235,9 @@ def test_report_shifts_in_units_of_old_sigma() -> None:
     assert isinstance(report, CalibrationReport)
     new_mean, new_var = m[1].running_mean.double().numpy(), m[1].running_var.double().numpy()
     sigma = np.sqrt(old_var + m[1].eps)
-    np.testing.assert_allclose(report["1"].mean_shift, np.abs(new_mean - old_mean) / sigma, rtol=1e-5)
+    np.testing.assert_allclose(
+        report["1"].mean_shift, np.abs(new_mean - old_mean) / sigma, rtol=1e-5
+    )
     np.testing.assert_allclose(
         report["1"].std_shift, np.abs(np.sqrt(new_var + m[1].eps) - sigma) / sigma, rtol=1e-5
     )
@@ -346,6 +350,7 @@ def test_bad_arguments(kwargs: dict[str, object], exc: type, match: str) -> None
     assert _same_state(_buffers(m), state)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_bad_models_and_data() -> None:
     with pytest.raises(TypeError, match="torch.nn.Module"):
         recalibrate("model", _data("1d", 10))
