@@ -31,7 +31,9 @@ class _Layer(_Owner):
 
     Built-in estimators receive batches in groups of up to ``MAX_PENDING``: one kernel call per
     estimator and group instead of one per batch. Any read of an estimator (``mean``, ``var``,
-    ``to_dict``...) first applies what is pending, so nothing stale is ever visible.
+    ``to_dict``...) first applies what is pending, so nothing stale is ever visible. A group
+    holds either batches whose dimensions all have the same count (one count per batch is
+    kept) or batches with per-dimension counts, never both.
     """
 
     def __init__(self, shape: tuple[int, ...], ests: dict[str, Any]) -> None:
@@ -40,13 +42,14 @@ class _Layer(_Owner):
         self.fast = [e for e in ests.values() if isinstance(e, Estimator)]
         self.slow = [e for e in ests.values() if not isinstance(e, Estimator)]
         self.need = max((e.min_batch_count for e in self.fast), default=0)
-        D = int(np.prod(shape, dtype=np.int64))
-        self.cap = max(1, min(MAX_PENDING, PENDING_BYTES // max(1, 24 * D)))
-        self.bn = np.zeros((self.cap, D))
+        self.D = D = int(np.prod(shape, dtype=np.int64))
+        self.cap = max(1, min(MAX_PENDING, PENDING_BYTES // max(1, 16 * D)))
+        self.counts: list[float] = []  # per batch, uniform groups
+        self.epochs: list[int] = []
+        self.bn: np.ndarray | None = None  # per-dimension counts, allocated when first needed
         self.bm = np.zeros((self.cap, D))
         self.bq = np.zeros((self.cap, D))
-        self.be = np.zeros(self.cap, dtype=np.int64)
-        self.k = 0
+        self.uniform = True
         self.weighted = False
         for e in self.fast:
             e._owner = self
@@ -54,25 +57,36 @@ class _Layer(_Owner):
     def push(
         self, n: np.ndarray, mu: np.ndarray, m2: np.ndarray, epoch: int, weighted: bool
     ) -> None:
-        k = self.k
-        self.bn[k] = n
+        """Add a batch with per-dimension counts ``n`` (the uniform case is inlined in Tracker)."""
+        if self.uniform:
+            self.flush()
+            self.uniform = False
+            if self.bn is None:
+                self.bn = np.zeros((self.cap, self.D))
+        k = len(self.epochs)
+        self.bn[k] = n  # type: ignore[index]
         self.bm[k] = mu
         self.bq[k] = m2
-        self.be[k] = epoch
+        self.epochs.append(epoch)
         self.weighted = self.weighted or weighted
-        self.k = k + 1
-        if self.k == self.cap:
+        if k + 1 == self.cap:
             self.flush()
 
     def flush(self) -> None:
-        k = self.k
+        k = len(self.epochs)
         if k == 0:
             return
-        self.k = 0
-        n, mu, m2, ep = self.bn[:k], self.bm[:k], self.bq[:k], self.be[:k]
-        for e in self.fast:
-            e._feed(self.shape, n, mu, m2, ep, self.weighted)
+        if self.uniform:
+            n = np.array(self.counts, dtype=np.float64).reshape(k, 1)
+        else:
+            n = self.bn[:k]  # type: ignore[index]
+        ep = np.array(self.epochs, dtype=np.int64)
+        self.counts.clear()
+        self.epochs.clear()
+        mu, m2, weighted = self.bm[:k], self.bq[:k], self.weighted
         self.weighted = False
+        for e in self.fast:
+            e._feed(self.shape, n, mu, m2, ep, weighted, self.uniform)
 
 
 def _check_estimators(estimators: Any) -> dict[str, Any]:
@@ -205,16 +219,39 @@ class Tracker:
         self._feed(layer, m)
 
     def _feed(self, layer: str, m: Moments) -> Moments:
-        if not isinstance(layer, str):
-            raise TypeError(f"layer must be a str name, got {type(layer).__name__}")
         if self._reduce is not None:
             m = self._reduce(m)
             if not isinstance(m, Moments):
                 raise TypeError(f"reduce must return a Moments, got {type(m).__name__}")
-        shape, n, mu, m2, cmin, weighted = unpack(m)
+        lay = self._layers.get(layer)  # type: ignore[arg-type]
+        if (
+            lay is not None
+            and lay.uniform
+            and not lay.slow
+            and isinstance(m, Moments)
+            and not m._per_dim
+            and m._shape == lay.shape
+            and m._total > lay.need - 1
+        ):
+            # the common case, kept short: one batch, every dimension with the same count
+            k = len(lay.counts)
+            lay.bm[k] = m._mean
+            lay.bq[k] = m._m2
+            lay.counts.append(m._total)
+            lay.epochs.append(self._epoch)
+            if m._weighted:
+                lay.weighted = True
+            if k + 1 == lay.cap:
+                lay.flush()
+            return m
+        return self._feed_general(layer, m, lay)
+
+    def _feed_general(self, layer: str, m: Moments, lay: _Layer | None) -> Moments:
+        if not isinstance(layer, str):
+            raise TypeError(f"layer must be a str name, got {type(layer).__name__}")
+        shape, n, mu, m2, cmin, weighted, uniform = unpack(m)
         if shape is None or n.size == 0:
             return m
-        lay = self._layers.get(layer)
         if lay is None:
             self._check_min(layer, shape, cmin, None)
             ests = {k: copy.deepcopy(v) for k, v in self._protos.items()}
@@ -228,7 +265,20 @@ class Tracker:
             self._check_min(layer, shape, cmin, lay)
         for e in lay.slow:
             e.update(m, epoch=self._epoch)
-        lay.push(n, mu, m2, self._epoch, weighted)
+        if not uniform:
+            lay.push(n, mu, m2, self._epoch, weighted)
+            return m
+        if not lay.uniform:
+            lay.flush()
+            lay.uniform = True
+        k = len(lay.counts)
+        lay.bm[k] = mu
+        lay.bq[k] = m2
+        lay.counts.append(cmin)
+        lay.epochs.append(self._epoch)
+        lay.weighted = lay.weighted or weighted
+        if k + 1 == lay.cap:
+            lay.flush()
         return m
 
     def _check_min(

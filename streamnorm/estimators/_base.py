@@ -28,13 +28,15 @@ class _Owner:
         raise NotImplementedError
 
 
-Unpacked = tuple[tuple[int, ...] | None, np.ndarray, np.ndarray, np.ndarray, float, bool]
+Unpacked = tuple[tuple[int, ...] | None, np.ndarray, np.ndarray, np.ndarray, float, bool, bool]
 
 
 def unpack(batch: Any) -> Unpacked:
-    """``(shape, n, mean, m2, min_count, weighted)`` of a batch, flat float64 arrays, zero-copy.
+    """``(shape, n, mean, m2, min_count, weighted, uniform)`` of a batch, zero-copy.
 
-    ``shape`` is ``None`` for an empty ``Moments``. Reads the state of :class:`Moments` directly
+    ``n``, ``mean``, ``m2`` are flat float64 arrays; ``uniform`` says every dimension has the
+    same count (no per-dimension counts from ``nan_policy="omit"``). ``shape`` is ``None`` for
+    an empty ``Moments``. Reads the state of :class:`Moments` directly
     (one package, one layout): the public properties build read-only views per call, which costs
     more than the estimators' arithmetic when many small layers are tracked.
     """
@@ -45,13 +47,14 @@ def unpack(batch: Any) -> Unpacked:
         )
     shape = batch._shape
     if shape is None:
-        return None, batch._n, batch._mean, batch._m2, 0.0, False
+        return None, batch._n, batch._mean, batch._m2, 0.0, False, True
     n = batch._n
-    if batch._per_dim:
+    per_dim = bool(batch._per_dim)
+    if per_dim:
         cmin = float(n.min()) if n.size else 0.0
     else:
         cmin = float(batch._total)
-    return shape, n, batch._mean, batch._m2, cmin, bool(batch._weighted)
+    return shape, n, batch._mean, batch._m2, cmin, bool(batch._weighted), not per_dim
 
 
 def check_epoch(epoch: Any) -> int:
@@ -118,8 +121,10 @@ class Estimator(abc.ABC):
     def _init_state(self, D: int) -> None: ...
 
     @abc.abstractmethod
-    def _apply(self, n: np.ndarray, mu: np.ndarray, m2: np.ndarray, epochs: np.ndarray) -> None:
-        """Apply ``k`` batches given as ``(k, D)`` arrays and their epochs ``(k,)``, in order."""
+    def _apply(
+        self, n: np.ndarray, mu: np.ndarray, m2: np.ndarray, epochs: np.ndarray, uniform: bool
+    ) -> None:
+        """Apply ``k`` batches (``(k, D)`` arrays, epochs ``(k,)``) in order; see ``_kernels``."""
 
     @abc.abstractmethod
     def _mean_flat(self) -> np.ndarray: ...
@@ -156,6 +161,7 @@ class Estimator(abc.ABC):
         self._count = np.zeros(0)
         self._batches = 0
         self._weighted = False
+        self._uniform = True
         self._clear_state()
 
     def _sync(self) -> None:
@@ -185,14 +191,15 @@ class Estimator(abc.ABC):
         -------
         self
         """
-        shape, n, mu, m2, cmin, weighted = unpack(batch)
+        shape, n, mu, m2, cmin, weighted, uniform = unpack(batch)
         epoch = check_epoch(epoch)
         self._sync()
         if shape is None or n.size == 0:
             return self
         self.check_batch(shape, cmin)
         self._check_epoch_order(epoch)
-        self._feed(shape, n[None], mu[None], m2[None], np.array([epoch], dtype=np.int64), weighted)
+        ep = np.array([epoch], dtype=np.int64)
+        self._feed(shape, n[None], mu[None], m2[None], ep, weighted, uniform)
         return self
 
     def check_batch(self, shape: tuple[int, ...], min_count: float) -> None:
@@ -223,17 +230,28 @@ class Estimator(abc.ABC):
         m2: np.ndarray,
         epochs: np.ndarray,
         weighted: bool,
+        uniform: bool,
     ) -> None:
-        """Apply ``k`` validated batches: ``(k, D)`` float64 arrays, C-contiguous."""
+        """Apply ``k`` validated batches: ``(k, D)`` float64 arrays, C-contiguous.
+
+        With ``uniform`` (every dimension of each batch has the same count) ``n`` may be
+        ``(k, 1)``. Once a batch with per-dimension counts was fed, the state's counts may
+        differ per dimension and every later batch takes the per-dimension path.
+        """
         if self._shape is None:
             self._shape = shape
-            D = n.shape[1]
+            D = mu.shape[1]
             self._count = np.zeros(D)
+            self._uniform = True
             self._init_state(D)
-        EK.add_rows(self._count, n)
-        self._batches += n.shape[0]
+        uniform = uniform and self._uniform
+        if not uniform and n.shape[1] != mu.shape[1]:
+            n = np.ascontiguousarray(np.broadcast_to(n, mu.shape))
+        self._uniform = uniform
+        EK.add_rows(self._count, n, uniform)
+        self._batches += mu.shape[0]
         self._weighted = self._weighted or weighted
-        self._apply(n, mu, m2, epochs)
+        self._apply(n, mu, m2, epochs, uniform)
 
     # ------------------------------------------------------------------ reading
     @property
@@ -336,6 +354,7 @@ class Estimator(abc.ABC):
             out._count = self._count.copy()
         else:
             out._count = self._count + other._count
+        out._uniform = self._uniform and other._uniform
         out._batches = self._batches + other._batches
         out._weighted = self._weighted or other._weighted
         return out
@@ -366,6 +385,7 @@ class Estimator(abc.ABC):
             "count": self._count.copy(),
             "batches": int(self._batches),
             "weighted": bool(self._weighted),
+            "uniform": bool(self._uniform),
         }
         for k, v in self._params().items():
             d["param_" + k] = v
@@ -412,6 +432,9 @@ class Estimator(abc.ABC):
         obj._count = count.copy()
         obj._batches = int(_scalar(d["batches"]))
         obj._weighted = bool(_scalar(d.get("weighted", False)))
+        obj._uniform = bool(_scalar(d.get("uniform", False))) and (
+            count.size == 0 or bool(np.all(count == count[0]))
+        )
         obj._init_state(D)
         state = {k[6:]: d[k] for k in d.keys() if str(k).startswith("state_")}
         obj._set_state(state, D)

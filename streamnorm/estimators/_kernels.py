@@ -1,9 +1,12 @@
 """Numba kernels of the estimators: apply ``k`` batches' moments to a state in one call.
 
-Pure array-in/array-out, no validation. Each takes the batches as ``(k, D)`` float64 arrays
-``n`` (per-dimension counts), ``mu`` (batch means) and ``m2`` (sums of squared deviations) and
-updates the state arrays in place, batch after batch in order. Applying ``k`` batches at once
-gives the same bits as applying them one by one: the per-batch arithmetic does not depend on ``k``.
+Pure array-in/array-out, no validation. Each takes the batches as float64 arrays ``n``
+(counts), ``mu`` (batch means, ``(k, D)``) and ``m2`` (sums of squared deviations, ``(k, D)``)
+and updates the state arrays in place, batch after batch in order. With ``uniform`` every
+dimension of a batch has the same count ``n[i, 0]`` (``n`` may then be ``(k, 1)``), and so has
+the state: per-batch factors are computed once per batch instead of once per element; otherwise
+``n`` is ``(k, D)``. Applying ``k`` batches at once gives the same bits as applying them one by
+one: the per-batch arithmetic does not depend on ``k``.
 """
 
 from __future__ import annotations
@@ -11,30 +14,86 @@ from __future__ import annotations
 from numba import njit
 
 from .._config import JIT
-from .._kernels import chan_merge_into
 
 
 @njit(**JIT)
-def add_rows(acc, n):  # type: ignore[no-untyped-def]
-    """``acc += n[0] + n[1] + ...``, in order (exact for integer counts, fixed order otherwise)."""
-    k, D = n.shape
+def add_rows(acc, n, uniform):  # type: ignore[no-untyped-def]
+    """``acc += n[0] + n[1] + ...`` per dimension, in order."""
+    k = n.shape[0]
+    D = acc.shape[0]
+    if uniform:
+        s = acc[0] if D else 0.0
+        for i in range(k):
+            s += n[i, 0]
+        for d in range(D):
+            acc[d] = s
+        return
     for i in range(k):
         for d in range(D):
             acc[d] += n[i, d]
 
 
 @njit(**JIT)
-def chan_rows(n, mu, m2, cnt, mean, q):  # type: ignore[no-untyped-def]
-    """Chan-merge every batch into the pooled state ``(cnt, mean, q)``, in order."""
-    for i in range(n.shape[0]):
-        chan_merge_into(cnt, mean, q, n[i], mu[i], m2[i])
+def chan_rows(n, mu, m2, cnt, mean, q, uniform):  # type: ignore[no-untyped-def]
+    """Chan-merge every batch into the pooled state ``(cnt, mean, q)``, in order.
+
+    ``n = na + nb; d = mb - ma; mean = ma + d nb / n; M2 = M2a + M2b + d^2 na nb / n``; a
+    dimension with ``nb == 0`` is skipped, one with ``na == 0`` takes the batch's values.
+    """
+    k, D = mu.shape
+    for i in range(k):
+        if uniform:
+            nb = n[i, 0]
+            if nb == 0.0:
+                continue
+            na = cnt[0] if D else 0.0
+            if na == 0.0:
+                for d in range(D):
+                    cnt[d] = nb
+                    mean[d] = mu[i, d]
+                    q[d] = m2[i, d]
+                continue
+            tot = na + nb
+            f = nb / tot
+            g = na * f
+            for d in range(D):
+                delta = mu[i, d] - mean[d]
+                mean[d] = mean[d] + delta * f
+                q[d] = q[d] + m2[i, d] + delta * delta * g
+                cnt[d] = tot
+            continue
+        for d in range(D):
+            nb = n[i, d]
+            if nb == 0.0:
+                continue
+            na = cnt[d]
+            if na == 0.0:
+                cnt[d] = nb
+                mean[d] = mu[i, d]
+                q[d] = m2[i, d]
+                continue
+            tot = na + nb
+            f = nb / tot
+            delta = mu[i, d] - mean[d]
+            mean[d] = mean[d] + delta * f
+            q[d] = q[d] + m2[i, d] + delta * delta * (na * f)
+            cnt[d] = tot
 
 
 @njit(**JIT)
-def ema_rows(n, mu, m2, decay, rate, mean, var_u, var_b):  # type: ignore[no-untyped-def]
+def ema_rows(n, mu, m2, decay, rate, mean, var_u, var_b, uniform):  # type: ignore[no-untyped-def]
     """``s <- decay * s + rate * x`` for the mean, the unbiased and the biased batch variance."""
-    k, D = n.shape
+    k, D = mu.shape
     for i in range(k):
+        if uniform:
+            ru = rate / (n[i, 0] - 1.0)
+            rb = rate / n[i, 0]
+            for d in range(D):
+                q = m2[i, d]
+                mean[d] = decay * mean[d] + rate * mu[i, d]
+                var_u[d] = decay * var_u[d] + ru * q
+                var_b[d] = decay * var_b[d] + rb * q
+            continue
         for d in range(D):
             c = n[i, d]
             q = m2[i, d]
@@ -44,17 +103,28 @@ def ema_rows(n, mu, m2, decay, rate, mean, var_u, var_b):  # type: ignore[no-unt
 
 
 @njit(**JIT)
-def cumulative_rows(n, mu, m2, t, mean, s, var_u, var_b):  # type: ignore[no-untyped-def]
+def cumulative_rows(n, mu, m2, t, mean, s, var_u, var_b, uniform):  # type: ignore[no-untyped-def]
     """Equal weight per batch: running mean of the batch means and of the batch variances.
 
     ``s`` accumulates the pooled sum ``sum_b v_b + sum_b (mu_b - mean)^2`` (law of total variance
     with one unit of weight per batch). Returns the new number of batches ``t``.
     """
-    k, D = n.shape
+    k, D = mu.shape
     for i in range(k):
         t += 1.0
         f = 1.0 / t
         g = (t - 1.0) / t
+        if uniform:
+            iu = 1.0 / (n[i, 0] - 1.0)
+            ib = 1.0 / n[i, 0]
+            for d in range(D):
+                q = m2[i, d]
+                delta = mu[i, d] - mean[d]
+                mean[d] = mean[d] + delta * f
+                s[d] = s[d] + q * ib + delta * delta * g
+                var_u[d] = var_u[d] + (q * iu - var_u[d]) * f
+                var_b[d] = var_b[d] + (q * ib - var_b[d]) * f
+            continue
         for d in range(D):
             c = n[i, d]
             q = m2[i, d]
@@ -67,10 +137,19 @@ def cumulative_rows(n, mu, m2, t, mean, s, var_u, var_b):  # type: ignore[no-unt
 
 
 @njit(**JIT)
-def sums_rows(n, mu, m2, sum_mu, sum_u, sum_v):  # type: ignore[no-untyped-def]
+def sums_rows(n, mu, m2, sum_mu, sum_u, sum_v, uniform):  # type: ignore[no-untyped-def]
     """Add each batch's mean, unbiased and biased variance to per-epoch sums."""
-    k, D = n.shape
+    k, D = mu.shape
     for i in range(k):
+        if uniform:
+            iu = 1.0 / (n[i, 0] - 1.0)
+            ib = 1.0 / n[i, 0]
+            for d in range(D):
+                q = m2[i, d]
+                sum_mu[d] += mu[i, d]
+                sum_u[d] += q * iu
+                sum_v[d] += q * ib
+            continue
         for d in range(D):
             c = n[i, d]
             q = m2[i, d]

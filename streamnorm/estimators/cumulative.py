@@ -85,9 +85,13 @@ class CumulativeAverage(Estimator):
         self._var_u = np.zeros(D)
         self._var_b = np.zeros(D)
 
-    def _apply(self, n: np.ndarray, mu: np.ndarray, m2: np.ndarray, epochs: np.ndarray) -> None:
+    def _apply(
+        self, n: np.ndarray, mu: np.ndarray, m2: np.ndarray, epochs: np.ndarray, uniform: bool
+    ) -> None:
         self._t = float(
-            EK.cumulative_rows(n, mu, m2, self._t, self._mu, self._s, self._var_u, self._var_b)
+            EK.cumulative_rows(
+                n, mu, m2, self._t, self._mu, self._s, self._var_u, self._var_b, uniform
+            )
         )
 
     def _mean_flat(self) -> np.ndarray:

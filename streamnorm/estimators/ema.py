@@ -120,9 +120,11 @@ class EMA(Estimator):
         self._var_b = np.ones(D)
         self._pow = 1.0
 
-    def _apply(self, n: np.ndarray, mu: np.ndarray, m2: np.ndarray, epochs: np.ndarray) -> None:
-        EK.ema_rows(n, mu, m2, self._decay, self._rate, self._mu, self._var_u, self._var_b)
-        for _ in range(n.shape[0]):
+    def _apply(
+        self, n: np.ndarray, mu: np.ndarray, m2: np.ndarray, epochs: np.ndarray, uniform: bool
+    ) -> None:
+        EK.ema_rows(n, mu, m2, self._decay, self._rate, self._mu, self._var_u, self._var_b, uniform)
+        for _ in range(mu.shape[0]):
             self._pow *= self._decay
 
     def _correct(self, s: np.ndarray, start: float) -> np.ndarray:

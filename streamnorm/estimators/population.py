@@ -28,8 +28,7 @@ class Population(Estimator):
     -----
     Each batch's ``(n, mean, M2)`` is merged with ``n = na + nb; d = mb - ma;
     mean = ma + d nb / n; M2 = M2a + M2b + d^2 na nb / n``, which is exact whatever the batch
-    sizes: the result equals the moments of the concatenated batches up to rounding (and is
-    bit-identical to ``Moments.merge_all`` of the same batches). The order of the batches does
+    sizes: the result equals the moments of the concatenated batches up to rounding. The order of the batches does
     not matter beyond rounding, so populations of disjoint shards can be merged.
 
     Examples
@@ -63,8 +62,10 @@ class Population(Estimator):
         self._mu = np.zeros(D)
         self._m2 = np.zeros(D)
 
-    def _apply(self, n: np.ndarray, mu: np.ndarray, m2: np.ndarray, epochs: np.ndarray) -> None:
-        EK.chan_rows(n, mu, m2, self._n, self._mu, self._m2)
+    def _apply(
+        self, n: np.ndarray, mu: np.ndarray, m2: np.ndarray, epochs: np.ndarray, uniform: bool
+    ) -> None:
+        EK.chan_rows(n, mu, m2, self._n, self._mu, self._m2, uniform)
 
     def _mean_flat(self) -> np.ndarray:
         return np.where(self._n > 0, self._mu, np.nan)

@@ -41,7 +41,15 @@ def dropped(drop: int | float, epochs: int) -> int:
     """
     if isinstance(drop, int):
         return drop
-    return int(math.floor(Fraction(repr(drop)) * epochs))
+    f = Fraction(repr(drop))
+    return (f.numerator * epochs) // f.denominator
+
+
+def _as_ratio(drop: int | float) -> tuple[int, int] | int:
+    if isinstance(drop, int):
+        return drop
+    f = Fraction(repr(drop))
+    return (f.numerator, f.denominator)
 
 
 class WindowedAverage(Estimator):
@@ -99,6 +107,7 @@ class WindowedAverage(Estimator):
     ) -> None:
         self.drop_first = _check_drop("drop_first", drop_first)
         self.drop_last = _check_drop("drop_last", drop_last)
+        self._drops = (_as_ratio(self.drop_first), _as_ratio(self.drop_last))
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.mode = str(mode)
@@ -144,8 +153,10 @@ class WindowedAverage(Estimator):
         self._nb.append(0)
         self._rows.append((np.zeros(self._D), np.zeros(self._D), np.zeros(self._D)))
 
-    def _apply(self, n: np.ndarray, mu: np.ndarray, m2: np.ndarray, epochs: np.ndarray) -> None:
-        k = n.shape[0]
+    def _apply(
+        self, n: np.ndarray, mu: np.ndarray, m2: np.ndarray, epochs: np.ndarray, uniform: bool
+    ) -> None:
+        k = mu.shape[0]
         i = 0
         while i < k:
             e = int(epochs[i])
@@ -156,9 +167,9 @@ class WindowedAverage(Estimator):
                 self._new_row(e)
             a, b, c = self._rows[-1]
             if self.mode == "pooled":
-                EK.chan_rows(n[i:j], mu[i:j], m2[i:j], a, b, c)
+                EK.chan_rows(n[i:j], mu[i:j], m2[i:j], a, b, c, uniform)
             else:
-                EK.sums_rows(n[i:j], mu[i:j], m2[i:j], a, b, c)
+                EK.sums_rows(n[i:j], mu[i:j], m2[i:j], a, b, c, uniform)
             self._nb[-1] += j - i
             i = j
 
@@ -170,7 +181,7 @@ class WindowedAverage(Estimator):
 
     def _window(self) -> range:
         E = len(self._epochs)
-        lo, hi = dropped(self.drop_first, E), dropped(self.drop_last, E)
+        lo, hi = ((d if isinstance(d, int) else (d[0] * E) // d[1]) for d in self._drops)
         return range(lo, E - hi) if lo + hi < E else range(0)
 
     @property
