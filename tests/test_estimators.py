@@ -36,7 +36,7 @@ def _fill(est, batches, axis=0, epochs=None):
     return est
 
 
-# ---------------------------------------------------------------------------- against PyTorch
+# ---- against PyTorch
 
 
 @pytest.mark.parametrize("cls, shape, axis", BN_CASES)
@@ -84,7 +84,7 @@ def test_ema_channels_last_input_matches_torch():
     np.testing.assert_allclose(ema.var, bn.running_var.numpy(), rtol=2e-6, atol=1e-6)
 
 
-# ---------------------------------------------------------------------------- EMA conventions
+# ---- EMA conventions
 
 
 def _ema_reference(batches, decay, unbiased, start_var=1.0):
@@ -142,7 +142,7 @@ def test_bias_correction_formula_after_several_batches():
     np.testing.assert_allclose(ema.var, w @ vars_, rtol=1e-12)
 
 
-# ---------------------------------------------------------------------------- Population
+# ---- Population
 
 
 def test_population_equals_moments_of_concatenated_data():
@@ -198,7 +198,7 @@ def test_population_dimension_shape_kept():
     assert np.ndim(one.mean) == 0 and float(one.var) == 2.0
 
 
-# ---------------------------------------------------------------------------- pooled vs mean of batch
+# ---- pooled vs mean of batch
 
 
 def test_pooled_vs_mean_of_batch_on_two_small_batches():
@@ -253,7 +253,7 @@ def test_windowed_pooled_is_count_weighted_with_uneven_batches():
     np.testing.assert_allclose(wm.var, np.mean([x.var(0, ddof=1) for x in xs], 0), rtol=1e-12)
 
 
-# ---------------------------------------------------------------------------- WindowedAverage epochs
+# ---- WindowedAverage epochs
 
 
 def _epoch_data(E, per_epoch=3, seed=14):
@@ -310,7 +310,7 @@ def test_windowed_epochs_must_not_go_backwards():
     assert w.batches == 1  # state unchanged
 
 
-# ---------------------------------------------------------------------------- merging
+# ---- merging
 
 
 def test_merge_equals_feeding_everything():
@@ -360,7 +360,7 @@ def test_merge_rejects_mismatches():
         Population().update(x).merge(Population().update(moments(np.ones((3, 4)))))
 
 
-# ---------------------------------------------------------------------------- protocol
+# ---- protocol
 
 
 ALL = [
@@ -450,7 +450,7 @@ def test_public_names():
         assert getattr(streamnorm, name) is getattr(E, name)
 
 
-# ---------------------------------------------------------------------------- bad input
+# ---- bad input
 
 
 def test_mismatched_dimension_is_a_value_error():
