@@ -150,7 +150,15 @@ def track(model: Any, tracker: Any, *, layers: Iterable[str] | None = None) -> I
 
 
 def _running_var(est: Any) -> Any:
-    """An estimator's variance in PyTorch's ``running_var`` convention (unbiased)."""
+    """An estimator's variance in PyTorch's ``running_var`` convention (unbiased).
+
+    The estimators keep what the conversion needs (the counts, or the other convention's batch
+    variances), and ``running_var("unbiased")`` does it exactly; an object without it is taken
+    to report the unbiased convention already.
+    """
+    convert = getattr(est, "running_var", None)
+    if callable(convert):
+        return convert("unbiased")
     return est.var
 
 
@@ -212,8 +220,12 @@ def load_estimates(model: Any, estimates: Any, estimator: str = "population") ->
     Notes
     -----
     ``running_var`` holds an unbiased estimate of the variance (PyTorch's convention). From a
-    Tracker, each estimator's variance is converted to it (see the estimator's documentation
-    of its convention); from a plain dict the variance is written as given. The values are
+    Tracker, each estimator's variance is converted to it exactly with
+    ``estimator.running_var("unbiased")``: a ``Population`` (biased ``M2 / N``) is written as
+    ``M2 / (N - 1)``, a Keras-style EMA of biased batch variances as the EMA of the unbiased
+    ones, which it keeps alongside. From a plain dict the variance is written as given, so it
+    must already be unbiased: pass the Tracker itself when an estimator reports biased
+    variances (``var_convention == "biased"``). The values are
     cast to the buffers' dtype and device; ``num_batches_tracked`` is left unchanged. All
     layers are checked before any buffer is written, so on error the model is unchanged.
     """
@@ -235,8 +247,8 @@ def load_estimates(model: Any, estimates: Any, estimator: str = "population") ->
             raise ValueError(
                 f"lazy BatchNorm layer {layer!r} is not initialized yet; run one forward pass first"
             )
-        m = np.asarray(mean, dtype=np.float64).reshape(-1)
-        v = np.asarray(var, dtype=np.float64).reshape(-1)
+        m = np.array(mean, dtype=np.float64).reshape(-1)  # a writable copy
+        v = np.array(var, dtype=np.float64).reshape(-1)
         want = tuple(bn.running_mean.shape)
         if m.shape != want or v.shape != want:
             raise ValueError(

@@ -1,0 +1,258 @@
+"""streamnorm.compare and ``streamnorm compare``: metrics, ground truth, a real short run, CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("sklearn")
+
+from streamnorm import cli  # noqa: E402
+from streamnorm._digits import load_digits_nchw, make_cnn, train  # noqa: E402
+from streamnorm.compare import compare, ground_truth, layer_errors  # noqa: E402
+from streamnorm.torch import bn_layers  # noqa: E402
+
+# --------------------------------------------------------------------------------------------
+# metrics
+
+
+def test_layer_errors_against_hand_computed_values():
+    mean, var = np.array([0.0, 10.0]), np.array([4.0, 1.0])
+    got = layer_errors([1.0, 9.0], [16.0, 1.0], mean, var, eps=0.0)
+    assert got["mean_err"] == pytest.approx((1 / 2 + 1 / 1) / 2)
+    assert got["mean_err_max"] == pytest.approx(1.0)
+    assert got["logvar"] == pytest.approx(math.log(4) / 2)
+    assert got["logvar_abs"] == pytest.approx(math.log(4) / 2)
+    under = layer_errors(mean, [1.0, 0.25], mean, var, eps=0.0)
+    assert under["mean_err"] == 0.0
+    assert under["logvar"] == pytest.approx(-math.log(4))  # signed: underestimated
+    assert under["logvar_abs"] == pytest.approx(math.log(4))
+    # a dead channel (variance 0) stays finite through eps, like BatchNorm itself
+    dead = layer_errors([0.1], [0.0], [0.0], [0.0], eps=1e-2)
+    assert dead["mean_err"] == pytest.approx(1.0) and dead["logvar"] == 0.0
+
+
+def test_layer_errors_bad_input():
+    with pytest.raises(ValueError, match="same shape"):
+        layer_errors([0.0, 1.0], [1.0], [0.0, 1.0], [1.0, 1.0])
+    with pytest.raises(ValueError, match="empty"):
+        layer_errors([], [], [], [])
+    with pytest.raises(ValueError, match=">= 0"):
+        layer_errors([0.0], [-1.0], [0.0], [1.0])
+
+
+# --------------------------------------------------------------------------------------------
+# ground truth against a slow float64 reference
+
+
+def reference_truth(model, x):
+    """Layer by layer in float64: pool the input of layer k over all of x in one forward, in eval
+    mode with layers < k holding the (unbiased) truth found so far."""
+    m = copy.deepcopy(model).double().eval()
+    out = {}
+    for name, bn in bn_layers(m):
+        seen: list = []
+        h = bn.register_forward_pre_hook(lambda mod, a, seen=seen: seen.append(a[0].detach()))
+        with torch.no_grad():
+            m(x.double())
+        h.remove()
+        (z,) = seen
+        axes = (0, *range(2, z.ndim))
+        mu, var = z.mean(dim=axes), z.var(dim=axes, unbiased=True)
+        out[name] = (mu.numpy(), var.numpy())
+        bn.running_mean.copy_(mu)
+        bn.running_var.copy_(var)
+    return out
+
+
+def test_ground_truth_matches_reference_and_restores_the_model():
+    x, y, _, _ = load_digits_nchw()
+    x, y = x[:300], y[:300]
+    model = make_cnn(seed=3, width=4)
+    train(model, x, y, epochs=1, batch_size=100, seed=3)
+    model.train()
+    model.bn2.eval()  # a mixed mode must be restored too
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modes = [m.training for m in model.modules()]
+    truth = ground_truth(model, x, batch_size=37)  # uneven chunks on purpose
+    ref = reference_truth(model, x)
+    assert list(truth) == ["bn1", "bn2", "bn3", "bn4"]
+    for name, (mu, var) in ref.items():
+        np.testing.assert_allclose(truth[name].mean, mu, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(truth[name].var(ddof=1), var, rtol=1e-4, atol=1e-6)
+    assert int(np.max(truth["bn1"].count)) == 300 * 64 and int(np.max(truth["bn4"].count)) == 300
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert [m.training for m in model.modules()] == modes
+    # chunking does not change the result beyond rounding
+    again = ground_truth(model, x, batch_size=300)
+    for name in truth:
+        np.testing.assert_allclose(again[name].mean, truth[name].mean, rtol=1e-9, atol=1e-9)
+
+
+def test_ground_truth_bad_input():
+    with pytest.raises(ValueError, match="no BatchNorm"):
+        ground_truth(torch.nn.Linear(2, 2), torch.zeros(4, 2))
+    with pytest.raises(ValueError, match="track_running_stats"):
+        ground_truth(torch.nn.BatchNorm1d(2, track_running_stats=False), torch.zeros(4, 2))
+    with pytest.raises(ValueError, match="at least 2"):
+        ground_truth(torch.nn.BatchNorm1d(2), torch.zeros(1, 2))
+
+
+# --------------------------------------------------------------------------------------------
+# a real short run
+
+
+@pytest.fixture(scope="module")
+def short_run():
+    return compare(epochs=3, batch_size=128, seeds=2, width=4, drop_first=1, drop_last=1)
+
+
+def test_compare_short_run_numbers(short_run):
+    r = short_run
+    assert r.layers == ["bn1", "bn2", "bn3", "bn4"]
+    assert r.estimators == ["population", "ema", "ema_keras", "cumulative", "windowed"]
+    assert len(r.runs) == 2 and [run["seed"] for run in r.runs] == [0, 1]
+    for run in r.runs:
+        # the tracked torch-convention EMA is PyTorch's own running statistics
+        assert run["pytorch_ema_max_abs_diff"] < 1e-4
+        assert len(run["epochs"]) == 3 and len(run["steps"]) == 1347 // 128
+        for est in r.estimators:
+            for name in r.layers:
+                e = run["final"][est][name]
+                assert np.isfinite(e["mean_err"]) and e["mean_err"] >= 0
+                assert np.isfinite(e["logvar"]) and e["logvar_abs"] >= abs(e["logvar"]) - 1e-12
+        assert all(0.0 <= a <= 1.0 for a in run["accuracy"].values())
+        # after 3 short epochs the truth statistics already give a working classifier
+        assert run["accuracy"]["truth"] > 0.6
+    for est in r.estimators:
+        s = r.summary[est]
+        assert s["mean_err_step_noise"] >= 0 and s["accuracy_seed_sd"] >= 0
+    # the EMA forgets early epochs, the pooled average over all of training does not: its mean
+    # error against the final weights' truth is larger (weights move during training)
+    assert r.summary["population"]["mean_err"] > r.summary["ema"]["mean_err"]
+
+
+def test_compare_windowed_uses_the_middle_epoch(short_run):
+    # 3 epochs, drop 1 first and 1 last: the window is epoch 1, constant during the last epoch
+    run = short_run.runs[0]
+    steps = run["steps_per_layer"]
+    first = steps[0]["windowed"]["bn1"]["mean_err"]
+    assert all(s["windowed"]["bn1"]["mean_err"] == first for s in steps)
+    assert short_run.summary["windowed"]["mean_err_step_noise"] < 1e-12
+    # at the end of epoch 0 the window (epochs >= 1 only) was empty: reported as NaN
+    assert math.isnan(run["epochs"][0]["windowed"]["mean_err"])
+
+
+def test_compare_table_json_png(short_run, tmp_path):
+    table = short_run.table()
+    for name in short_run.estimators + ["truth", "pytorch buffers", "bn4"]:
+        assert name in table
+    paths = short_run.save(tmp_path / "out")
+    d = json.loads(paths["json"].read_text())
+    assert d["config"]["epochs"] == 3 and d["config"]["seeds"] == [0, 1]
+    assert d["summary"]["ema"]["accuracy"] == pytest.approx(short_run.summary["ema"]["accuracy"])
+    assert d["runs"][0]["epochs"][0]["windowed"]["mean_err"] is None  # NaN -> null, strict JSON
+    assert len(d["runs"][1]["truth"]["bn2"]["mean"]) == 8
+    png = paths["png"].read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    with pytest.raises(ValueError, match="folder"):
+        short_run.save(paths["json"])
+
+
+def test_compare_bad_input():
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        compare(epochs=1, momentum=0.0)
+    with pytest.raises(ValueError, match=r"\[0, 0.5\)"):
+        compare(epochs=1, drop_first=0.5)
+    with pytest.raises(ValueError, match=">= 0 epochs"):
+        compare(epochs=1, drop_last=-1)
+    with pytest.raises(ValueError, match="leaves nothing"):
+        compare(epochs=2, drop_first=1, drop_last=1)
+    with pytest.raises(ValueError, match="batch_size"):
+        compare(epochs=1, batch_size=1)
+    with pytest.raises(ValueError, match="batch_size"):
+        compare(epochs=1, batch_size=5000)
+    with pytest.raises(ValueError, match="seeds"):
+        compare(epochs=1, seeds=0)
+    with pytest.raises(ValueError, match="seeds"):
+        compare(epochs=1, seeds=[1, 1])
+    with pytest.raises(ValueError, match="unknown estimators"):
+        compare(epochs=1, estimators=["median"])
+    with pytest.raises(ValueError, match="epochs"):
+        compare(epochs=0)
+
+
+# --------------------------------------------------------------------------------------------
+# the command line
+
+
+def test_cli_compare_writes_its_files(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    rc = cli.main(
+        [
+            "compare",
+            "--epochs",
+            "2",
+            "--seeds",
+            "1",
+            "--batch-size",
+            "256",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "ema_keras" in printed and "compare.json" in printed
+    d = json.loads((out / "compare.json").read_text())
+    assert d["config"]["epochs"] == 2 and d["config"]["batch_size"] == 256
+    assert (out / "compare.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--momentum", "0"], "(0, 1]"),
+        (["--momentum", "1.5"], "(0, 1]"),
+        (["--drop-first", "0.5"], "[0, 0.5)"),
+        (["--drop-last", "-2"], ">= 0"),
+        (["--batch-size", "1"], ">= 2"),
+        (["--epochs", "0"], ">= 1"),
+        (["--seeds", "0"], "seeds"),
+    ],
+)
+def test_cli_compare_bad_flags_exit_2_with_one_line(args, message, capsys, tmp_path):
+    rc = cli.main(["compare", "--out", str(tmp_path / "x"), "--quiet", *args])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_out_is_a_file(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("")
+    rc = cli.main(["compare", "--epochs", "1", "--seeds", "1", "--out", str(f), "--quiet"])
+    assert rc == 2 and "folder" in capsys.readouterr().err
+
+
+def test_cli_compare_subprocess(tmp_path):
+    out = tmp_path / "sub"
+    proc = subprocess.run(
+        [sys.executable, "-m", "streamnorm.cli", "compare", "--epochs", "2", "--seeds", "1",
+         "--batch-size", "256", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "population" in proc.stdout
+    assert (out / "compare.json").is_file() and (out / "compare.png").is_file()
+    assert "streamnorm compare" in proc.stderr  # the progress bar
