@@ -190,3 +190,7 @@ def digits_arch() -> Any:
     from streamnorm import _digits as D
 
     return D.make_cnn(seed=0, width=8)
+
+
+#: for the CLI test of an --arch that names something not callable
+NOT_A_BUILDER = 3
