@@ -1,0 +1,386 @@
+"""The device-resident accumulator :class:`DeviceMoments`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .._extras import require
+from .._moments import NAN_POLICIES, Axis, Moments, _check_weights, _normalize_axes
+from . import _config as C
+from . import _kernels as K
+from ._intake import DeviceInput, describe, flat_view, simulated, stream_for
+from ._plan import DevicePlan, plan
+
+cuda = require("numba.cuda", "cuda")
+
+
+class BFloat16Bits:
+    """Mark a device array of 16-bit integers as holding bfloat16 bit patterns.
+
+    For producers that cannot export bfloat16 itself: ``BFloat16Bits(t.view(torch.int16))`` or a
+    CuPy ``uint16`` array. PyTorch bfloat16 CUDA tensors need no wrapper (they travel by DLPack).
+
+    Parameters
+    ----------
+    x : device array of uint16 or int16, any shape
+    """
+
+    def __init__(self, x: Any) -> None:
+        self.array = x
+
+    @property
+    def __cuda_array_interface__(self) -> Any:
+        return self.array.__cuda_array_interface__
+
+
+def _pow2_at_most(n: int, cap: int) -> int:
+    p = 1
+    while p * 2 <= min(n, cap):
+        p *= 2
+    return p
+
+
+def _pow2_at_least(n: int, cap: int) -> int:
+    p = 1
+    while p < n and p < cap:
+        p *= 2
+    return p
+
+
+class DeviceMoments:
+    """Per-dimension count, mean and M2 that stay on the GPU between batches.
+
+    ``update`` launches kernels on the producer's stream and returns without waiting for them;
+    :meth:`to_host` synchronizes once and returns a :class:`streamnorm.Moments`. The state is
+    float64 whatever the input dtype.
+
+    Parameters
+    ----------
+    x : device array, optional
+        A first batch (``DeviceMoments(x, axis)`` equals ``DeviceMoments().update(x, axis)``).
+    axis, weights, nan_policy
+        As in :meth:`update`.
+
+    Notes
+    -----
+    Each batch is reduced with a block two-pass (per thread a register tile, shifted by the
+    dimension's first element) and Chan merges in a fixed order: thread tiles, a binary tree per
+    block, the blocks of a dimension in a fixed strided-then-tree order, then the batch into the
+    state. There are no atomics, so the same data give the same bits on every run. The state is
+    merged into with the same formula as :meth:`streamnorm.Moments.update`, so results agree with
+    the CPU to rounding (about 1e-15 relative).
+
+    Updates from different streams are ordered with an event recorded after each update, without
+    a host synchronization. ``nan_policy="raise"`` has to look at the result, so it synchronizes.
+
+    Examples
+    --------
+    >>> from numba import cuda                                    # doctest: +SKIP
+    >>> dm = DeviceMoments()                                      # doctest: +SKIP
+    >>> for x in batches:                                         # doctest: +SKIP
+    ...     dm.update(cuda.to_device(x), axis=(0, 2, 3))
+    >>> dm.to_host().var(ddof=1)                                  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        x: Any = None,
+        axis: Axis = 0,
+        *,
+        weights: Any = None,
+        nan_policy: str = "propagate",
+    ) -> None:
+        self._shape: tuple[int, ...] | None = None
+        self._n: Any = None
+        self._mean: Any = None
+        self._m2: Any = None
+        self._total = 0.0
+        self._weighted = False
+        self._per_dim = False
+        self._stream: Any = None
+        self._event: Any = None
+        self._work: dict[tuple[Any, ...], Any] = {}
+        if x is not None:
+            self.update(x, axis, weights=weights, nan_policy=nan_policy)
+
+    # ---- read-only
+    @property
+    def shape(self) -> tuple[int, ...] | None:
+        """Dimension shape (the axes not reduced), or ``None`` before the first update."""
+        return self._shape
+
+    def device_arrays(self) -> tuple[Any, Any, Any]:
+        """The state on the device: ``(count, mean, m2)``, flat float64 numba device arrays.
+
+        Empty dimensions have count 0 and mean NaN. No synchronization: order any use on
+        another stream after :attr:`stream`.
+        """
+        if self._shape is None:
+            raise ValueError("empty DeviceMoments: no data yet, call update() first")
+        return self._n, self._mean, self._m2
+
+    @property
+    def stream(self) -> Any:
+        """The stream of the last update (numba stream), or None before the first."""
+        return self._stream
+
+    def to_host(self) -> Moments:
+        """Copy the state to the host (one synchronization) as a :class:`streamnorm.Moments`."""
+        out = Moments()
+        if self._shape is None:
+            return out
+        st = self._stream
+        n = self._n.copy_to_host(stream=st)
+        m = self._mean.copy_to_host(stream=st)
+        q = self._m2.copy_to_host(stream=st)
+        st.synchronize()
+        out._merge_in(n, m, q, self._shape, self._total, self._weighted, self._per_dim)
+        return out
+
+    def __repr__(self) -> str:
+        if self._shape is None:
+            return "DeviceMoments(empty)"
+        return f"DeviceMoments(shape={self._shape}, samples={self._total!r})"
+
+    # ---- updating
+    def update(
+        self,
+        x: Any,
+        axis: Axis = 0,
+        *,
+        weights: Any = None,
+        nan_policy: str = "propagate",
+    ) -> DeviceMoments:
+        """Add a device batch without a host synchronization.
+
+        Parameters
+        ----------
+        x : device array, shape (..., D...)
+            Anything with ``__cuda_array_interface__`` or DLPack on a CUDA device (numba device
+            arrays, CuPy arrays, PyTorch CUDA tensors of any strides, float16/bfloat16/float32/
+            float64, ints, bool), or :class:`BFloat16Bits`. Nothing is copied.
+        axis : int or tuple of int or None, default 0
+            Axes to reduce over, as in :meth:`streamnorm.Moments.update`: ``(N, D)``: ``0``;
+            NCHW: ``(0, 2, 3)``; channels-last NHWC: ``(0, 1, 2)``; per sample: ``(2, 3)``.
+        weights : array_like, shape (n,), optional
+            One non-negative weight per sample along the first reduced axis. A device array is
+            copied to the host for its check and sum (n numbers, one synchronization).
+        nan_policy : {"propagate", "raise", "omit"}
+            As in :meth:`streamnorm.Moments.update`. ``raise`` synchronizes to look.
+
+        Returns
+        -------
+        self
+        """
+        if nan_policy not in NAN_POLICIES:
+            raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+        d = x if isinstance(x, DeviceInput) else _describe(x)
+        if nan_policy == "raise":
+            tmp = DeviceMoments()
+            tmp._order(d)
+            tmp._add(d, axis, weights, omit=False)
+            if tmp._shape is not None:
+                _raise_if_nonfinite(tmp, d, axis)
+                self._merge_state(tmp)
+            return self
+        self._order(d)
+        self._add(d, axis, weights, omit=nan_policy == "omit")
+        return self
+
+    def _order(self, d: DeviceInput) -> None:
+        st = stream_for(d.stream)
+        if self._stream is not None and self._event is not None and st is not self._stream:
+            self._event.wait(st)
+        self._stream = st
+
+    def _add(self, d: DeviceInput, axis: Axis, weights: Any, *, omit: bool) -> None:
+        ndim = len(d.shape)
+        if ndim == 0:
+            raise ValueError("x is 0-d (a scalar); moments need at least a 1-D array of samples")
+        axes = _normalize_axes(axis, ndim)
+        fake = np.broadcast_to(np.empty((), dtype=np.uint8), d.shape)
+        w = None if weights is None else _check_weights(_host(weights), fake, axes)
+        nsamp = int(np.prod([d.shape[a] for a in axes], dtype=np.int64))
+        kept = tuple(s for i, s in enumerate(d.shape) if i not in axes)
+        D = int(np.prod(kept, dtype=np.int64))
+        if nsamp == 0:
+            return
+        if w is None:
+            total = float(nsamp)
+        else:
+            total = float(w.sum()) * (nsamp // d.shape[axes[0]])
+        self._ensure_state(kept, D)
+        self._total += total
+        self._weighted = self._weighted or w is not None
+        self._per_dim = self._per_dim or omit
+        if D == 0:
+            return
+        p = plan(d.shape, d.strides, axes, axes[0] if w is not None else None)
+        self._launch(d, p, w, omit, ("koff", d.shape, d.strides, axes))
+
+    def _ensure_state(self, kept: tuple[int, ...], D: int) -> None:
+        if self._shape is None:
+            st = self._stream
+            self._shape = kept
+            self._n = cuda.to_device(np.zeros(D), stream=st)
+            self._mean = cuda.to_device(np.full(D, np.nan), stream=st)
+            self._m2 = cuda.to_device(np.zeros(D), stream=st)
+        elif kept != self._shape:
+            raise ValueError(
+                f"dimension mismatch: this DeviceMoments has dimension shape {self._shape}, "
+                f"the batch has {kept}; reduce over the axes that leave {self._shape}"
+            )
+
+    def _buffer(self, key: tuple[Any, ...], make: Any) -> Any:
+        buf = self._work.get(key)
+        if buf is None:
+            buf = make()
+            self._work[key] = buf
+        return buf
+
+    def _launch(
+        self, d: DeviceInput, p: DevicePlan, w: np.ndarray | None, omit: bool, key: Any
+    ) -> None:
+        st = self._stream
+        x = flat_view(d, p.base, p.span)
+        ktab = p.koff is not None
+        if p.koff is not None:
+            table = p.koff
+            koff = self._buffer(key, lambda: cuda.to_device(table, stream=st))
+        else:
+            koff = self._buffer(("dummy_i8",), lambda: cuda.to_device(np.zeros(1, np.int64)))
+        ng = len(p.gsizes)
+        gs = np.array(p.gsizes or (1,), dtype=np.int64)
+        gt = np.array(p.gstrides or (0,), dtype=np.int64)
+        gkey = ("groups", p.gsizes, p.gstrides)
+        gsz, gst = self._buffer(
+            gkey, lambda: (cuda.to_device(gs, stream=st), cuda.to_device(gt, stream=st))
+        )
+        if w is not None:
+            wd = cuda.to_device(np.ascontiguousarray(w[::-1] if p.w_flip else w), stream=st)
+        else:
+            wd = self._buffer(("dummy_f8",), lambda: cuda.to_device(np.zeros(1)))
+        NT = C.BLOCK_THREADS
+        seg = NT * C.UNROLL
+        if p.kind == "rows":
+            TX = _pow2_at_least(p.D, min(32, NT))
+            TY = NT // TX
+            step = TY * C.UNROLL
+            rpc = max(step, (C.ROWS_CHUNK_ELEMS // TX) // step * step)
+            R = p.rows
+            P = -(-R // rpc)
+            ntiles = -(-p.D // TX)
+        else:
+            nseg_row = -(-p.L // seg)
+            P = -(-(p.rows * nseg_row) // C.CF_SEGS_PER_CHUNK)
+        D = p.D
+        pn, pm, pq, ref = self._buffer(
+            ("part", D, P),
+            lambda: (
+                cuda.device_array((D, P), np.float64, stream=st),
+                cuda.device_array((D, P), np.float64, stream=st),
+                cuda.device_array((D, P), np.float64, stream=st),
+                cuda.device_array(D, np.float64, stream=st),
+            ),
+        )
+        bf16 = d.bf16
+        use_w = w is not None
+        if p.kind == "rows":
+            kern = K.rows_kernel(ng, ktab, use_w, omit, bf16)
+            kern[ntiles * P, (TX, TY), st](
+                x, koff, p.kbase, p.kstride, D, R, gsz, gst, rpc, ntiles,
+                wd, p.w_inner, p.w_n, ref, pn, pm, pq,
+            )  # fmt: skip
+        else:
+            kern = K.cf_kernel(ng, ktab, use_w, omit, bf16)
+            kern[D * P, NT, st](
+                x, koff, p.kbase, p.kstride, D, p.rows, p.L, gsz, gst, nseg_row, seg,
+                C.CF_SEGS_PER_CHUNK, P, wd, p.w_inner, p.w_n, ref, pn, pm, pq,
+            )  # fmt: skip
+        FT = _pow2_at_least(P, C.FINAL_THREADS)
+        K.finalize_kernel()[D, FT, st](pn, pm, pq, P, ref, self._n, self._mean, self._m2)
+        self._record()
+
+    def _record(self) -> None:
+        if self._event is None:
+            self._event = cuda.event() if simulated() else cuda.event(timing=False)
+        self._event.record(self._stream)
+
+    # ---- merging
+    def _merge_state(self, other: DeviceMoments) -> None:
+        if other._shape is None:
+            return
+        if self._shape is None:
+            self._stream = other._stream
+        elif other._stream is not self._stream and other._event is not None:
+            other._event.wait(self._stream)
+        self._ensure_state(other._shape, int(np.prod(other._shape, dtype=np.int64)))
+        D = self._n.shape[0]
+        if D:
+            K.merge_kernel()[-(-D // 128), 128, self._stream](
+                self._n, self._mean, self._m2, other._n, other._mean, other._m2
+            )
+            self._record()
+        self._total += other._total
+        self._weighted = self._weighted or other._weighted
+        self._per_dim = self._per_dim or other._per_dim
+
+    def __iadd__(self, other: DeviceMoments) -> DeviceMoments:
+        if not isinstance(other, DeviceMoments):
+            return NotImplemented
+        self._merge_state(other)
+        return self
+
+    def reset(self) -> DeviceMoments:
+        """Forget all batches (keeps the cached work buffers)."""
+        self._shape = None
+        self._n = self._mean = self._m2 = None
+        self._total = 0.0
+        self._weighted = self._per_dim = False
+        return self
+
+
+def _describe(x: Any) -> DeviceInput:
+    if isinstance(x, BFloat16Bits):
+        from ._intake import from_bits
+
+        return from_bits(x.array)
+    return describe(x)
+
+
+def _host(weights: Any) -> Any:
+    """Weights as a host array: device arrays are copied (they are short)."""
+    if hasattr(weights, "copy_to_host"):
+        return weights.copy_to_host()
+    if hasattr(weights, "detach") and getattr(weights, "is_cuda", False):
+        return weights.detach().cpu().numpy()
+    if hasattr(weights, "get") and hasattr(weights, "__cuda_array_interface__"):
+        return weights.get()  # CuPy
+    return weights
+
+
+def _raise_if_nonfinite(tmp: DeviceMoments, d: DeviceInput, axis: Axis) -> None:
+    h = tmp.to_host()
+    n = np.asarray(h._n)
+    m = np.asarray(h._mean)
+    bad = np.isnan(m) & (n > 0)
+    if not bad.any():
+        return
+    cnt = DeviceMoments()
+    cnt._order(d)
+    cnt._add(d, axis, None, omit=True)
+    ok = cnt.to_host()._n
+    axes = _normalize_axes(axis, len(d.shape))
+    nsamp = int(np.prod([d.shape[a] for a in axes], dtype=np.int64))
+    per = (nsamp - np.asarray(ok)).astype(np.int64)
+    total = int(per.sum())
+    shape = tmp._shape or ()
+    where = np.argwhere(per.reshape(shape) > 0) if shape else np.zeros((1, 0), int)
+    dims = [tuple(int(i) for i in r) if len(r) != 1 else int(r[0]) for r in where[:10]]
+    more = "" if len(where) <= 10 else f" and {len(where) - 10} more"
+    raise ValueError(
+        f"{total} non-finite value(s) (NaN/Inf) in dimension(s) {dims}{more}; "
+        "use nan_policy='omit' to skip them or 'propagate' to get NaN for those dimensions"
+    )

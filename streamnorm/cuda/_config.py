@@ -1,0 +1,32 @@
+"""Launch shapes and blocking constants of the CUDA kernels, kept in one place.
+
+The cut of an array into per-block work depends only on its shape, dtype and these constants,
+never on the GPU model or the number of multiprocessors, and the partial results are merged in a
+fixed order: the same input gives the same bits on every run and every GPU.
+"""
+
+from __future__ import annotations
+
+#: Threads per block of the two moments kernels (a power of two, at most 1024).
+BLOCK_THREADS = 256
+
+#: Elements each thread holds in registers per tile (the two-pass runs over these); a power
+#: of two, so that a full tile's mean is an exact multiplication.
+UNROLL = 8
+
+#: Input elements per block of the ``rows`` kernel (rows x columns of one work unit).
+ROWS_CHUNK_ELEMS = 64 * 1024
+
+#: Contiguous segments per block of the channels-first kernel; a segment is
+#: ``BLOCK_THREADS * UNROLL`` elements of the innermost reduced axis.
+CF_SEGS_PER_CHUNK = 32
+
+#: The innermost reduced axis must hold at least this many contiguous elements for the
+#: channels-first kernel; shorter ones go to the ``rows`` kernel.
+CF_MIN_L = 32
+
+#: Threads per block of the kernel that merges the per-block partial results of one dimension.
+FINAL_THREADS = 128
+
+#: Most reduced-axis groups (after merging adjacent axes) a kernel decomposes an index into.
+MAX_GROUPS = 6
