@@ -8,7 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import streamnorm  # noqa: E402
-from streamnorm.torch import bn_layers, track  # noqa: E402
+from streamnorm.torch import bn_layers, load_estimates, track  # noqa: E402
 
 
 class Recorder:
@@ -198,3 +198,135 @@ def test_track_bad_input():
         with track(np.zeros(3), Recorder()):
             pass
     assert len(bn[0]._forward_pre_hooks) == 0
+
+
+# --------------------------------------------------------------------------------------------
+# with the real Tracker, and load_estimates
+
+
+def small_net(momentum=0.1):
+    g = torch.Generator().manual_seed(5)
+    conv = torch.nn.Conv2d(2, 4, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g))
+    return torch.nn.Sequential(
+        conv,
+        torch.nn.BatchNorm2d(4, momentum=momentum),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.BatchNorm1d(4 * 5 * 5, momentum=momentum),
+    )
+
+
+def batches(k, n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, 2, 5, 5, generator=g) * 2 + 1 for _ in range(k)]
+
+
+def test_tracked_ema_and_cumulative_are_pytorch_running_stats():
+    for momentum, name in ((0.1, "ema"), (None, "cumulative")):
+        model = small_net(momentum)
+        tracker = streamnorm.Tracker()
+        with track(model, tracker):
+            for x in batches(7):
+                model(x.to(memory_format=torch.channels_last))
+        assert tracker.layers == ["1", "4"]
+        for layer, bn in bn_layers(model):
+            est = tracker.estimator(layer, name)
+            np.testing.assert_allclose(est.mean, bn.running_mean.double(), rtol=2e-6, atol=1e-6)
+            np.testing.assert_allclose(
+                est.running_var("unbiased"), bn.running_var.double(), rtol=2e-6, atol=1e-6
+            )
+        # loading the estimates into a fresh model reproduces PyTorch's buffers
+        fresh = small_net(momentum)
+        assert load_estimates(fresh, tracker, estimator=name) == ["1", "4"]
+        for (_, a), (_, b) in zip(bn_layers(fresh), bn_layers(model), strict=True):
+            torch.testing.assert_close(a.running_mean, b.running_mean, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(a.running_var, b.running_var, rtol=1e-5, atol=1e-6)
+
+
+def test_load_population_writes_unbiased_variance_and_keeps_dtype():
+    model = small_net().double()
+    tracker = streamnorm.Tracker({"population": streamnorm.Population()})
+    xs = batches(3, n=5, seed=1)
+    inputs = []
+    h = model[1].register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach().clone()))
+    with track(model, tracker):
+        for x in xs:
+            model(x.double())
+    h.remove()
+    z = torch.cat(inputs)
+    before_nbt = model[1].num_batches_tracked.clone()
+    load_estimates(model, tracker)  # default estimator: population
+    bn = model[1]
+    assert bn.running_mean.dtype == torch.float64 and bn.running_var.dtype == torch.float64
+    torch.testing.assert_close(bn.running_mean, z.mean(dim=(0, 2, 3)), rtol=1e-12, atol=1e-12)
+    # Population.var is biased (M2 / N); running_var must be M2 / (N - 1)
+    torch.testing.assert_close(
+        bn.running_var, z.var(dim=(0, 2, 3), unbiased=True), rtol=1e-12, atol=0
+    )
+    assert not torch.allclose(bn.running_var, z.var(dim=(0, 2, 3), unbiased=False), rtol=1e-3)
+    assert torch.equal(bn.num_batches_tracked, before_nbt)
+
+
+def test_load_keras_ema_is_converted_to_the_unbiased_convention():
+    model = small_net()
+    proto = streamnorm.EMA(0.9, convention="keras", unbiased=False)
+    tracker = streamnorm.Tracker({"keras": proto})
+    with track(model, tracker):
+        for x in batches(4, n=2):
+            model(x)
+    load_estimates(model, tracker, estimator="keras")
+    est = tracker.estimator("4", "keras")
+    # BatchNorm1d on (N, C) with N = 2: unbiased batch variances are twice the biased ones
+    np.testing.assert_allclose(
+        model[4].running_var.double(), est.running_var("unbiased"), rtol=1e-6
+    )
+    # both start at 1 with weight 0.9**4 left; each unbiased batch variance is 2x the biased one
+    start = 0.9**4
+    np.testing.assert_allclose(
+        np.asarray(est.running_var("unbiased")) - start,
+        2 * (np.asarray(est.var) - start),
+        atol=1e-12,
+    )
+
+
+def test_load_estimates_from_dict_and_bad_input():
+    model = small_net()
+    good = {"1": {"e": (np.arange(4.0), np.full(4, 2.0))}}
+    assert load_estimates(model, good, estimator="e") == ["1"]
+    torch.testing.assert_close(model[1].running_mean, torch.arange(4.0))
+    torch.testing.assert_close(model[1].running_var, torch.full((4,), 2.0))
+    snapshot = {k: v.clone() for k, v in model.state_dict().items()}
+    bad_cases = [
+        ({"nope": {"e": (np.zeros(4), np.ones(4))}}, "e", ValueError, "not a BatchNorm layer"),
+        ({"1": {"e": (np.zeros(3), np.ones(3))}}, "e", ValueError, "4 channels"),
+        ({"1": {"e": (np.zeros(4), np.ones(4))}}, "median", ValueError, "unknown estimator"),
+        ({"1": {"e": (np.zeros(4), -np.ones(4))}}, "e", ValueError, "negative"),
+        ({"1": {"e": np.zeros(4)}}, "e", TypeError, "pair"),
+        ([1, 2], "e", TypeError, "Tracker"),
+        # the first layer is fine, the second is not: nothing may be written
+        (
+            {"1": {"e": (np.ones(4), np.ones(4))}, "4": {"e": (np.ones(3), np.ones(3))}},
+            "e",
+            ValueError,
+            "channels",
+        ),
+    ]
+    for est, name, exc, msg in bad_cases:
+        with pytest.raises(exc, match=msg):
+            load_estimates(model, est, estimator=name)
+    assert all(torch.equal(snapshot[k], v) for k, v in model.state_dict().items())
+    tracker = streamnorm.Tracker()
+    with track(model, tracker):
+        model(batches(1)[0])
+    with pytest.raises(ValueError, match="unknown estimator 'median'"):
+        load_estimates(model, tracker, estimator="median")
+    with pytest.raises(ValueError, match="not a BatchNorm layer"):
+        load_estimates(small_net()[:3], tracker, estimator="ema")
+    lazy = torch.nn.Sequential(torch.nn.LazyBatchNorm1d())
+    with pytest.raises(ValueError, match="not initialized"):
+        load_estimates(lazy, {"0": {"e": (np.zeros(2), np.ones(2))}}, estimator="e")
+    no_stats = torch.nn.Sequential(torch.nn.BatchNorm1d(2, track_running_stats=False))
+    with pytest.raises(ValueError, match="track_running_stats"):
+        load_estimates(no_stats, {"0": {"e": (np.zeros(2), np.ones(2))}}, estimator="e")
