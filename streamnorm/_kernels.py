@@ -110,7 +110,7 @@ def _finish(n, mean, m2, ref):  # type: ignore[no-untyped-def]
 
 @njit(**ORDERED_JIT)
 def _rows_block(x, r0, r1, ref, s, q):  # type: ignore[no-untyped-def]
-    """Two-pass moments of rows ``r0:r1`` of ``x`` shifted by ``ref``: mean into ``s``, M2 into ``q``.
+    """Two-pass moments of rows ``r0:r1`` of ``x`` shifted by ``ref``: mean to ``s``, M2 to ``q``.
 
     Rows are taken four at a time so that each accumulator is loaded and stored once per four
     rows. Both passes subtract ``ref`` first (exact for data near it) and never form
@@ -158,7 +158,7 @@ def _rows_block(x, r0, r1, ref, s, q):  # type: ignore[no-untyped-def]
 def _rows_moments(x, ref, block_rows, chunk_blocks):  # type: ignore[no-untyped-def]
     """Moments of the columns of a 2-D array ``x`` of shape (R, D), reduced over R.
 
-    Returns ``(n, mean, m2)``, each float64 of shape (D,).
+    Returns ``(n, mean, m2, lo)``, each float64 of shape (D,); ``lo`` is the residual of ``mean``.
     """
     R, D = x.shape
     nblocks = (R + block_rows - 1) // block_rows
@@ -208,7 +208,7 @@ def rows_moments_general(x, ref, w, use_w, omit, block_rows, chunk_blocks):  # t
     """Like :func:`rows_moments`, with optional per-row weights ``w`` and NaN/Inf omission.
 
     With ``omit`` a non-finite value is skipped and counts are per column. With ``use_w`` row ``r``
-    counts ``w[r]`` times (frequency weights). Returns ``(n, mean, m2)`` of shape (D,).
+    counts ``w[r]`` times (frequency weights). Returns ``(n, mean, m2, lo)`` of shape (D,).
     """
     R, D = x.shape
     nblocks = (R + block_rows - 1) // block_rows
@@ -265,8 +265,9 @@ def rows_moments_general(x, ref, w, use_w, omit, block_rows, chunk_blocks):  # t
 def _cf_moments(x, ref, seg_len, chunk_segs):  # type: ignore[no-untyped-def]
     """Moments of a 3-D array ``x`` of shape (A, C, L), reduced over A and L (channels-first).
 
-    ``L`` should be the contiguous axis. Covers NCL/NCHW/NCDHW (as ``(N, C, H*W...)``), per-sample
-    statistics (``(1, rows, L)``) and 1-D data (``(1, 1, n)``). Returns ``(n, mean, m2)`` of shape (C,).
+    ``L`` should be the contiguous axis. Covers NCL/NCHW/NCDHW (as ``(N, C, H*W...)``),
+    per-sample statistics (``(1, rows, L)``) and 1-D data (``(1, 1, n)``). Returns
+    ``(n, mean, m2, lo)`` of shape (C,).
     """
     A, C, L = x.shape
     nseg_row = (L + seg_len - 1) // seg_len

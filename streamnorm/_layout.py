@@ -99,7 +99,7 @@ def plan(x: np.ndarray, axes: tuple[int, ...]) -> Plan:
 
 
 def row_weights(p: Plan, w: np.ndarray, a0: int) -> np.ndarray:
-    """Per-row weights for a ``rows`` plan: ``w`` (along original axis ``a0``) over the merged rows."""
+    """Per-row weights of a ``rows`` plan: ``w`` (along original axis ``a0``) over merged rows."""
     shape = [p.base.shape[a] for a in p.red_phys]
     ww = w[::-1] if a0 in p.flipped else w
     if a0 not in p.red_phys:  # a0 has size 1

@@ -201,7 +201,9 @@ def _generic(p: Plan, axes: tuple[int, ...], w: np.ndarray | None, omit: bool) -
             bshape[red.index(a0)] = -1
             wR = np.broadcast_to(ww.reshape(bshape), rshape)
         else:
-            wR = np.broadcast_to(ww[:1].reshape([1] * nr) if ww.size else np.zeros([1] * nr), rshape)
+            wR = np.broadcast_to(
+                ww[:1].reshape([1] * nr) if ww.size else np.zeros([1] * nr), rshape
+            )
     # split: iterate over rshape[:j], take whole rshape[j:] per block (or slices of the last axis)
     j = nr
     inner = 1
@@ -388,9 +390,13 @@ class Moments:
         """Per-dimension variance ``m2 / (count - ddof)``; NaN where ``count <= ddof``."""
         if self._shape is None:
             raise ValueError("empty Moments: no data yet, call update() first")
-        if not np.isscalar(ddof) or not np.isfinite(ddof) or ddof < 0:
+        try:
+            dd = float(ddof)
+        except (TypeError, ValueError):
+            dd = -1.0
+        if not np.isfinite(dd) or dd < 0:
             raise ValueError(f"ddof must be a non-negative number, got {ddof!r}")
-        den = self._n - ddof
+        den = self._n - dd
         out = np.full(self._n.shape, np.nan)
         np.divide(self._m2, den, out=out, where=den > 0)
         out = out.reshape(self._shape)
@@ -496,7 +502,7 @@ class Moments:
 
     @classmethod
     def merge_all(cls, states: Iterable[Moments]) -> Moments:
-        """Merge states in the order given into a new one (an empty iterable gives ``Moments()``)."""
+        """Merge states in the order given into a new one (empty iterable: ``Moments()``)."""
         out = cls()
         for s in states:
             if not isinstance(s, Moments):
@@ -581,7 +587,9 @@ class Moments:
         except FileNotFoundError:
             raise
         except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as e:
-            raise ValueError(f"{os.fspath(path)!r} is not a readable streamnorm Moments file: {e}") from e
+            raise ValueError(
+                f"{os.fspath(path)!r} is not a readable streamnorm Moments file: {e}"
+            ) from e
         return cls.from_dict(d)
 
 
@@ -611,7 +619,7 @@ def atomic_write(path: str | os.PathLike[str], write: Any, mode: str = "wb") -> 
 Batch = tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, ...], float, bool, bool, np.ndarray]
 
 
-def _compute(x: Any, axis: Axis, weights: Any, nan_policy: str) -> Batch | None:
+def _compute(x: Any, axis: Axis, weights: Any, nan_policy: str) -> tuple[Any, ...] | None:
     """One batch: ``(n, mean, m2, dims_shape, total, weighted, per_dim, lo)`` or ``None`` if empty.
 
     ``n``, ``mean``, ``m2``, ``lo`` are flat float64 arrays over the dimensions; ``lo`` is the
@@ -644,7 +652,6 @@ def _compute(x: Any, axis: Axis, weights: Any, nan_policy: str) -> Batch | None:
     nsamp = int(np.prod([a.shape[i] for i in axes], dtype=np.int64))
     kept = tuple(s for i, s in enumerate(a.shape) if i not in axes)
     if nsamp == 0 or int(np.prod(kept, dtype=np.int64)) == 0:
-        D = int(np.prod(kept, dtype=np.int64))
         total = 0.0
         if nsamp and w is not None:
             total = float(w.sum() * (nsamp // max(1, a.shape[axes[0]])))

@@ -86,7 +86,8 @@ def onnx_cnn(
         inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = ir_version if ir_version is not None else (4 if opset <= 9 else 8)
+    default_ir = 4 if opset <= 9 else (8 if opset <= 17 else 10)
+    model.ir_version = ir_version if ir_version is not None else default_ir
     onnx.checker.check_model(model)
     return model
 

@@ -38,7 +38,7 @@ def moments_ld(x, axis=0, weights=None, omit=False):
 
 
 def naive_var(x, axis=0):
-    """The textbook E[x^2] - E[x]^2 in the input's precision: what the adversarial tests show failing."""
+    """Textbook E[x^2] - E[x]^2 in the input's precision: what the adversarial tests defeat."""
     x = np.asarray(x)
     dt = x.dtype if x.dtype.kind == "f" else np.dtype(np.float64)
     return ((x * x).mean(axis=axis, dtype=dt) - x.mean(axis=axis, dtype=dt) ** 2).astype(np.float64)

@@ -44,7 +44,7 @@ def _assert_fixed_point(out: pathlib.Path, x: np.ndarray, rtol: float = 2e-5) ->
         np.testing.assert_allclose(s_var, var, rtol=rtol, err_msg=name)
 
 
-@pytest.mark.parametrize("opset", [9, 15])
+@pytest.mark.parametrize("opset", [9, 15, 21])
 @pytest.mark.parametrize("shared", [False, True])
 def test_sequential_reaches_the_fixed_point(
     tmp_path: pathlib.Path, opset: int, shared: bool

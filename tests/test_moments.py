@@ -65,7 +65,9 @@ def test_layouts(name, shape, axis, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name,shape,axis", [LAYOUTS[0], LAYOUTS[3], LAYOUTS[6]], ids=["rows", "nchw", "nhwc"])
+@pytest.mark.parametrize(
+    "name,shape,axis", [LAYOUTS[0], LAYOUTS[3], LAYOUTS[6]], ids=["rows", "nchw", "nhwc"]
+)
 def test_dtypes(dtype, name, shape, axis):
     x = make(shape, dtype)
     rtol = 1e-12
