@@ -100,6 +100,7 @@ class DeviceMoments:
         self._weighted = False
         self._per_dim = False
         self._stream: Any = None
+        self._stream_key = 0
         self._event: Any = None
         self._work: dict[tuple[Any, ...], Any] = {}
         if x is not None:
@@ -190,10 +191,13 @@ class DeviceMoments:
         return self
 
     def _order(self, d: DeviceInput) -> None:
+        key = d.stream or 0
+        if self._stream is not None and key == self._stream_key:
+            return
         st = stream_for(d.stream)
-        if self._stream is not None and self._event is not None and st is not self._stream:
-            self._event.wait(st)
-        self._stream = st
+        if self._stream is not None and self._event is not None:
+            self._event.wait(st)  # the previous updates (other stream) come first
+        self._stream, self._stream_key = st, key
 
     def _add(self, d: DeviceInput, axis: Axis, weights: Any, *, omit: bool) -> None:
         ndim = len(d.shape)
@@ -312,9 +316,9 @@ class DeviceMoments:
     def _merge_state(self, other: DeviceMoments) -> None:
         if other._shape is None:
             return
-        if self._shape is None:
-            self._stream = other._stream
-        elif other._stream is not self._stream and other._event is not None:
+        if self._stream is None:
+            self._stream, self._stream_key = other._stream, other._stream_key
+        elif other._stream_key != self._stream_key and other._event is not None:
             other._event.wait(self._stream)
         self._ensure_state(other._shape, int(np.prod(other._shape, dtype=np.int64)))
         D = self._n.shape[0]

@@ -20,6 +20,7 @@ never negative, so the kernels read the array through one flat 1-D view of ``spa
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -75,6 +76,7 @@ def _single_stride(sizes: list[int], strides: list[int]) -> int | None:
     return inner
 
 
+@lru_cache(maxsize=256)
 def plan(
     shape: tuple[int, ...],
     strides: tuple[int, ...],
@@ -86,6 +88,8 @@ def plan(
     """Plan the reduction of an array with ``shape`` and element ``strides`` over ``axes``.
 
     ``axes`` are normalized (sorted, non-negative); ``w_axis`` is the weighted axis, if any.
+    Plans are cached (a training loop sees the same few layouts again and again); treat the
+    returned plan and its ``koff`` table as read-only.
     """
     min_l = C.CF_MIN_L if min_l is None else min_l
     red = set(axes)
