@@ -108,6 +108,16 @@ def _finish(n, mean, m2, ref):  # type: ignore[no-untyped-def]
     return lo
 
 
+@njit(**STRICT_JIT)
+def finite_or_zero(v):  # type: ignore[no-untyped-def]
+    """The shift reference of a kernel: ``v`` as float64, non-finite entries replaced by 0."""
+    ref = np.empty(v.shape[0])
+    for i in range(v.shape[0]):
+        f = float(v[i])
+        ref[i] = f if np.isfinite(f) else 0.0
+    return ref
+
+
 @njit(**ORDERED_JIT)
 def _rows_block(x, r0, r1, ref, s, q):  # type: ignore[no-untyped-def]
     """Two-pass moments of rows ``r0:r1`` of ``x`` shifted by ``ref``: mean to ``s``, M2 to ``q``.
@@ -155,12 +165,13 @@ def _rows_block(x, r0, r1, ref, s, q):  # type: ignore[no-untyped-def]
             q[d] += t * t
 
 
-def _rows_moments(x, ref, block_rows, chunk_blocks):  # type: ignore[no-untyped-def]
+def _rows_moments(x, block_rows, chunk_blocks):  # type: ignore[no-untyped-def]
     """Moments of the columns of a 2-D array ``x`` of shape (R, D), reduced over R.
 
     Returns ``(n, mean, m2, lo)``, each float64 of shape (D,); ``lo`` is the residual of ``mean``.
     """
     R, D = x.shape
+    ref = finite_or_zero(x[0])
     nblocks = (R + block_rows - 1) // block_rows
     nchunks = (nblocks + chunk_blocks - 1) // chunk_blocks
     c_n = np.zeros(nchunks)
@@ -262,7 +273,7 @@ def rows_moments_general(x, ref, w, use_w, omit, block_rows, chunk_blocks):  # t
     return n_out, mean_out, m2_out, lo
 
 
-def _cf_moments(x, ref, seg_len, chunk_segs):  # type: ignore[no-untyped-def]
+def _cf_moments(x, seg_len, chunk_segs):  # type: ignore[no-untyped-def]
     """Moments of a 3-D array ``x`` of shape (A, C, L), reduced over A and L (channels-first).
 
     ``L`` should be the contiguous axis. Covers NCL/NCHW/NCDHW (as ``(N, C, H*W...)``),
@@ -270,6 +281,7 @@ def _cf_moments(x, ref, seg_len, chunk_segs):  # type: ignore[no-untyped-def]
     ``(n, mean, m2, lo)`` of shape (C,).
     """
     A, C, L = x.shape
+    ref = finite_or_zero(x[0, :, 0])
     nseg_row = (L + seg_len - 1) // seg_len
     nseg = A * nseg_row
     ncpc = (nseg + chunk_segs - 1) // chunk_segs

@@ -149,12 +149,6 @@ def _cf_params(A: int, L: int) -> tuple[int, int]:
     return seg, max(1, CHUNK_ELEMS // seg)
 
 
-def _ref_rows(x: np.ndarray) -> np.ndarray:
-    ref = x[0].astype(np.float64)
-    ref[~np.isfinite(ref)] = 0.0
-    return ref
-
-
 Stats = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # n, mean, m2, lo (mean residual)
 
 
@@ -163,19 +157,17 @@ def _run_rows(x: np.ndarray, w: np.ndarray | None, omit: bool) -> Stats:
     br, cb = _rows_params(D, x.itemsize, R)
     if w is None and not omit:
         kernel = K.rows_moments_serial if x.nbytes < SERIAL_BYTES else K.rows_moments
-        return kernel(x, _ref_rows(x), br, cb)  # type: ignore[no-any-return]
-    ref = K.first_finite_rows(x) if omit else _ref_rows(x)
+        return kernel(x, br, cb)  # type: ignore[no-any-return]
+    ref = K.first_finite_rows(x) if omit else K.finite_or_zero(x[0])
     ww = w if w is not None else np.empty(0)
     return K.rows_moments_general(x, ref, ww, w is not None, omit, br, cb)  # type: ignore[no-any-return]
 
 
 def _run_cf(x: np.ndarray) -> Stats:
     A, C, L = x.shape
-    ref = x[0, :, 0].astype(np.float64)
-    ref[~np.isfinite(ref)] = 0.0
     seg, cs = _cf_params(A, L)
     kernel = K.cf_moments_serial if x.nbytes < SERIAL_BYTES else K.cf_moments
-    return kernel(x, ref, seg, cs)  # type: ignore[no-any-return]
+    return kernel(x, seg, cs)  # type: ignore[no-any-return]
 
 
 def _generic(p: Plan, axes: tuple[int, ...], w: np.ndarray | None, omit: bool) -> Stats:
