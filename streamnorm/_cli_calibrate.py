@@ -220,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
     """Recalibrate ``args.model`` on ``args.data`` and write ``args.out``; 0 on success."""
     path, out = args.model, args.out
     num = _int("--num-samples", args.num_samples)
-    bs = _int("--batch-size", args.batch_size)
+    bs = _int("--batch-size", args.batch_size) or 64
     workers = _int("--workers", args.workers)
     momentum = _float("--momentum", args.momentum)
     if momentum is not None and args.estimator != "ema":

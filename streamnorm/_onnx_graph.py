@@ -124,7 +124,11 @@ def prepare(model: Any) -> list[BNNode]:
                     "control flow"
                 )
     if not bn_idx:
-        raise ValueError("the model has no BatchNormalization node to recalibrate")
+        raise ValueError(
+            "the model has no BatchNormalization node to recalibrate (exporters fold BatchNorm "
+            "into the preceding Conv when constant folding is on: export with "
+            "do_constant_folding=False)"
+        )
     inits = {t.name: t for t in g.initializer}
     graph_inputs = {i.name for i in g.input}
     producers = {o: n for n in g.node for o in n.output}
