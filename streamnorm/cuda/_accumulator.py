@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
+from numba.core.errors import NumbaPerformanceWarning
 
 from .._extras import require
 from .._moments import NAN_POLICIES, Axis, Moments, _check_weights, _normalize_axes
@@ -249,18 +251,16 @@ class DeviceMoments:
     ) -> None:
         st = self._stream
         x = flat_view(d, p.base, p.span)
-        ktab = p.koff is not None
         if p.koff is not None:
             table = p.koff
             koff = self._buffer(key, lambda: cuda.to_device(table, stream=st))
         else:
             koff = self._buffer(("dummy_i8",), lambda: cuda.to_device(np.zeros(1, np.int64)))
-        ng = len(p.gsizes)
         gs = np.array(p.gsizes or (1,), dtype=np.int64)
         gt = np.array(p.gstrides or (0,), dtype=np.int64)
-        gkey = ("groups", p.gsizes, p.gstrides)
         gsz, gst = self._buffer(
-            gkey, lambda: (cuda.to_device(gs, stream=st), cuda.to_device(gt, stream=st))
+            ("groups", p.gsizes, p.gstrides),
+            lambda: (cuda.to_device(gs, stream=st), cuda.to_device(gt, stream=st)),
         )
         if w is not None:
             wd = cuda.to_device(np.ascontiguousarray(w[::-1] if p.w_flip else w), stream=st)
@@ -268,18 +268,17 @@ class DeviceMoments:
             wd = self._buffer(("dummy_f8",), lambda: cuda.to_device(np.zeros(1)))
         NT = C.BLOCK_THREADS
         seg = NT * C.UNROLL
+        D = p.D
         if p.kind == "rows":
-            TX = _pow2_at_least(p.D, min(32, NT))
-            TY = NT // TX
+            TX = _pow2_at_least(D, min(32, NT))  # columns per block, coalesced
+            TY = NT // TX  # row lanes per column
             step = TY * C.UNROLL
             rpc = max(step, (C.ROWS_CHUNK_ELEMS // TX) // step * step)
-            R = p.rows
-            P = -(-R // rpc)
-            ntiles = -(-p.D // TX)
+            P = -(-p.rows // rpc)
+            ntiles = -(-D // TX)
         else:
             nseg_row = -(-p.L // seg)
             P = -(-(p.rows * nseg_row) // C.CF_SEGS_PER_CHUNK)
-        D = p.D
         pn, pm, pq, ref = self._buffer(
             ("part", D, P),
             lambda: (
@@ -289,22 +288,24 @@ class DeviceMoments:
                 cuda.device_array(D, np.float64, stream=st),
             ),
         )
-        bf16 = d.bf16
-        use_w = w is not None
-        if p.kind == "rows":
-            kern = K.rows_kernel(ng, ktab, use_w, omit, bf16)
-            kern[ntiles * P, (TX, TY), st](
-                x, koff, p.kbase, p.kstride, D, R, gsz, gst, rpc, ntiles,
-                wd, p.w_inner, p.w_n, ref, pn, pm, pq,
-            )  # fmt: skip
-        else:
-            kern = K.cf_kernel(ng, ktab, use_w, omit, bf16)
-            kern[D * P, NT, st](
-                x, koff, p.kbase, p.kstride, D, p.rows, p.L, gsz, gst, nseg_row, seg,
-                C.CF_SEGS_PER_CHUNK, P, wd, p.w_inner, p.w_n, ref, pn, pm, pq,
-            )  # fmt: skip
-        FT = _pow2_at_least(P, C.FINAL_THREADS)
-        K.finalize_kernel()[D, FT, st](pn, pm, pq, P, ref, self._n, self._mean, self._m2)
+        ng, ktab, use_w = len(p.gsizes), p.koff is not None, w is not None
+        with warnings.catch_warnings():
+            # small batches make small grids; numba's low-occupancy warning is not for users here
+            warnings.simplefilter("ignore", NumbaPerformanceWarning)
+            if p.kind == "rows":
+                kern = K.rows_kernel(ng, ktab, use_w, omit, d.bf16)
+                kern[ntiles * P, (TX, TY), st](
+                    x, koff, p.kbase, p.kstride, D, p.rows, gsz, gst, rpc, ntiles,
+                    wd, p.w_inner, p.w_n, ref, pn, pm, pq,
+                )  # fmt: skip
+            else:
+                kern = K.cf_kernel(ng, ktab, use_w, omit, d.bf16)
+                kern[D * P, NT, st](
+                    x, koff, p.kbase, p.kstride, D, p.rows, p.L, gsz, gst, nseg_row, seg,
+                    C.CF_SEGS_PER_CHUNK, P, wd, p.w_inner, p.w_n, ref, pn, pm, pq,
+                )  # fmt: skip
+            FT = _pow2_at_least(P, C.FINAL_THREADS)
+            K.finalize_kernel()[D, FT, st](pn, pm, pq, P, ref, self._n, self._mean, self._m2)
         self._record()
 
     def _record(self) -> None:

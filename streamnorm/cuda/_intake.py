@@ -59,6 +59,7 @@ def _from_cai(x: Any, desc: dict[str, Any], stream: int | None, bf16: bool) -> D
         raise TypeError("masked device arrays are not supported; fill or drop the masked values")
     shape = tuple(int(s) for s in desc["shape"])
     dt = np.dtype(desc["typestr"])
+    bf16 = bf16 or (dt.kind == "V" and dt.itemsize == 2)  # "<V2": bfloat16 (torch, ml_dtypes)
     storage = _storage_dtype(dt, bf16)
     ptr = int(desc["data"][0] or 0)
     raw = desc.get("strides")
@@ -74,9 +75,9 @@ def _from_cai(x: Any, desc: dict[str, Any], stream: int | None, bf16: bool) -> D
 
 def _storage_dtype(dt: np.dtype[Any], bf16: bool) -> np.dtype[Any]:
     if bf16:
-        if dt.itemsize != 2 or dt.kind not in "iu":
+        if dt.itemsize != 2 or dt.kind not in "iuV":
             raise TypeError(f"bfloat16 data must be stored as 16-bit integers, got {dt}")
-        return np.dtype(np.uint16) if dt.kind == "u" else np.dtype(np.int16)
+        return np.dtype(np.int16) if dt.kind == "i" else np.dtype(np.uint16)
     if dt.kind == "b":
         return np.dtype(np.uint8)
     if dt.kind == "f" and dt.itemsize not in (2, 4, 8):
@@ -239,15 +240,17 @@ def describe(x: Any) -> DeviceInput:
                 _storage_dtype(a.dtype, False), False, x, None,
             )  # fmt: skip
     stream = None
+    bf16 = False
     if hasattr(x, "detach") and getattr(x, "is_cuda", False):  # a torch CUDA tensor
         x = x.detach()
         stream = _torch_stream(x)
+        bf16 = str(getattr(x, "dtype", "")) == "torch.bfloat16"
     try:
         desc = x.__cuda_array_interface__
-    except (AttributeError, TypeError, RuntimeError):
-        desc = None  # e.g. torch.bfloat16 has no CAI typestr: DLPack below
+    except (AttributeError, TypeError, RuntimeError, KeyError):
+        desc = None  # a dtype the producer has no CAI typestr for: DLPack below
     if desc is not None:
-        return _from_cai(x, desc, stream, False)
+        return _from_cai(x, desc, stream, bf16)
     if hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__"):
         return _from_dlpack(x)
     raise TypeError(

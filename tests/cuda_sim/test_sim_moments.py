@@ -139,6 +139,7 @@ def test_bfloat16_by_bits_and_by_dlpack() -> None:
     close(streamnorm.moments(BFloat16Bits(CAI(bits)), 0), c)
     close(streamnorm.moments(BFloat16Bits(CAI(bits.view(np.uint16))), 0), c)
     close(streamnorm.moments(DLPackOnly(t), 0), c)  # torch exports kDLBfloat through DLPack
+    close(streamnorm.moments(CAI(bits.view("V2")), 0), c)  # "<V2": bfloat16 in CAI (torch)
     assert np.isnan(c.mean[0])
 
 
