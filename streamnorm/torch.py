@@ -19,6 +19,7 @@ _NAMES = {
     "bn_layers": "._torch_hooks",
     "recalibrate": "._torch_calibrate",
     "CalibrationReport": "._torch_calibrate",
+    "LayerReport": "._torch_calibrate",
     "all_reduce_moments": "._torch_distributed",
 }
 
