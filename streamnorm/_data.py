@@ -230,8 +230,7 @@ def open_data(path: str | os.PathLike[str], key: str | None = None) -> Dataset:
                     f"shard has {sample} and {dtype0}; all shards must agree"
                 )
             parts.append(_Part(f, None, shape[0]))
-        assert sample is not None and dtype0 is not None  # files is never empty
-        ds = Dataset(parts, sample, dtype0)
+        ds = Dataset(parts, sample or (), dtype0 if dtype0 is not None else np.dtype("f8"))
     if len(ds) == 0:
         raise ValueError(f"data {p!r} is empty (0 samples); calibration needs at least one")
     return ds

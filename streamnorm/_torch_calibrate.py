@@ -229,9 +229,10 @@ class _LayerStats:
                     "variance is undefined; use batches of at least 2 samples (or "
                     "estimator='population')"
                 )
-        else:
-            assert self.ema is not None
+        elif self.ema is not None:
             mean, var = self.ema
+        else:  # pragma: no cover - ema states are only built with their initial buffers
+            raise RuntimeError("no EMA state was kept for this pass")
         if not (np.isfinite(mean).all() and np.isfinite(var).all()):
             raise ValueError(
                 f"the input of layer {name!r} has non-finite values (NaN/Inf); check the data "
