@@ -72,6 +72,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (default 0.05)")
     parser.add_argument(
+        "--schedule",
+        choices=("constant", "cosine"),
+        default="constant",
+        help="learning-rate schedule (default constant)",
+    )
+    parser.add_argument(
         "--no-plot", action="store_true", help="write compare.json only (no matplotlib needed)"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -103,6 +109,7 @@ def run(args: Any) -> int:
         drop_last=args.drop_last,
         seeds=args.seeds,
         lr=args.lr,
+        schedule=args.schedule,
         progress=not args.quiet,
     )
     paths = result.save(args.out, plot=not args.no_plot)

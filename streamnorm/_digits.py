@@ -95,7 +95,7 @@ def make_cnn(seed: int = 0, width: int = 16) -> Any:
     -----
     The weights follow PyTorch's default initialization (Kaiming-uniform with ``a=sqrt(5)``, bias
     uniform in +-1/sqrt(fan_in)) but are drawn from the seeded generator, so two calls with the
-    same seed give bit-identical models.
+    same seed give bit-identical models. The global RNG's state is left as it was.
     """
     torch = require("torch")
     nn = torch.nn
@@ -103,26 +103,28 @@ def make_cnn(seed: int = 0, width: int = 16) -> Any:
     if isinstance(width, bool) or not isinstance(width, (int, np.integer)) or width < 1:
         raise ValueError(f"width must be a positive int, got {width!r}")
     w = int(width)
-    model = nn.Sequential(
-        OrderedDict(
-            [
-                ("conv1", nn.Conv2d(1, w, 3, padding=1, bias=False)),
-                ("bn1", nn.BatchNorm2d(w)),
-                ("relu1", nn.ReLU()),
-                ("conv2", nn.Conv2d(w, 2 * w, 3, padding=1, bias=False)),
-                ("bn2", nn.BatchNorm2d(2 * w)),
-                ("relu2", nn.ReLU()),
-                ("pool2", nn.MaxPool2d(2)),
-                ("conv3", nn.Conv2d(2 * w, 2 * w, 3, padding=1, bias=False)),
-                ("bn3", nn.BatchNorm2d(2 * w)),
-                ("relu3", nn.ReLU()),
-                ("pool3", nn.MaxPool2d(2)),
-                ("flatten", nn.Flatten()),
-                ("bn4", nn.BatchNorm1d(8 * w)),
-                ("fc", nn.Linear(8 * w, 10)),
-            ]
+    # the default initialization draws from the global RNG: restore its state afterwards
+    with torch.random.fork_rng(devices=[]):
+        model = nn.Sequential(
+            OrderedDict(
+                [
+                    ("conv1", nn.Conv2d(1, w, 3, padding=1, bias=False)),
+                    ("bn1", nn.BatchNorm2d(w)),
+                    ("relu1", nn.ReLU()),
+                    ("conv2", nn.Conv2d(w, 2 * w, 3, padding=1, bias=False)),
+                    ("bn2", nn.BatchNorm2d(2 * w)),
+                    ("relu2", nn.ReLU()),
+                    ("pool2", nn.MaxPool2d(2)),
+                    ("conv3", nn.Conv2d(2 * w, 2 * w, 3, padding=1, bias=False)),
+                    ("bn3", nn.BatchNorm2d(2 * w)),
+                    ("relu3", nn.ReLU()),
+                    ("pool3", nn.MaxPool2d(2)),
+                    ("flatten", nn.Flatten()),
+                    ("bn4", nn.BatchNorm1d(8 * w)),
+                    ("fc", nn.Linear(8 * w, 10)),
+                ]
+            )
         )
-    )
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in model.modules():
@@ -168,6 +170,7 @@ def train(
     lr: float = 0.05,
     seed: int = 0,
     optimizer: str = "sgd",
+    schedule: str = "constant",
     on_batch: Callable[[int, int, float], Any] | None = None,
     on_epoch: Callable[[int], Any] | None = None,
 ) -> Any:
@@ -191,6 +194,9 @@ def train(
         Seed of a private ``torch.Generator`` for the shuffling.
     optimizer : {"sgd", "adam"}, default "sgd"
         SGD with momentum 0.9 and weight decay 5e-4, or Adam.
+    schedule : {"constant", "cosine"}, default "constant"
+        Learning rate per step: ``lr`` throughout, or cosine annealing from ``lr`` to 0 over all
+        the steps, ``lr * (1 + cos(pi * t / T)) / 2`` at step ``t`` of ``T``.
     on_batch : callable, optional
         Called after each optimizer step as ``on_batch(epoch, step, loss)``; ``step`` counts
         from 0 within the epoch and ``loss`` is the batch loss as a float.
@@ -229,8 +235,11 @@ def train(
         opt = torch.optim.Adam(params, lr=lr)
     else:
         raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
     gen = torch.Generator().manual_seed(seed)
     steps = n // batch_size
+    total = epochs * steps
     was_training = model.training
     try:
         model.train()
@@ -238,6 +247,10 @@ def train(
             perm = torch.randperm(n, generator=gen)
             for step in range(steps):
                 idx = perm[step * batch_size : (step + 1) * batch_size]
+                if schedule == "cosine":
+                    t = epoch * steps + step
+                    for group in opt.param_groups:
+                        group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * t / total))
                 opt.zero_grad(set_to_none=True)
                 loss = torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx])
                 loss.backward()

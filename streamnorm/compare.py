@@ -305,6 +305,7 @@ def _run_seed(
     estimators: Mapping[str, Any],
     width: int,
     lr: float,
+    schedule: str,
     last_steps: int,
     tick: Callable[[], Any],
 ) -> dict[str, Any]:
@@ -338,7 +339,7 @@ def _run_seed(
     with track(model, tracker):
         train(
             model, x_tr, y_tr, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-            on_batch=on_batch, on_epoch=on_epoch,
+            schedule=schedule, on_batch=on_batch, on_epoch=on_epoch,
         )  # fmt: skip
 
     truth_m = ground_truth(model, x_tr)
@@ -498,48 +499,83 @@ class CompareResult:
         }
 
     def table(self) -> str:
-        """The plain-text summary table (overall and per layer)."""
+        """The plain-text summary table (overall, then per layer).
+
+        Columns: ``mean err`` = ``|mu_hat - mu| / sigma`` and ``log var`` = signed
+        ``log(var_hat / var)`` at the end of training, averaged over channels, layers and seeds,
+        each with its spread across seeds (``sd``); ``|log var|`` its magnitude; ``step noise``
+        the spread of each over the last steps; ``acc`` the test accuracy with the estimator's
+        statistics loaded, with its spread across seeds.
+        """
         seeds = len(self.runs)
-        head = (
-            f"{'estimator':<16}{'|dmu|/sigma':>12}{'log var ratio':>15}{'|log ratio|':>12}"
-            f"{'noise mu':>10}{'noise var':>10}{'test acc':>10}"
-        )
+        cols = [
+            ("estimator", 16, "s"),
+            ("mean err", 10, ".4f"),
+            ("sd", 8, ".4f"),
+            ("log var", 10, "+.4f"),
+            ("sd", 8, ".4f"),
+            ("|log var|", 11, ".4f"),
+            ("noise mu", 10, ".4f"),
+            ("noise var", 10, ".4f"),
+            ("acc", 8, ".4f"),
+            ("sd", 7, ".4f"),
+        ]
+
+        def row(values: Sequence[Any]) -> str:
+            out = []
+            for (_, w, f), v in zip(cols, values, strict=True):
+                text = "" if v is None else format(v, f)
+                out.append(text.ljust(w) if f == "s" else text.rjust(w))
+            return "".join(out).rstrip()
+
+        head = "".join(n.ljust(w) if f == "s" else n.rjust(w) for n, w, f in cols)
         lines = [
             f"BatchNorm test-time estimators vs. the population of the final weights "
-            f"({len(self.layers)} BN layers, {seeds} seed{'s' if seeds != 1 else ''})",
+            f"({len(self.layers)} BN layers, {seeds} seed{'s' if seeds != 1 else ''}, "
+            f"{self.config['epochs']} epochs, batch size {self.config['batch_size']})",
             head,
             "-" * len(head),
         ]
-        pm = "+-" if seeds > 1 else ""
         for est in self.estimators:
             s = self.summary[est]
-            sd = f"{pm}{s['accuracy_seed_sd']:.3f}" if seeds > 1 else ""
             lines.append(
-                f"{est:<16}{s['mean_err']:>12.4f}{s['logvar']:>+15.4f}{s['logvar_abs']:>12.4f}"
-                f"{s['mean_err_step_noise']:>10.4f}{s['logvar_step_noise']:>10.4f}"
-                f"{s['accuracy']:>10.4f}{sd}"
+                row(
+                    [
+                        est,
+                        s["mean_err"],
+                        s["mean_err_seed_sd"],
+                        s["logvar"],
+                        s["logvar_seed_sd"],
+                        s["logvar_abs"],
+                        s["mean_err_step_noise"],
+                        s["logvar_step_noise"],
+                        s["accuracy"],
+                        s["accuracy_seed_sd"],
+                    ]
+                )  # fmt: skip
             )
         for ref, label in ((TRUTH, "truth"), (PYTORCH, "pytorch buffers")):
             s = self.summary[ref]
-            sd = f"{pm}{s['accuracy_seed_sd']:.3f}" if seeds > 1 else ""
-            lines.append(
-                f"{label:<16}{'':>12}{'':>15}{'':>12}{'':>10}{'':>10}{s['accuracy']:>10.4f}{sd}"
-            )
+            lines.append(row([label, *([None] * 7), s["accuracy"], s["accuracy_seed_sd"]]))
         lines.append("")
-        lines.append("per layer: |dmu|/sigma / log var ratio")
-        head2 = f"{'estimator':<16}" + "".join(f"{name:>18}" for name in self.layers)
+        lines.append("per layer: mean err / log var")
+        head2 = "estimator".ljust(16) + "".join(name.rjust(18) for name in self.layers)
         lines += [head2, "-" * len(head2)]
         for est in self.estimators:
             pl = self.summary[est]["per_layer"]
             lines.append(
-                f"{est:<16}"
+                est.ljust(16)
                 + "".join(f"{pl[n]['mean_err']:>9.4f}{pl[n]['logvar']:>+9.4f}" for n in self.layers)
             )
         lines.append("")
         lines.append(
-            "|dmu|/sigma, log var ratio = log((var_hat+eps)/(var+eps)): means over channels and "
-            "layers at the end of training; noise = spread over the last steps; test acc with "
-            "the estimator's statistics loaded"
+            "mean err = |mu_hat - mu| / sqrt(var + eps), log var = log((var_hat + eps) / (var + "
+            "eps)), per channel against the population of the final weights; averaged over "
+            "channels, layers and seeds (sd: across seeds; noise: spread over the last steps)."
+        )
+        lines.append(
+            "acc: test accuracy with the estimator's statistics loaded; truth: the population "
+            "itself; pytorch buffers: the model's own running statistics."
         )
         return "\n".join(lines)
 
@@ -621,7 +657,7 @@ def plot_result(result: CompareResult, path: str | os.PathLike[str]) -> None:
     ax_a.set_xlim(lo, 1.0)
     ax_a.set_title("test accuracy with the estimator's statistics")
     for i, a in enumerate(acc):
-        ax_a.text(a, i, f" {a:.3f}", va="center", fontsize=8)
+        ax_a.text(lo + 0.002, i, f"{a:.3f}", va="center", fontsize=8, color="white")
     fig.suptitle(
         f"digits CNN, batch size {result.config['batch_size']}, {result.config['epochs']} epochs, "
         f"{len(result.runs)} seed(s): error against the population of the final weights"
@@ -640,6 +676,7 @@ def compare(
     estimators: Sequence[str] | Mapping[str, Any] = DEFAULT_ESTIMATORS,
     width: int = 16,
     lr: float = 0.05,
+    schedule: str = "constant",
     last_steps: int | None = None,
     progress: bool = False,
 ) -> CompareResult:
@@ -669,6 +706,9 @@ def compare(
         Width of the network (:func:`streamnorm._digits.make_cnn`).
     lr : float, default 0.05
         SGD learning rate.
+    schedule : {"constant", "cosine"}, default "constant"
+        Learning-rate schedule (:func:`streamnorm._digits.train`). With ``"cosine"`` the
+        weights settle at the end, which favours estimators that weigh the last steps.
     last_steps : int, optional
         Steps at the end of training over which the noise is measured; one epoch by default.
     progress : bool, default False
@@ -697,6 +737,10 @@ def compare(
             f"batch_size must be an int >= 2 (BatchNorm needs 2 samples), got {batch_size!r}"
         )
     momentum = _check_momentum(momentum)
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
+        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
     drop_first = _check_drop("drop_first", drop_first)
     drop_last = _check_drop("drop_last", drop_last)
     if (
@@ -770,6 +814,7 @@ def compare(
                     estimators=protos,
                     width=width,
                     lr=lr,
+                    schedule=schedule,
                     last_steps=last_steps,
                     tick=tick,
                 )  # fmt: skip
@@ -788,6 +833,7 @@ def compare(
         "estimators": {k: repr(v) for k, v in protos.items()},
         "width": width,
         "lr": lr,
+        "schedule": schedule,
         "last_steps": last_steps,
         "steps_per_epoch": steps,
         "n_train": n_train,

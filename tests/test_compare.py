@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 
 from streamnorm import cli  # noqa: E402
-from streamnorm._digits import load_digits_nchw, make_cnn, train  # noqa: E402
+from streamnorm._digits import accuracy, load_digits_nchw, make_cnn, shift_domain, train  # noqa: E402
 from streamnorm.compare import compare, ground_truth, layer_errors  # noqa: E402
 from streamnorm.torch import bn_layers  # noqa: E402
 
@@ -256,3 +256,83 @@ def test_cli_compare_subprocess(tmp_path):
     assert "population" in proc.stdout
     assert (out / "compare.json").is_file() and (out / "compare.png").is_file()
     assert "streamnorm compare" in proc.stderr  # the progress bar
+
+
+# --------------------------------------------------------------------------------------------
+# the digits run itself
+
+
+def test_digits_split_is_fixed_stratified_and_scaled():
+    x, y, xt, yt = load_digits_nchw()
+    assert x.shape == (1347, 1, 8, 8) and xt.shape == (450, 1, 8, 8)
+    assert x.dtype == torch.float32 and y.dtype == torch.int64
+    assert float(x.min()) == 0.0 and float(x.max()) == 1.0
+    # stratified: every class keeps its share within one image
+    full = np.bincount(np.r_[y.numpy(), yt.numpy()], minlength=10)
+    assert np.all(np.abs(np.bincount(yt.numpy(), minlength=10) - full * 0.25) <= 1)
+    x2, _, xt2, _ = load_digits_nchw()
+    assert torch.equal(x, x2) and torch.equal(xt, xt2)
+    assert not torch.equal(load_digits_nchw(seed=1)[2], xt)
+    with pytest.raises(ValueError, match="test_fraction"):
+        load_digits_nchw(test_fraction=1.0)
+    with pytest.raises(ValueError, match="seed"):
+        load_digits_nchw(seed=-1)
+
+
+def test_training_is_deterministic_and_leaves_global_rng_alone():
+    x, y, xt, yt = load_digits_nchw()
+    state = torch.random.get_rng_state()
+    threads = torch.get_num_threads()
+    seen = []
+    models = []
+    for _ in range(2):
+        m = make_cnn(seed=4, width=4)
+        train(
+            m, x[:256], y[:256], epochs=2, batch_size=50, seed=4, schedule="cosine",
+            on_batch=lambda e, s, loss: seen.append((e, s, loss)), on_epoch=seen.append,
+        )  # fmt: skip
+        models.append(m)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.get_num_threads() == threads
+    a, b = (m.state_dict() for m in models)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # 256 // 50 = 5 full steps per epoch (the last partial batch is dropped), 2 epochs
+    first = seen[: len(seen) // 2]
+    assert [s[:2] for s in first if isinstance(s, tuple)] == [
+        (e, s) for e in range(2) for s in range(5)
+    ]
+    assert [s for s in first if not isinstance(s, tuple)] == [0, 1]
+    assert models[0].bn1.num_batches_tracked.item() == 10
+    assert not torch.equal(
+        make_cnn(seed=5, width=4).conv1.weight, make_cnn(seed=4, width=4).conv1.weight
+    )
+
+
+def test_accuracy_restores_mode_and_shift_domain():
+    x, y, xt, yt = load_digits_nchw()
+    m = make_cnn(width=4)
+    m.train()
+    acc = accuracy(m, xt, yt, batch_size=64)
+    assert m.training and 0.0 <= acc <= 1.0
+    assert accuracy(m, xt, yt, batch_size=7) == acc  # eval mode: batching does not matter
+    m.eval()
+    accuracy(m, xt, yt)
+    assert not m.training
+    before = xt.clone()
+    s = shift_domain(xt, contrast=0.5, brightness=0.3, noise=0.0)
+    assert torch.equal(xt, before) and s.dtype == xt.dtype
+    torch.testing.assert_close(s, 0.5 * xt + 0.3)
+    noisy = shift_domain(xt.numpy(), seed=1)
+    assert isinstance(noisy, np.ndarray) and noisy.dtype == np.float32
+    assert np.array_equal(noisy, shift_domain(xt.numpy(), seed=1))
+    assert abs(float(np.std(noisy - (0.5 * xt.numpy() + 0.3))) - 0.1) < 0.01
+    with pytest.raises(ValueError, match="contrast"):
+        shift_domain(xt, contrast=-1.0)
+    with pytest.raises(TypeError, match="floating"):
+        shift_domain(np.zeros((2, 3), dtype=np.int64))
+    with pytest.raises(ValueError, match="batch_size"):
+        train(m, x, y, epochs=1, batch_size=1)
+    with pytest.raises(ValueError, match="schedule"):
+        train(m, x, y, epochs=1, batch_size=8, schedule="step")
+    with pytest.raises(ValueError, match="shape"):
+        train(m, x, y[:-1], epochs=1, batch_size=8)
