@@ -122,23 +122,17 @@ def finite_or_zero(v):  # type: ignore[no-untyped-def]
 def _rows_block(x, r0, r1, ref, s, q):  # type: ignore[no-untyped-def]
     """Two-pass moments of rows ``r0:r1`` of ``x`` shifted by ``ref``: mean to ``s``, M2 to ``q``.
 
-    Rows are taken four at a time so that each accumulator is loaded and stored once per four
-    rows. Both passes subtract ``ref`` first (exact for data near it) and never form
-    ``ref + s``, whose rounding would bias M2 by ``n * ulp(ref)**2``.
+    The first pass streams rows one at a time (what the hardware prefetcher follows best from
+    memory); the second, over the cache-resident block, takes four rows at a time so that each
+    accumulator is loaded and stored once per four rows. Both passes subtract ``ref`` first
+    (exact for data near it) and never form ``ref + s``, whose rounding would bias M2 by
+    ``n * ulp(ref)**2``.
     """
     D = x.shape[1]
     nb = r1 - r0
     r4 = r0 + nb // 4 * 4
     s[:] = 0.0
-    for r in range(r0, r4, 4):
-        x0 = x[r]
-        x1 = x[r + 1]
-        x2 = x[r + 2]
-        x3 = x[r + 3]
-        for d in range(D):
-            rd = ref[d]
-            s[d] += ((x0[d] - rd) + (x1[d] - rd)) + ((x2[d] - rd) + (x3[d] - rd))
-    for r in range(r4, r1):
+    for r in range(r0, r1):
         xr = x[r]
         for d in range(D):
             s[d] += xr[d] - ref[d]
@@ -273,6 +267,25 @@ def rows_moments_general(x, ref, w, use_w, omit, block_rows, chunk_blocks):  # t
     return n_out, mean_out, m2_out, lo
 
 
+@njit(**JIT)
+def _segment(seg, r):  # type: ignore[no-untyped-def]
+    """Two-pass (shifted mean, M2) of one contiguous segment, shifted by ``r``.
+
+    A function of its own: the reassociation that vectorizes these sums is applied to jitted
+    functions, not to loop bodies inlined into a ``prange``.
+    """
+    m = seg.shape[0]
+    tot = 0.0
+    for i in range(m):
+        tot += seg[i] - r
+    mb = tot / m
+    qq = 0.0
+    for i in range(m):
+        v = (seg[i] - r) - mb
+        qq += v * v
+    return mb, qq
+
+
 def _cf_moments(x, seg_len, chunk_segs):  # type: ignore[no-untyped-def]
     """Moments of a 3-D array ``x`` of shape (A, C, L), reduced over A and L (channels-first).
 
@@ -300,16 +313,8 @@ def _cf_moments(x, seg_len, chunk_segs):  # type: ignore[no-untyped-def]
             a = sg // nseg_row
             l0 = (sg - a * nseg_row) * seg_len
             seg = x[a, c, l0 : min(L, l0 + seg_len)]
-            m = seg.shape[0]
-            tot = 0.0
-            for i in range(m):
-                tot += seg[i] - r
-            mb = tot / m
-            qq = 0.0
-            for i in range(m):
-                v = (seg[i] - r) - mb
-                qq += v * v
-            nb = float(m)
+            mb, qq = _segment(seg, r)
+            nb = float(seg.shape[0])
             n = n_acc + nb
             f = nb / n
             delta = mb - m_acc
@@ -367,16 +372,25 @@ def first_finite_rows(x):  # type: ignore[no-untyped-def]
     return ref
 
 
+@njit(**JIT)
+def _sum(x):  # type: ignore[no-untyped-def]
+    acc = 0.0
+    for i in range(x.shape[0]):
+        acc += x[i]
+    return acc
+
+
 @njit(**PARALLEL_JIT)
 def parallel_sum(x):  # type: ignore[no-untyped-def]
-    """Plain parallel sum of a contiguous 1-D array: the memory-read limit for benchmarks."""
+    """Plain parallel sum of a contiguous 1-D array: the memory-read limit for benchmarks.
+
+    Float64 accumulation as in the moments kernels; the vectorized loop is a jitted function of
+    its own (see ``_segment``).
+    """
     n = x.shape[0]
     nchunks = max(1, min(1024, n // 65536))
     step = (n + nchunks - 1) // nchunks
     part = np.zeros(nchunks)
     for k in prange(nchunks):
-        acc = 0.0
-        for i in range(k * step, min(n, (k + 1) * step)):
-            acc += x[i]
-        part[k] = acc
+        part[k] = _sum(x[k * step : min(n, (k + 1) * step)])
     return part.sum()
