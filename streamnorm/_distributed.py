@@ -7,6 +7,8 @@ shard results are Chan-merged in a tree whose shape depends only on the number o
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import socket
@@ -168,6 +170,51 @@ def _check_reachable(address: str, timeout: float) -> None:
             f"no Dask scheduler reachable at {address!r} ({e}); start one with "
             "`dask scheduler` and pass its address, or use workers=N for a local cluster"
         ) from e
+    if scheme == "tcp":
+        _check_is_scheduler(address, timeout)
+
+
+async def _identity(address: str, timeout: float) -> Any:
+    comm_mod = require("distributed.comm", "dask")
+    comm = await comm_mod.connect(address, timeout=timeout)
+    try:
+        await comm.write({"op": "identity", "reply": True})
+        return await comm.read()
+    finally:
+        comm.abort()
+
+
+def _check_is_scheduler(address: str, timeout: float) -> None:
+    """Ask the listener who it is, with a hard deadline (a foreign server may never answer).
+
+    The question runs on its own event loop in a helper thread, so that it works whether or not
+    the caller already runs one.
+    """
+
+    def ask() -> Any:
+        return asyncio.run(asyncio.wait_for(_identity(address, timeout), timeout))
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(ask)
+        try:
+            info = fut.result(timeout=timeout + 1.0)
+        except (OSError, TimeoutError, concurrent.futures.TimeoutError, EOFError) as e:
+            raise SchedulerUnreachableError(
+                f"something listens at {address!r} but no Dask scheduler answered within "
+                f"{timeout} s ({type(e).__name__}: {e}); check that the address is a "
+                "scheduler's (not a worker's or the dashboard's)"
+            ) from e
+        except Exception as e:  # a foreign protocol: any decoding error
+            raise SchedulerUnreachableError(
+                f"the server at {address!r} does not speak Dask's protocol ({type(e).__name__}: "
+                f"{e}); pass the address of a Dask scheduler"
+            ) from e
+    kind = info.get("type") if isinstance(info, dict) else None
+    if kind != "Scheduler":
+        raise SchedulerUnreachableError(
+            f"{address!r} is a Dask {kind or 'server'}, not a scheduler; pass the scheduler's "
+            "address (printed by `dask scheduler`, or client.scheduler.address)"
+        )
 
 
 def _check_args(scheduler: Any, workers: Any, timeout: Any) -> None:
