@@ -30,6 +30,29 @@ import streamnorm
 from streamnorm.cuda import DeviceMoments
 from streamnorm.cuda import _config as C
 
+#: launch shapes tried by the tuning table: (threads per block, elements per thread tile)
+TUNING = ((256, 8), (256, 16), (128, 8), (128, 16), (512, 16))
+
+
+def host_profile(x: torch.Tensor, axis: Any, calls: int = 200) -> str:
+    """Where the host time of ``DeviceMoments.update`` goes (cProfile, top entries)."""
+    import cProfile
+    import io
+    import pstats
+
+    dm = DeviceMoments()
+    dm.update(x, axis)
+    torch.cuda.synchronize()
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(calls):
+        dm.update(x, axis)
+    pr.disable()
+    torch.cuda.synchronize()
+    out = io.StringIO()
+    pstats.Stats(pr, stream=out).sort_stats("tottime").print_stats(14)
+    return out.getvalue()
+
 
 def timed(fn: Callable[[], Any], inner: int, trials: int) -> float:
     """Median seconds per call over ``trials`` runs of ``inner`` back-to-back calls."""
@@ -198,7 +221,7 @@ def tuning(x: torch.Tensor, axis: Any, inner: int, trials: int) -> list[tuple[st
     keep = (C.BLOCK_THREADS, C.UNROLL)
     out = []
     try:
-        for nt, ku in ((256, 8), (256, 16), (512, 8), (128, 8)):
+        for nt, ku in TUNING:
             C.BLOCK_THREADS, C.UNROLL = nt, ku
             dm = DeviceMoments()
             t = timed(lambda dm=dm: dm.update(x, axis), inner, trials)
@@ -213,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="small arrays (a smoke test)")
     ap.add_argument("--out", help="also write the tables (markdown) to this file")
     ap.add_argument("--no-tuning", action="store_true", help="skip the launch-shape table")
+    ap.add_argument("--profile", action="store_true", help="profile the host side of an update")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA device: this benchmark needs a GPU", file=sys.stderr)
@@ -269,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|",
     ]
     g = torch.Generator(device=dev).manual_seed(1)
+    profile_input = None
     for shape, axis in shapes:
         x = torch.randn(*shape, device=dev, generator=g)
         variants = [(f"(N, D) {shape}", x)] if len(shape) == 2 else [
@@ -279,15 +304,20 @@ def main(argv: list[str] | None = None) -> int:
             for row in bench_layout(name, xv, axis, inner, trials):
                 n, label, ms, gbs, ratio, note = row
                 table.append(f"| {n} | {label} | {ms:.3f} | {gbs:.0f} | {ratio:.2f} | {note} |")
-            print("\n".join(table[-7:]), flush=True)
             if not args.no_tuning:
                 for label, gbs in tuning(xv, axis, inner, trials):
                     tune.append(f"| {name} | {label} | {gbs:.0f} |")
+            if args.profile and name.startswith("NCHW"):
+                small = xv[:16].contiguous()
+                profile_input = (f"NCHW {tuple(small.shape)}", small)
             del xv
         del x, variants
         torch.cuda.empty_cache()
-    text = "\n".join(lines + table + (tune if not args.no_tuning else []))
-    print("\n".join(table + tune))
+    if args.profile and profile_input is not None:
+        print(f"### host profile of DeviceMoments.update, {profile_input[0]}")
+        print(host_profile(profile_input[1], (0, 2, 3)))
+    text = "\n".join(lines + (tune if not args.no_tuning else []) + table)
+    print("\n".join((tune if not args.no_tuning else []) + table))
     if args.out:
         with open(args.out, "w") as f:
             f.write(text + "\n")

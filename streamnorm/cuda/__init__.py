@@ -15,6 +15,7 @@ ints and bool. The state is float64.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
@@ -53,11 +54,30 @@ def moments(
     return DeviceMoments(x, axis, weights=weights, nan_policy=nan_policy).to_host()
 
 
+_LOCAL = threading.local()
+
+
+def _workspace() -> dict[Any, Any]:
+    """Work buffers reused by one-shot calls, one set per thread and GPU (bounded)."""
+    from numba import cuda
+
+    cache = getattr(_LOCAL, "work", None)
+    if cache is None:
+        cache = _LOCAL.work = {}
+    dev = getattr(cuda.get_current_device(), "id", 0)
+    work = cache.setdefault(dev, {})
+    if len(work) > 64:  # many different shapes: start over rather than grow
+        work.clear()
+    return work  # type: ignore[no-any-return]
+
+
 def _host_batch(
     x: Any, axis: Axis, weights: Any, nan_policy: str
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, ...], float, bool, bool] | None:
     """One device batch for :func:`streamnorm._moments._compute`: flat float64 host arrays."""
-    dm = DeviceMoments(x, axis, weights=weights, nan_policy=nan_policy)
+    dm = DeviceMoments()
+    dm._work = _workspace()
+    dm.update(x, axis, weights=weights, nan_policy=nan_policy)
     if dm.shape is None:
         return None
     h = dm.to_host()

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import warnings
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
-from numba.core.errors import NumbaPerformanceWarning
 
 from .._extras import require
 from .._moments import NAN_POLICIES, Axis, Moments, _check_weights, _normalize_axes
@@ -42,6 +42,57 @@ def _pow2_at_most(n: int, cap: int) -> int:
     while p * 2 <= min(n, cap):
         p *= 2
     return p
+
+
+def _geometry(
+    shape: tuple[int, ...], axis: Axis
+) -> tuple[tuple[int, ...], int, tuple[int, ...], int]:
+    """``(axes, samples per dimension, kept shape, dimensions)``, cached for hashable ``axis``."""
+    try:
+        return _geometry_cached(shape, axis)  # type: ignore[arg-type]
+    except TypeError:  # an unhashable axis (a list)
+        return _geometry_cached.__wrapped__(shape, axis)  # type: ignore[arg-type]
+
+
+@lru_cache(maxsize=256)
+def _geometry_cached(
+    shape: tuple[int, ...], axis: int | tuple[int, ...] | None
+) -> tuple[tuple[int, ...], int, tuple[int, ...], int]:
+    if len(shape) == 0:
+        raise ValueError("x is 0-d (a scalar); moments need at least a 1-D array of samples")
+    axes = _normalize_axes(axis, len(shape))
+    nsamp = int(np.prod([shape[a] for a in axes], dtype=np.int64))
+    kept = tuple(s for i, s in enumerate(shape) if i not in axes)
+    return axes, nsamp, kept, int(np.prod(kept, dtype=np.int64))
+
+
+def _itab(p: DevicePlan) -> np.ndarray:
+    """The kernels' int64 offsets table: group sizes, group strides, per-dimension offsets."""
+    mg = C.MAX_GROUPS
+    t = np.zeros(2 * mg + (p.D if p.koff is not None else 0), dtype=np.int64)
+    t[: len(p.gsizes)] = p.gsizes
+    t[mg : mg + len(p.gstrides)] = p.gstrides
+    if p.koff is not None:
+        t[2 * mg :] = p.koff
+    return t
+
+
+def _cf_groups(A: int, L: int) -> tuple[int, int, int]:
+    """Channels-first geometry: threads per item, elements per item, items per row.
+
+    A group of ``rg`` threads reads one item (a row, or a segment of a long row); ``rg`` grows
+    with the row length so that each thread gets a few full tiles, and is the whole block when
+    there are too few items to give every group one.
+    """
+    NT, KU = C.BLOCK_THREADS, C.UNROLL
+    rg = min(NT, max(32, _pow2_at_least(max(1, L // (KU * C.CF_TILES_PER_LANE)), NT)))
+    seg = rg * KU * C.CF_SEG_TILES
+    nseg_row = -(-L // seg)
+    if A * nseg_row < NT // rg:
+        rg = NT
+        seg = rg * KU * C.CF_SEG_TILES
+        nseg_row = -(-L // seg)
+    return rg, seg, nseg_row
 
 
 def _pow2_at_least(n: int, cap: int) -> int:
@@ -95,9 +146,8 @@ class DeviceMoments:
         nan_policy: str = "propagate",
     ) -> None:
         self._shape: tuple[int, ...] | None = None
-        self._n: Any = None
-        self._mean: Any = None
-        self._m2: Any = None
+        self._state: Any = None  # float64 (3, D): count, mean, M2
+        self._fresh = False  # the state holds no batch yet (the next one is written, not merged)
         self._total = 0.0
         self._weighted = False
         self._per_dim = False
@@ -122,7 +172,8 @@ class DeviceMoments:
         """
         if self._shape is None:
             raise ValueError("empty DeviceMoments: no data yet, call update() first")
-        return self._n, self._mean, self._m2
+        self._settle()
+        return self._state[0], self._state[1], self._state[2]
 
     @property
     def stream(self) -> Any:
@@ -134,12 +185,11 @@ class DeviceMoments:
         out = Moments()
         if self._shape is None:
             return out
+        self._settle()
         st = self._stream
-        n = self._n.copy_to_host(stream=st)
-        m = self._mean.copy_to_host(stream=st)
-        q = self._m2.copy_to_host(stream=st)
+        h = self._state.copy_to_host(stream=st)
         st.synchronize()
-        out._merge_in(n, m, q, self._shape, self._total, self._weighted, self._per_dim)
+        out._merge_in(h[0], h[1], h[2], self._shape, self._total, self._weighted, self._per_dim)
         return out
 
     def __repr__(self) -> str:
@@ -193,51 +243,61 @@ class DeviceMoments:
         return self
 
     def _order(self, d: DeviceInput) -> None:
+        """Use the producer's stream; after a switch, the new stream waits for the old one."""
         key = d.stream or 0
         if self._stream is not None and key == self._stream_key:
             return
         st = stream_for(d.stream)
-        if self._stream is not None and self._event is not None:
-            self._event.wait(st)  # the previous updates (other stream) come first
+        if self._stream is not None:
+            self._event_on(self._stream).wait(st)
         self._stream, self._stream_key = st, key
 
+    def _event_on(self, stream: Any) -> Any:
+        """An event recorded now on ``stream`` (after everything enqueued on it so far)."""
+        if self._event is None:
+            self._event = cuda.event() if simulated() else cuda.event(timing=False)
+        self._event.record(stream)
+        return self._event
+
     def _add(self, d: DeviceInput, axis: Axis, weights: Any, *, omit: bool) -> None:
-        ndim = len(d.shape)
-        if ndim == 0:
-            raise ValueError("x is 0-d (a scalar); moments need at least a 1-D array of samples")
-        axes = _normalize_axes(axis, ndim)
-        fake = np.broadcast_to(np.empty((), dtype=np.uint8), d.shape)
-        w = None if weights is None else _check_weights(_host(weights), fake, axes)
-        nsamp = int(np.prod([d.shape[a] for a in axes], dtype=np.int64))
-        kept = tuple(s for i, s in enumerate(d.shape) if i not in axes)
-        D = int(np.prod(kept, dtype=np.int64))
+        axes, nsamp, kept, D = _geometry(d.shape, axis)
+        w = None
+        if weights is not None:
+            fake = np.broadcast_to(np.empty((), dtype=np.uint8), d.shape)
+            w = _check_weights(_host(weights), fake, axes)
         if nsamp == 0:
             return
         if w is None:
             total = float(nsamp)
         else:
             total = float(w.sum()) * (nsamp // d.shape[axes[0]])
+        p = None if D == 0 else plan(d.shape, d.strides, axes, axes[0] if w is not None else None)
         self._ensure_state(kept, D)
+        if p is not None:
+            self._launch(d, p, w, omit, ("itab", d.shape, d.strides, axes, C.MAX_GROUPS))
         self._total += total
         self._weighted = self._weighted or w is not None
         self._per_dim = self._per_dim or omit
-        if D == 0:
-            return
-        p = plan(d.shape, d.strides, axes, axes[0] if w is not None else None)
-        self._launch(d, p, w, omit, ("koff", d.shape, d.strides, axes))
 
     def _ensure_state(self, kept: tuple[int, ...], D: int) -> None:
         if self._shape is None:
-            st = self._stream
             self._shape = kept
-            self._n = cuda.to_device(np.zeros(D), stream=st)
-            self._mean = cuda.to_device(np.full(D, np.nan), stream=st)
-            self._m2 = cuda.to_device(np.zeros(D), stream=st)
+            self._state = cuda.device_array((3, D), np.float64, stream=self._stream)
+            self._fresh = True  # the first batch writes it: no initialization needed
         elif kept != self._shape:
             raise ValueError(
                 f"dimension mismatch: this DeviceMoments has dimension shape {self._shape}, "
                 f"the batch has {kept}; reduce over the axes that leave {self._shape}"
             )
+
+    def _settle(self) -> None:
+        """Give a state that has seen no batch yet its empty values (count 0, mean NaN)."""
+        if self._fresh:
+            D = self._state.shape[1]
+            init = np.zeros((3, D))
+            init[1] = np.nan
+            self._state.copy_to_device(init, stream=self._stream)
+            self._fresh = False
 
     def _buffer(self, key: tuple[Any, ...], make: Any) -> Any:
         buf = self._work.get(key)
@@ -251,23 +311,12 @@ class DeviceMoments:
     ) -> None:
         st = self._stream
         x = flat_view(d, p.base, p.span)
-        if p.koff is not None:
-            table = p.koff
-            koff = self._buffer(key, lambda: cuda.to_device(table, stream=st))
-        else:
-            koff = self._buffer(("dummy_i8",), lambda: cuda.to_device(np.zeros(1, np.int64)))
-        gs = np.array(p.gsizes or (1,), dtype=np.int64)
-        gt = np.array(p.gstrides or (0,), dtype=np.int64)
-        gsz, gst = self._buffer(
-            ("groups", p.gsizes, p.gstrides),
-            lambda: (cuda.to_device(gs, stream=st), cuda.to_device(gt, stream=st)),
-        )
+        itab = self._buffer(key, lambda: cuda.to_device(_itab(p), stream=st))
         if w is not None:
             wd = cuda.to_device(np.ascontiguousarray(w[::-1] if p.w_flip else w), stream=st)
         else:
-            wd = self._buffer(("dummy_f8",), lambda: cuda.to_device(np.zeros(1)))
+            wd = self._buffer(("dummy_f8",), lambda: cuda.to_device(np.zeros(1), stream=st))
         NT = C.BLOCK_THREADS
-        seg = NT * C.UNROLL
         D = p.D
         if p.kind == "rows":
             TX = _pow2_at_least(D, min(32, NT))  # columns per block, coalesced
@@ -277,41 +326,34 @@ class DeviceMoments:
             P = -(-p.rows // rpc)
             ntiles = -(-D // TX)
         else:
-            nseg_row = -(-p.L // seg)
-            P = -(-(p.rows * nseg_row) // C.CF_SEGS_PER_CHUNK)
-        pn, pm, pq, ref = self._buffer(
+            rg, seg, nseg_row = _cf_groups(p.rows, p.L)
+            P = -(-(p.rows * nseg_row) // C.CF_ITEMS_PER_CHUNK)
+        part, ref = self._buffer(
             ("part", D, P),
             lambda: (
-                cuda.device_array((D, P), np.float64, stream=st),
-                cuda.device_array((D, P), np.float64, stream=st),
-                cuda.device_array((D, P), np.float64, stream=st),
+                cuda.device_array((3, D, P), np.float64, stream=st),
                 cuda.device_array(D, np.float64, stream=st),
             ),
         )
         ng, ktab, use_w = len(p.gsizes), p.koff is not None, w is not None
         with warnings.catch_warnings():
             # small batches make small grids; numba's low-occupancy warning is not for users here
-            warnings.simplefilter("ignore", NumbaPerformanceWarning)
+            warnings.filterwarnings("ignore", message=".*under-utilization.*")
             if p.kind == "rows":
                 kern = K.rows_kernel(ng, ktab, use_w, omit, d.bf16)
                 kern[ntiles * P, (TX, TY), st](
-                    x, koff, p.kbase, p.kstride, D, p.rows, gsz, gst, rpc, ntiles,
-                    wd, p.w_inner, p.w_n, ref, pn, pm, pq,
+                    x, itab, p.kbase, p.kstride, D, p.rows, rpc, ntiles,
+                    wd, p.w_inner, p.w_n, ref, part,
                 )  # fmt: skip
             else:
                 kern = K.cf_kernel(ng, ktab, use_w, omit, d.bf16)
                 kern[D * P, NT, st](
-                    x, koff, p.kbase, p.kstride, D, p.rows, p.L, gsz, gst, nseg_row, seg,
-                    C.CF_SEGS_PER_CHUNK, P, wd, p.w_inner, p.w_n, ref, pn, pm, pq,
+                    x, itab, p.kbase, p.kstride, D, p.rows, p.L, nseg_row, seg,
+                    C.CF_ITEMS_PER_CHUNK, P, rg, wd, p.w_inner, p.w_n, ref, part,
                 )  # fmt: skip
             FT = _pow2_at_least(P, C.FINAL_THREADS)
-            K.finalize_kernel()[D, FT, st](pn, pm, pq, P, ref, self._n, self._mean, self._m2)
-        self._record()
-
-    def _record(self) -> None:
-        if self._event is None:
-            self._event = cuda.event() if simulated() else cuda.event(timing=False)
-        self._event.record(self._stream)
+            K.finalize_kernel()[D, FT, st](part, P, ref, self._state, self._fresh)
+        self._fresh = False
 
     # ---- merging
     def _merge_state(self, other: DeviceMoments) -> None:
@@ -319,15 +361,16 @@ class DeviceMoments:
             return
         if self._stream is None:
             self._stream, self._stream_key = other._stream, other._stream_key
-        elif other._stream_key != self._stream_key and other._event is not None:
-            other._event.wait(self._stream)
+        elif other._stream_key != self._stream_key:
+            other._event_on(other._stream).wait(self._stream)
         self._ensure_state(other._shape, int(np.prod(other._shape, dtype=np.int64)))
-        D = self._n.shape[0]
+        self._settle()
+        other._settle()
+        D = self._state.shape[1]
         if D:
-            K.merge_kernel()[-(-D // 128), 128, self._stream](
-                self._n, self._mean, self._m2, other._n, other._mean, other._m2
-            )
-            self._record()
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*under-utilization.*")
+                K.merge_kernel()[-(-D // 128), 128, self._stream](self._state, other._state)
         self._total += other._total
         self._weighted = self._weighted or other._weighted
         self._per_dim = self._per_dim or other._per_dim
@@ -341,7 +384,8 @@ class DeviceMoments:
     def reset(self) -> DeviceMoments:
         """Forget all batches (keeps the cached work buffers)."""
         self._shape = None
-        self._n = self._mean = self._m2 = None
+        self._state = None
+        self._fresh = False
         self._total = 0.0
         self._weighted = self._per_dim = False
         return self

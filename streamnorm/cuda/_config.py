@@ -17,9 +17,16 @@ UNROLL = 8
 #: Input elements per block of the ``rows`` kernel (rows x columns of one work unit).
 ROWS_CHUNK_ELEMS = 64 * 1024
 
-#: Contiguous segments per block of the channels-first kernel; a segment is
-#: ``BLOCK_THREADS * UNROLL`` elements of the innermost reduced axis.
-CF_SEGS_PER_CHUNK = 32
+#: Items (rows, or segments of long rows) per block of the channels-first kernel.
+CF_ITEMS_PER_CHUNK = 32
+
+#: Channels-first: a thread group is sized so that each thread gets about this many full
+#: tiles of a row.
+CF_TILES_PER_LANE = 4
+
+#: Channels-first: rows longer than ``group threads * UNROLL * CF_SEG_TILES`` are cut into
+#: segments of that many elements (so that 1-D data and long rows still fill the GPU).
+CF_SEG_TILES = 16
 
 #: The innermost reduced axis must hold at least this many contiguous elements for the
 #: channels-first kernel; shorter ones go to the ``rows`` kernel.

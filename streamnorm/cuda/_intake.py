@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -73,6 +74,7 @@ def _from_cai(x: Any, desc: dict[str, Any], stream: int | None, bf16: bool) -> D
     return DeviceInput(ptr, shape, strides, storage, bf16, x, stream)
 
 
+@lru_cache(maxsize=64)
 def _storage_dtype(dt: np.dtype[Any], bf16: bool) -> np.dtype[Any]:
     if bf16:
         if dt.itemsize != 2 or dt.kind not in "iuV":

@@ -81,31 +81,34 @@ def is_finite(v):  # type: ignore[no-untyped-def]
     return not (math.isinf(v) or math.isnan(v))
 
 
-def _make_goff(ng: int) -> Callable[..., Any]:
-    """Device function: offset of reduced row ``r`` over ``ng`` groups (sizes/strides arrays)."""
+def _make_goff(ng: int, mg: int) -> Callable[..., Any]:
+    """Device function: offset of reduced row ``r`` over ``ng`` groups.
+
+    Group sizes are ``itab[0:ng]``, strides ``itab[mg:mg + ng]``, outer to inner.
+    """
     if ng == 0:
 
         @cuda.jit(device=True)
-        def goff0(r, gsz, gst):  # type: ignore[no-untyped-def]
+        def goff0(r, itab):  # type: ignore[no-untyped-def]
             return 0
 
         return goff0  # type: ignore[no-any-return]
     if ng == 1:
 
         @cuda.jit(device=True)
-        def goff1(r, gsz, gst):  # type: ignore[no-untyped-def]
-            return r * gst[0]
+        def goff1(r, itab):  # type: ignore[no-untyped-def]
+            return r * itab[mg]
 
         return goff1  # type: ignore[no-any-return]
 
     @cuda.jit(device=True)
-    def goffn(r, gsz, gst):  # type: ignore[no-untyped-def]
+    def goffn(r, itab):  # type: ignore[no-untyped-def]
         off = 0
         for j in range(ng - 1, 0, -1):
-            q = r // gsz[j]
-            off += (r - q * gsz[j]) * gst[j]
+            q = r // itab[j]
+            off += (r - q * itab[j]) * itab[mg + j]
             r = q
-        return off + r * gst[0]
+        return off + r * itab[mg]
 
     return goffn  # type: ignore[no-any-return]
 
@@ -133,31 +136,37 @@ block_tree = cuda.jit(device=True)(_block_tree)
 
 # --------------------------------------------------------------------------------------------
 # moments kernels
+#
+# Offsets table ``itab`` (int64): ``[gsz[0:MAX_GROUPS], gst[0:MAX_GROUPS], koff[0:D]]``: the sizes
+# and strides of the reduced groups, then (when ``ktab``) each dimension's offset.
+# Partials ``part`` (float64, shape (3, D, P)): count, mean (shifted by ``ref``) and M2.
+
+
+def _tile_code(KU: int) -> tuple[float, float]:
+    return float(KU), 1.0 / KU  # exact: UNROLL is a power of two
 
 
 def rows_kernel(ng: int, ktab: bool, use_w: bool, omit: bool, bf16: bool) -> Any:
     """Kernel for reduced rows ``r`` (``ng`` strided groups) of ``D`` dimensions.
 
     Launch: ``blockDim = (TX, TY)`` with ``TX * TY == BLOCK_THREADS`` (both powers of two), a 1-D
-    grid of ``ncol_tiles * nchunks`` blocks; block ``b`` takes column tile ``b % ncol_tiles`` and
-    rows ``[chunk * rows_per_chunk, ...)`` of chunk ``b // ncol_tiles``. Partials go to
-    ``pn/pm/pq[d, chunk]``; the reference of dimension ``d`` to ``ref[d]``.
+    grid of ``ntiles * P`` blocks; block ``b`` takes column tile ``b % ntiles`` and rows
+    ``[chunk * rows_per_chunk, ...)`` of chunk ``b // ntiles``. Partials go to
+    ``part[:, d, chunk]``; the reference of dimension ``d`` to ``ref[d]``.
     """
-    key = ("rows", ng, ktab, use_w, omit, bf16, C.UNROLL, C.BLOCK_THREADS)
+    KU, NT, MG = C.UNROLL, C.BLOCK_THREADS, C.MAX_GROUPS
+    key = ("rows", ng, ktab, use_w, omit, bf16, KU, NT, MG)
     if key in _CACHE:
         return _CACHE[key]
-    KU = C.UNROLL
-    NT = C.BLOCK_THREADS
     dec = dec_bf16 if bf16 else dec_plain
-    goff = _make_goff(ng)
+    goff = _make_goff(ng, MG)
     f8 = np.float64
     FAST = not (use_w or omit)
-    FKU = float(KU)
-    INV_KU = 1.0 / KU  # exact: UNROLL is a power of two
+    FKU, INV_KU = _tile_code(KU)
 
     @cuda.jit
-    def kern(x, koff, kbase, kstride, D, R, gsz, gst, rows_per_chunk, ntiles,  # type: ignore[no-untyped-def]
-             w, w_inner, w_n, ref, pn, pm, pq):  # fmt: skip
+    def kern(x, itab, kbase, kstride, D, R, rows_per_chunk, ntiles,  # type: ignore[no-untyped-def]
+             w, w_inner, w_n, ref, part):  # fmt: skip
         tx = cuda.threadIdx.x
         ty = cuda.threadIdx.y
         TX = cuda.blockDim.x
@@ -174,7 +183,7 @@ def rows_kernel(ng: int, ktab: bool, use_w: bool, omit: bool, bf16: bool) -> Any
         ma = 0.0
         qa = 0.0
         if d < D:
-            ko = koff[d] if ktab else kbase + d * kstride
+            ko = itab[2 * MG + d] if ktab else kbase + d * kstride
             rv = dec(x[ko])
             if not is_finite(rv):
                 rv = 0.0
@@ -183,11 +192,17 @@ def rows_kernel(ng: int, ktab: bool, use_w: bool, omit: bool, bf16: bool) -> Any
             r0 = chunk * rows_per_chunk
             r1 = min(R, r0 + rows_per_chunk)
             r = r0 + ty
+            # full tiles: equal counts, merged at the end of the run without divisions
+            k = 0
+            m0 = 0.0
+            s1 = 0.0
+            s2 = 0.0
+            qs = 0.0
             while r < r1:
-                if FAST and r + (KU - 1) * TY < r1:  # a full tile, every weight 1
+                if FAST and r + (KU - 1) * TY < r1:
                     s = 0.0
                     for i in range(KU):
-                        v = dec(x[ko + goff(r + i * TY, gsz, gst)]) - rv
+                        v = dec(x[ko + goff(r + i * TY, itab)]) - rv
                         vals[i] = v
                         s += v
                     mt = s * INV_KU
@@ -195,7 +210,13 @@ def rows_kernel(ng: int, ktab: bool, use_w: bool, omit: bool, bf16: bool) -> Any
                     for i in range(KU):
                         dv = vals[i] - mt
                         q += dv * dv
-                    na, ma, qa = chan(na, ma, qa, FKU, mt, q)
+                    if k == 0:
+                        m0 = mt
+                    dm = mt - m0
+                    s1 += dm
+                    s2 += dm * dm
+                    qs += q
+                    k += 1
                     r += KU * TY
                     continue
                 cnt = 0.0
@@ -205,7 +226,7 @@ def rows_kernel(ng: int, ktab: bool, use_w: bool, omit: bool, bf16: bool) -> Any
                     v = 0.0
                     wt = 0.0
                     if rr < r1:
-                        v = dec(x[ko + goff(rr, gsz, gst)]) - rv
+                        v = dec(x[ko + goff(rr, itab)]) - rv
                         wt = 1.0
                         if use_w:
                             wt = w[(rr // w_inner) % w_n]
@@ -226,6 +247,12 @@ def rows_kernel(ng: int, ktab: bool, use_w: bool, omit: bool, bf16: bool) -> Any
                         q += wts[i] * (dv * dv)
                     na, ma, qa = chan(na, ma, qa, cnt, mt, q)
                 r += KU * TY
+            if k > 0:
+                fk = float(k)
+                between = s2 - s1 * s1 / fk
+                if not between > 0.0:
+                    between = between if between != between else 0.0  # keep NaN, clip -0
+                na, ma, qa = chan(na, ma, qa, fk * FKU, m0 + s1 / fk, qs + FKU * between)
         t = ty * TX + tx
         sh_n[t] = na
         sh_m[t] = ma
@@ -233,9 +260,9 @@ def rows_kernel(ng: int, ktab: bool, use_w: bool, omit: bool, bf16: bool) -> Any
         cuda.syncthreads()
         block_tree(sh_n, sh_m, sh_q, t, ty, TY, TX)
         if ty == 0 and d < D:
-            pn[d, chunk] = sh_n[t]
-            pm[d, chunk] = sh_m[t]
-            pq[d, chunk] = sh_q[t]
+            part[0, d, chunk] = sh_n[t]
+            part[1, d, chunk] = sh_m[t]
+            part[2, d, chunk] = sh_q[t]
 
     _CACHE[key] = kern
     return kern
@@ -244,30 +271,35 @@ def rows_kernel(ng: int, ktab: bool, use_w: bool, omit: bool, bf16: bool) -> Any
 def cf_kernel(ng: int, ktab: bool, use_w: bool, omit: bool, bf16: bool) -> Any:
     """Kernel for channels-first data: per dimension ``A`` outer rows x ``L`` contiguous elements.
 
-    Launch: ``blockDim = BLOCK_THREADS``, a 1-D grid of ``D * P`` blocks; block ``b`` takes
-    dimension ``b // P`` and segments ``[k * segs_per_chunk, ...)`` of chunk ``k = b % P``, a
-    segment being ``seg_len`` elements of one row. Partials go to ``pn/pm/pq[d, k]``.
+    The reduced elements of a dimension are cut into items (a row, or a segment of ``seg_len``
+    elements of a row when rows are long). Launch: ``blockDim = BLOCK_THREADS``, a 1-D grid of
+    ``D * P`` blocks; block ``b`` takes dimension ``b // P`` and items
+    ``[k * items_per_chunk, ...)`` of chunk ``k = b % P``. The block's threads form groups of
+    ``rg`` (a power of two); group ``g`` takes items ``g, g + ngroups, ...`` of the chunk and its
+    lanes read an item's elements ``lane, lane + rg, ...`` (coalesced). Partials go to
+    ``part[:, d, k]``.
     """
-    key = ("cf", ng, ktab, use_w, omit, bf16, C.UNROLL, C.BLOCK_THREADS)
+    KU, NT, MG = C.UNROLL, C.BLOCK_THREADS, C.MAX_GROUPS
+    key = ("cf", ng, ktab, use_w, omit, bf16, KU, NT, MG)
     if key in _CACHE:
         return _CACHE[key]
-    KU = C.UNROLL
-    NT = C.BLOCK_THREADS
     dec = dec_bf16 if bf16 else dec_plain
-    goff = _make_goff(ng)
+    goff = _make_goff(ng, MG)
     f8 = np.float64
     FAST = not (use_w or omit)
-    FKU = float(KU)
-    INV_KU = 1.0 / KU  # exact: UNROLL is a power of two
+    FKU, INV_KU = _tile_code(KU)
 
     @cuda.jit
-    def kern(x, koff, kbase, kstride, D, A, L, gsz, gst, nseg_row, seg_len, segs_per_chunk, P,  # type: ignore[no-untyped-def]
-             w, w_inner, w_n, ref, pn, pm, pq):  # fmt: skip
+    def kern(x, itab, kbase, kstride, D, A, L, nseg_row, seg_len, items_per_chunk, P, rg,  # type: ignore[no-untyped-def]
+             w, w_inner, w_n, ref, part):  # fmt: skip
         tid = cuda.threadIdx.x
         nth = cuda.blockDim.x
         b = cuda.blockIdx.x
         c = b // P
-        k = b - c * P
+        kc = b - c * P
+        g = tid // rg
+        lane = tid - g * rg
+        ngroups = nth // rg
         sh_n = cuda.shared.array(NT, f8)
         sh_m = cuda.shared.array(NT, f8)
         sh_q = cuda.shared.array(NT, f8)
@@ -276,27 +308,33 @@ def cf_kernel(ng: int, ktab: bool, use_w: bool, omit: bool, bf16: bool) -> Any:
         na = 0.0
         ma = 0.0
         qa = 0.0
-        ko = koff[c] if ktab else kbase + c * kstride
+        ko = itab[2 * MG + c] if ktab else kbase + c * kstride
         rv = dec(x[ko])
         if not is_finite(rv):
             rv = 0.0
-        if k == 0 and tid == 0:
+        if kc == 0 and tid == 0:
             ref[c] = rv
-        nseg = A * nseg_row
-        s0 = k * segs_per_chunk
-        s1 = min(nseg, s0 + segs_per_chunk)
-        for sg in range(s0, s1):
-            a = sg // nseg_row
-            l0 = (sg - a * nseg_row) * seg_len
+        nitems = A * nseg_row
+        i0 = kc * items_per_chunk
+        i1 = min(nitems, i0 + items_per_chunk)
+        k = 0
+        m0 = 0.0
+        s1 = 0.0
+        s2 = 0.0
+        qs = 0.0
+        step = KU * rg
+        for it in range(i0 + g, i1, ngroups):
+            a = it // nseg_row
+            l0 = (it - a * nseg_row) * seg_len
             l1 = min(L, l0 + seg_len)
-            ao = ko + goff(a, gsz, gst)
+            ao = ko + goff(a, itab)
             flat0 = a * L
-            li = l0 + tid
+            li = l0 + lane
             while li < l1:
-                if FAST and li + (KU - 1) * nth < l1:  # a full tile, every weight 1
+                if FAST and li + (KU - 1) * rg < l1:
                     s = 0.0
                     for i in range(KU):
-                        v = dec(x[ao + li + i * nth]) - rv
+                        v = dec(x[ao + li + i * rg]) - rv
                         vals[i] = v
                         s += v
                     mt = s * INV_KU
@@ -304,13 +342,19 @@ def cf_kernel(ng: int, ktab: bool, use_w: bool, omit: bool, bf16: bool) -> Any:
                     for i in range(KU):
                         dv = vals[i] - mt
                         q += dv * dv
-                    na, ma, qa = chan(na, ma, qa, FKU, mt, q)
-                    li += KU * nth
+                    if k == 0:
+                        m0 = mt
+                    dm = mt - m0
+                    s1 += dm
+                    s2 += dm * dm
+                    qs += q
+                    k += 1
+                    li += step
                     continue
                 cnt = 0.0
                 s = 0.0
                 for i in range(KU):
-                    ll = li + i * nth
+                    ll = li + i * rg
                     v = 0.0
                     wt = 0.0
                     if ll < l1:
@@ -334,16 +378,22 @@ def cf_kernel(ng: int, ktab: bool, use_w: bool, omit: bool, bf16: bool) -> Any:
                         dv = vals[i] - mt
                         q += wts[i] * (dv * dv)
                     na, ma, qa = chan(na, ma, qa, cnt, mt, q)
-                li += KU * nth
+                li += step
+        if k > 0:
+            fk = float(k)
+            between = s2 - s1 * s1 / fk
+            if not between > 0.0:
+                between = between if between != between else 0.0  # keep NaN, clip -0
+            na, ma, qa = chan(na, ma, qa, fk * FKU, m0 + s1 / fk, qs + FKU * between)
         sh_n[tid] = na
         sh_m[tid] = ma
         sh_q[tid] = qa
         cuda.syncthreads()
         block_tree(sh_n, sh_m, sh_q, tid, tid, nth, 1)
         if tid == 0:
-            pn[c, k] = sh_n[0]
-            pm[c, k] = sh_m[0]
-            pq[c, k] = sh_q[0]
+            part[0, c, kc] = sh_n[0]
+            part[1, c, kc] = sh_m[0]
+            part[2, c, kc] = sh_q[0]
 
     _CACHE[key] = kern
     return kern
@@ -359,16 +409,16 @@ def finalize_kernel() -> Any:
     Launch: one block of ``FINAL_THREADS`` (or fewer, a power of two) threads per dimension.
     Thread ``t`` merges partials ``t, t + nth, ...`` in order, then the block tree merges the
     threads. The batch then follows the CPU's rule (empty: NaN mean and 0 M2; NaN/Inf: NaN mean
-    and M2) and is Chan-merged into ``sn/sm/sq[d]``.
+    and M2) and is Chan-merged into ``state[:, d]`` (or written there when ``init``).
     """
-    key = ("final", C.FINAL_THREADS)
+    NT = C.FINAL_THREADS
+    key = ("final", NT)
     if key in _CACHE:
         return _CACHE[key]
-    NT = C.FINAL_THREADS
     f8 = np.float64
 
     @cuda.jit
-    def kern(pn, pm, pq, P, ref, sn, sm, sq):  # type: ignore[no-untyped-def]
+    def kern(part, P, ref, state, init):  # type: ignore[no-untyped-def]
         d = cuda.blockIdx.x
         t = cuda.threadIdx.x
         nth = cuda.blockDim.x
@@ -380,7 +430,7 @@ def finalize_kernel() -> Any:
         qa = 0.0
         p = t
         while p < P:
-            na, ma, qa = chan(na, ma, qa, pn[d, p], pm[d, p], pq[d, p])
+            na, ma, qa = chan(na, ma, qa, part[0, d, p], part[1, d, p], part[2, d, p])
             p += nth
         sh_n[t] = na
         sh_m[t] = ma
@@ -399,29 +449,34 @@ def finalize_kernel() -> Any:
                 if not (is_finite(m) and is_finite(q)):
                     m = math.nan
                     q = math.nan
-            n2, m2, q2 = chan(sn[d], sm[d], sq[d], n, m, q)
-            sn[d] = n2
-            sm[d] = m2
-            sq[d] = q2
+            if init:
+                state[0, d] = n
+                state[1, d] = m
+                state[2, d] = q
+            else:
+                n2, m2, q2 = chan(state[0, d], state[1, d], state[2, d], n, m, q)
+                state[0, d] = n2
+                state[1, d] = m2
+                state[2, d] = q2
 
     _CACHE[key] = kern
     return kern
 
 
 def merge_kernel() -> Any:
-    """Chan-merge state ``b`` into state ``a`` elementwise (one thread per dimension)."""
+    """Chan-merge state ``b`` into state ``a`` (each float64 of shape (3, D)), one thread a dim."""
     key = ("merge",)
     if key in _CACHE:
         return _CACHE[key]
 
     @cuda.jit
-    def kern(an, am, aq, bn, bm, bq):  # type: ignore[no-untyped-def]
+    def kern(a, b):  # type: ignore[no-untyped-def]
         d = cuda.grid(1)
-        if d < an.shape[0]:
-            n, m, q = chan(an[d], am[d], aq[d], bn[d], bm[d], bq[d])
-            an[d] = n
-            am[d] = m
-            aq[d] = q
+        if d < a.shape[1]:
+            n, m, q = chan(a[0, d], a[1, d], a[2, d], b[0, d], b[1, d], b[2, d])
+            a[0, d] = n
+            a[1, d] = m
+            a[2, d] = q
 
     _CACHE[key] = kern
     return kern

@@ -122,7 +122,7 @@ def test_production_block_sizes() -> None:
     ref = streamnorm.moments(a.astype(np.float64), 0)
     np.testing.assert_allclose(got.mean, ref.mean, rtol=1e-13)
     np.testing.assert_allclose(got.m2, ref.m2, rtol=1e-12)
-    b = RNG.normal(2, 3, (1, 1, 2100))  # channels-first: two segments of 2048
+    b = RNG.normal(2, 3, (1, 1, 2100))  # channels-first: one row, the whole block on it
     got = streamnorm.moments(CAI(b), (0, 2))
     ref = streamnorm.moments(b, (0, 2))
     np.testing.assert_allclose(got.mean, ref.mean, rtol=1e-13)

@@ -252,3 +252,20 @@ def test_bad_input() -> None:
         DeviceMoments(object())
     with pytest.raises(ValueError, match="dimension mismatch"):
         DeviceMoments(CAI(a)).update(CAI(np.zeros((4, 2))))
+
+
+@pytest.mark.parametrize("drift", [0.0, 1e3])
+def test_long_runs_of_full_tiles(monkeypatch: pytest.MonkeyPatch, drift: float) -> None:
+    """Many full tiles per thread (merged without divisions), then a partial one; with a drift
+    along the rows and an outlier first sample (the per-dimension shift) it keeps 1e-12."""
+    from streamnorm.cuda import _config as C
+
+    monkeypatch.setattr(C, "UNROLL", 2)
+    monkeypatch.setattr(C, "ROWS_CHUNK_ELEMS", 1024)
+    monkeypatch.setattr(C, "CF_SEG_TILES", 16)
+    r = np.arange(201)[:, None]
+    a = 5e6 + drift * r / 200 + RNG.normal(0, 1, (201, 3))
+    a[0] += 1e4  # the reference element is far from the rest
+    close(streamnorm.moments(CAI(a), 0), ref_moments(a, 0))  # rows: 50 tiles a thread
+    b = np.ascontiguousarray(a.T)[None]  # (1, 3, 201): channels-first, 12 tiles a lane
+    close(streamnorm.moments(CAI(b), (0, 2)), ref_moments(b, (0, 2)))
