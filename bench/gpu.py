@@ -224,7 +224,12 @@ def tuning(x: torch.Tensor, axis: Any, inner: int, trials: int) -> list[tuple[st
         for nt, ku in TUNING:
             C.BLOCK_THREADS, C.UNROLL = nt, ku
             dm = DeviceMoments()
-            t = timed(lambda dm=dm: dm.update(x, axis), inner, trials)
+            try:
+                t = timed(lambda dm=dm: dm.update(x, axis), inner, trials)
+            except Exception as e:  # e.g. too many registers for the block size
+                print(f"launch shape {nt} x {ku} failed: {str(e)[:90]}", flush=True)
+                torch.cuda.synchronize()
+                continue
             out.append((f"{nt} threads x {ku}", x.numel() * x.element_size() / t / 1e9))
     finally:
         C.BLOCK_THREADS, C.UNROLL = keep
@@ -304,9 +309,11 @@ def main(argv: list[str] | None = None) -> int:
             for row in bench_layout(name, xv, axis, inner, trials):
                 n, label, ms, gbs, ratio, note = row
                 table.append(f"| {n} | {label} | {ms:.3f} | {gbs:.0f} | {ratio:.2f} | {note} |")
+                print(table[-1], flush=True)
             if not args.no_tuning:
                 for label, gbs in tuning(xv, axis, inner, trials):
                     tune.append(f"| {name} | {label} | {gbs:.0f} |")
+                    print(tune[-1], flush=True)
             if args.profile and name.startswith("NCHW"):
                 small = xv[:16].contiguous()
                 profile_input = (f"NCHW {tuple(small.shape)}", small)
