@@ -84,7 +84,10 @@ def _core_state(
         w = np.full(y.shape[red[0]], w[0])
     z = y.squeeze(axis=tuple(ones)) if ones else y
     new_axes = tuple(i - sum(1 for o in ones if o < i) for i in red)
-    d = Moments().update(z, new_axes, weights=w, nan_policy=nan_policy).to_dict()
+    ax: int | tuple[int, ...] = (
+        new_axes[0] if len(new_axes) == 1 else new_axes
+    )  # the rows fast path
+    d = Moments().update(z, ax, weights=w, nan_policy=nan_policy).to_dict()
     return d["count"], d["mean"], d["m2"]
 
 
@@ -300,8 +303,11 @@ def moments(
     -----
     This is :func:`dask.array.reduction` with ``chunk`` = streamnorm's kernel (each chunk's count,
     mean and M2, computed with a per-chunk shift) and ``combine``/``aggregate`` = the Chan merge
-    ``M2 = M2a + M2b + d^2 na nb / n``. It never forms ``E[x^2] - E[x]^2``, so data far from zero
-    keep their digits (``dask.array.var`` loses them: it sums raw powers per chunk). The tree's
+    ``M2 = M2a + M2b + d^2 na nb / n``, never ``E[x^2] - E[x]^2``. Each chunk state keeps its
+    mean as a reference value (the chunk's first sample) plus a small shifted mean, and the merge
+    forms the difference of two chunk means from those parts, so data far from zero keep their
+    digits whatever the chunking (``dask.array.var`` merges chunk means computed from raw sums,
+    and loses digits there as the chunks get smaller). The tree's
     shape depends only on the chunking, and each node merges its inputs in block order, so the
     result does not depend on which worker finishes first; lost chunks are recomputed by Dask.
 

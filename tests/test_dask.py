@@ -126,7 +126,7 @@ def test_far_from_zero_tiny_chunks_keep_digits(rng):
     np.testing.assert_allclose(got.m2, m2, rtol=1e-12)
     np.testing.assert_allclose(got.mean, mu, rtol=1e-15)
     assert_same(got, streamnorm.moments(x))
-    # Dask's own var sums raw powers per chunk: far off on the same data (why the test is hard)
+    # Dask's own var merges chunk means made from raw sums: far off here (the test can fail)
     dv = da.var(da.from_array(x, chunks=(10, 3)), axis=0).compute()
     assert np.max(np.abs(dv * 2000 - m2) / m2) > 1e-9
 
