@@ -53,3 +53,8 @@ GENERIC_BLOCK_BYTES = 1024 * 1024
 #: Batches smaller than this (bytes) run the serial twin of a kernel: a parallel launch costs
 #: more than it saves on them. The choice depends on the size only, never on the thread count.
 SERIAL_BYTES = 256 * 1024
+
+#: A block's one-pass sums (shifted by one of its own samples) are trusted while
+#: ``sum v**2 <= REFINE * M2``, i.e. while the subtraction lost at most log10(REFINE) digits;
+#: otherwise the block is redone with a two-pass.
+REFINE = 1e3

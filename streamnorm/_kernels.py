@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ._config import JIT, ORDERED_JIT, ORDERED_PARALLEL_JIT, PARALLEL_JIT, STRICT_JIT
+from ._config import JIT, ORDERED_JIT, ORDERED_PARALLEL_JIT, PARALLEL_JIT, REFINE, STRICT_JIT
 
 
 @njit(**STRICT_JIT)
@@ -159,6 +159,40 @@ def _rows_block(x, r0, r1, ref, s, q):  # type: ignore[no-untyped-def]
             q[d] += t * t
 
 
+@njit(**ORDERED_JIT)
+def _rows_block_shifted(x, r0, r1, ref, s, q, x0):  # type: ignore[no-untyped-def]
+    """One pass over rows ``r0:r1`` shifted by the block's own first row, checked.
+
+    Accumulates ``v = x - x0`` and ``v**2`` per column and forms ``M2 = sum v**2 - (sum v)**2/n``.
+    Because ``x0`` is a sample of the block, ``(mean - x0)**2 <= n * var`` and the cancellation
+    loses at most ``log10(n + 1)`` digits; the block is redone with the two-pass
+    (:func:`_rows_block`) whenever ``sum v**2 > REFINE * M2`` in some column, so no more than
+    ``log10(REFINE)`` digits are ever lost. Writes the mean relative to ``ref`` into ``s``.
+    """
+    D = x.shape[1]
+    nb = r1 - r0
+    for d in range(D):
+        x0[d] = x[r0, d]
+    s[:] = 0.0
+    q[:] = 0.0
+    for r in range(r0, r1):
+        xr = x[r]
+        for d in range(D):
+            v = xr[d] - x0[d]
+            s[d] += v
+            q[d] += v * v
+    refine = False
+    for d in range(D):
+        mb = s[d] / nb
+        m2 = q[d] - s[d] * mb
+        if q[d] > REFINE * m2:
+            refine = True
+        q[d] = m2
+        s[d] = (x0[d] - ref[d]) + mb
+    if refine:
+        _rows_block(x, r0, r1, ref, s, q)
+
+
 def _rows_moments(x, block_rows, chunk_blocks):  # type: ignore[no-untyped-def]
     """Moments of the columns of a 2-D array ``x`` of shape (R, D), reduced over R.
 
@@ -174,6 +208,7 @@ def _rows_moments(x, block_rows, chunk_blocks):  # type: ignore[no-untyped-def]
     for k in prange(nchunks):
         s = np.empty(D)
         q = np.empty(D)
+        x0 = np.empty(D)
         cm = c_mean[k]
         cq = c_m2[k]
         n_acc = 0.0
@@ -181,7 +216,7 @@ def _rows_moments(x, block_rows, chunk_blocks):  # type: ignore[no-untyped-def]
         for b in range(k * chunk_blocks, b1):
             r0 = b * block_rows
             r1 = min(R, r0 + block_rows)
-            _rows_block(x, r0, r1, ref, s, q)
+            _rows_block_shifted(x, r0, r1, ref, s, q, x0)
             nb = float(r1 - r0)
             n = n_acc + nb
             f = nb / n
@@ -268,53 +303,86 @@ def rows_moments_general(x, ref, w, use_w, omit, block_rows, chunk_blocks):  # t
 
 
 @njit(**JIT)
-def _segment(seg, r):  # type: ignore[no-untyped-def]
-    """Two-pass (shifted mean, M2) of one contiguous segment, shifted by ``r``.
+def _cf_block(x, c, a0, a1, l0, l1, r):  # type: ignore[no-untyped-def]
+    """(mean - r, M2) of ``x[a0:a1, c, l0:l1]``: a checked shifted pass, else a two-pass.
 
-    A function of its own: the reassociation that vectorizes these sums is applied to jitted
-    functions, not to loop bodies inlined into a ``prange``.
+    A jitted function of its own: the reassociation that vectorizes these contiguous sums is
+    applied to jitted functions, not to loop bodies inlined into a ``prange``.
     """
-    m = seg.shape[0]
+    n = (a1 - a0) * (l1 - l0)
+    # one pass shifted by the block's first element, checked as in _rows_block_shifted
+    x0 = np.float64(x[a0, c, l0])  # float() of a float32 stays float32 in Numba
+    s1 = 0.0
+    s2 = 0.0
+    for a in range(a0, a1):
+        row = x[a, c, l0:l1]
+        for i in range(row.shape[0]):
+            v = row[i] - x0
+            s1 += v
+            s2 += v * v
+    mb = s1 / n
+    m2 = s2 - s1 * mb
+    if not s2 > REFINE * m2:
+        return (x0 - r) + mb, m2
     tot = 0.0
-    for i in range(m):
-        tot += seg[i] - r
-    mb = tot / m
+    for a in range(a0, a1):
+        row = x[a, c, l0:l1]
+        for i in range(row.shape[0]):
+            tot += row[i] - r
+    mb = tot / n
     qq = 0.0
-    for i in range(m):
-        v = (seg[i] - r) - mb
-        qq += v * v
+    for a in range(a0, a1):
+        row = x[a, c, l0:l1]
+        for i in range(row.shape[0]):
+            v = (row[i] - r) - mb
+            qq += v * v
     return mb, qq
 
 
-def _cf_moments(x, seg_len, chunk_segs):  # type: ignore[no-untyped-def]
+def _cf_moments(x, seg_len, chunk_blocks):  # type: ignore[no-untyped-def]
     """Moments of a 3-D array ``x`` of shape (A, C, L), reduced over A and L (channels-first).
 
     ``L`` should be the contiguous axis. Covers NCL/NCHW/NCDHW (as ``(N, C, H*W...)``),
-    per-sample statistics (``(1, rows, L)``) and 1-D data (``(1, 1, n)``). Returns
-    ``(n, mean, m2, lo)`` of shape (C,).
+    per-sample statistics (``(1, rows, L)``) and 1-D data (``(1, 1, n)``). A block is a run of
+    about ``seg_len`` contiguous elements: part of one row when ``L > seg_len``, else several
+    whole rows ``x[a0:a1, c, :]``. Returns ``(n, mean, m2, lo)`` of shape (C,).
     """
     A, C, L = x.shape
     ref = finite_or_zero(x[0, :, 0])
-    nseg_row = (L + seg_len - 1) // seg_len
-    nseg = A * nseg_row
-    ncpc = (nseg + chunk_segs - 1) // chunk_segs
+    if L > seg_len:
+        rows_per = 1
+        seg_per_row = (L + seg_len - 1) // seg_len
+        nblk = A * seg_per_row
+    else:
+        rows_per = max(1, seg_len // L)
+        seg_per_row = 1
+        nblk = (A + rows_per - 1) // rows_per
+    ncpc = (nblk + chunk_blocks - 1) // chunk_blocks
     c_n = np.zeros((C, ncpc))
     c_mean = np.zeros((C, ncpc))
     c_m2 = np.zeros((C, ncpc))
     for t in prange(C * ncpc):
-        c = t // ncpc
-        k = t - c * ncpc
+        # chunk-major order: consecutive tasks read neighbouring channels of the same samples,
+        # so the threads stream through memory in address order
+        k = t // C
+        c = t - k * C
         r = ref[c]
         n_acc = 0.0
         m_acc = 0.0
         q_acc = 0.0
-        s1 = min(nseg, (k + 1) * chunk_segs)
-        for sg in range(k * chunk_segs, s1):
-            a = sg // nseg_row
-            l0 = (sg - a * nseg_row) * seg_len
-            seg = x[a, c, l0 : min(L, l0 + seg_len)]
-            mb, qq = _segment(seg, r)
-            nb = float(seg.shape[0])
+        for b in range(k * chunk_blocks, min(nblk, (k + 1) * chunk_blocks)):
+            if rows_per > 1 or seg_per_row == 1:
+                a0 = b * rows_per
+                a1 = min(A, a0 + rows_per)
+                l0 = 0
+                l1 = L
+            else:
+                a0 = b // seg_per_row
+                a1 = a0 + 1
+                l0 = (b - a0 * seg_per_row) * seg_len
+                l1 = min(L, l0 + seg_len)
+            mb, qq = _cf_block(x, c, a0, a1, l0, l1, r)
+            nb = float((a1 - a0) * (l1 - l0))
             n = n_acc + nb
             f = nb / n
             delta = mb - m_acc

@@ -145,11 +145,10 @@ def _rows_params(D: int, itemsize: int, R: int) -> tuple[int, int]:
 
 
 def _cf_params(A: int, L: int) -> tuple[int, int]:
-    seg = min(L, SEG_LEN) if L > 0 else 1
-    return seg, max(1, CHUNK_ELEMS // seg)
-
-
-Stats = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # n, mean, m2, lo (mean residual)
+    """Segment length and blocks per parallel chunk of the channels-first kernel."""
+    seg = SEG_LEN
+    block = L * max(1, SEG_LEN // L) if L <= SEG_LEN else SEG_LEN
+    return seg, max(1, CHUNK_ELEMS // max(1, block))
 
 
 def _run_rows(x: np.ndarray, w: np.ndarray | None, omit: bool) -> Stats:
