@@ -13,23 +13,20 @@ from ._config import PARALLEL_JIT
 
 
 @njit(**PARALLEL_JIT)
-def normalize_rows(x, shift, scale, beta, out, tile_rows, tile_cols):  # type: ignore[no-untyped-def]
+def normalize_rows(x, shift, scale, beta, out, chunk_rows):  # type: ignore[no-untyped-def]
     """Rows layout: ``x`` and ``out`` of shape (R, D), parameters of shape (D,).
 
-    The (R, D) plane is cut into tiles of ``tile_rows x tile_cols``, one parallel task each.
+    One parallel task per ``chunk_rows`` rows; the inner loop runs over a whole row (views of one
+    row keep it simple enough to vectorize).
     """
     R, D = x.shape
-    ntr = (R + tile_rows - 1) // tile_rows
-    ntc = (D + tile_cols - 1) // tile_cols
-    for t in prange(ntr * ntc):
-        i = t // ntc
-        j = t - i * ntc
-        r1 = min(R, (i + 1) * tile_rows)
-        d0 = j * tile_cols
-        d1 = min(D, d0 + tile_cols)
-        for r in range(i * tile_rows, r1):
-            for d in range(d0, d1):
-                out[r, d] = (x[r, d] - shift[d]) * scale[d] + beta[d]
+    nchunks = (R + chunk_rows - 1) // chunk_rows
+    for k in prange(nchunks):
+        for r in range(k * chunk_rows, min(R, (k + 1) * chunk_rows)):
+            xr = x[r]
+            orow = out[r]
+            for d in range(D):
+                orow[d] = (xr[d] - shift[d]) * scale[d] + beta[d]
 
 
 @njit(**PARALLEL_JIT)
@@ -47,8 +44,10 @@ def normalize_cf(x, shift, scale, beta, out, seg_len):  # type: ignore[no-untype
         c = rem // nseg
         l0 = (rem - c * nseg) * seg_len
         l1 = min(L, l0 + seg_len)
+        xr = x[a, c, l0:l1]
+        orow = out[a, c, l0:l1]
         m = shift[c]
         s = scale[c]
         b = beta[c]
-        for i in range(l0, l1):
-            out[a, c, i] = (x[a, c, i] - m) * s + b
+        for i in range(l1 - l0):
+            orow[i] = (xr[i] - m) * s + b

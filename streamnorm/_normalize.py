@@ -16,9 +16,6 @@ from ._moments import Axis, _normalize_axes
 _KERNEL_IN = {np.dtype(t) for t in ("f4", "f8", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8")}
 _OUT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
-#: Columns per tile of the rows kernel.
-TILE_COLS = 4096
-
 
 def _is_torch(x: Any) -> bool:
     return type(x).__module__.split(".")[0] == "torch" and hasattr(x, "detach")
@@ -267,10 +264,8 @@ def normalize(
             _physical(p, kept_axes, kept_phys, flips) for p in (mu, scale, b)
         )
         if kind == "rows":
-            D = xv.shape[1]
-            tc = min(D, TILE_COLS)
-            tr = max(1, CHUNK_ELEMS // tc)
-            KN.normalize_rows(xv, shift_p, scale_p, beta_p, ov, tr, tc)
+            chunk = max(1, CHUNK_ELEMS // max(1, xv.shape[1]))
+            KN.normalize_rows(xv, shift_p, scale_p, beta_p, ov, chunk)
         else:
             KN.normalize_cf(xv, shift_p, scale_p, beta_p, ov, SEG_LEN)
     if as_torch and out is None:

@@ -19,9 +19,9 @@ FORMAT_NAME = "streamnorm.Tracker"
 FORMAT_VERSION = 1
 
 #: Bytes of pending batch moments a layer holds before applying them to its estimators.
-PENDING_BYTES = 256 * 1024
+PENDING_BYTES = 512 * 1024
 #: At most this many pending batches per layer.
-MAX_PENDING = 16
+MAX_PENDING = 32
 
 _DEFAULT_AXIS: Any = object()
 
@@ -49,6 +49,8 @@ class _Layer(_Owner):
         self.bn: np.ndarray | None = None  # per-dimension counts, allocated when first needed
         self.bm = np.zeros((self.cap, D))
         self.bq = np.zeros((self.cap, D))
+        self.rm = list(self.bm)  # row views: ``row[...] = a`` is the cheapest copy into a row
+        self.rq = list(self.bq)
         self.uniform = True
         self.weighted = False
         for e in self.fast:
@@ -211,7 +213,7 @@ class Tracker:
         if axis is _DEFAULT_AXIS:
             nd = getattr(x, "ndim", None)
             nd = int(np.ndim(x)) if nd is None else int(nd)
-            axis = 0 if nd < 2 else (0, *range(2, nd))
+            axis = 0 if nd <= 2 else (0, *range(2, nd))  # an int takes moments' fast path
         return self._feed(layer, moments(x, axis, **moments_kwargs))
 
     def update_moments(self, layer: str, m: Moments) -> None:
@@ -235,8 +237,8 @@ class Tracker:
         ):
             # the common case, kept short: one batch, every dimension with the same count
             k = len(lay.counts)
-            lay.bm[k] = m._mean
-            lay.bq[k] = m._m2
+            lay.rm[k][...] = m._mean
+            lay.rq[k][...] = m._m2
             lay.counts.append(m._total)
             lay.epochs.append(self._epoch)
             if m._weighted:
@@ -331,8 +333,8 @@ class Tracker:
             for name, e in lay.ests.items():
                 if convention is None:
                     row[name] = (
-                        np.array(e.mean, dtype=np.float64),
-                        np.array(e.var, dtype=np.float64),
+                        np.asarray(e.mean, dtype=np.float64),
+                        np.asarray(e.var, dtype=np.float64),
                     )
                 elif not hasattr(e, "running_var"):
                     raise TypeError(
@@ -341,8 +343,8 @@ class Tracker:
                     )
                 else:
                     row[name] = (
-                        np.array(e.mean, dtype=np.float64),
-                        np.array(e.running_var(convention), dtype=np.float64),
+                        np.asarray(e.mean, dtype=np.float64),
+                        np.asarray(e.running_var(convention), dtype=np.float64),
                     )
             out[layer] = row
         return out

@@ -90,7 +90,16 @@ class CumulativeAverage(Estimator):
     ) -> None:
         self._t = float(
             EK.cumulative_rows(
-                n, mu, m2, self._t, self._mu, self._s, self._var_u, self._var_b, uniform
+                n,
+                mu,
+                m2,
+                self._t,
+                self._mu,
+                self._s,
+                self._var_u,
+                self._var_b,
+                uniform,
+                self.var_mode == "pooled",
             )
         )
 

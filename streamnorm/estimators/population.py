@@ -28,8 +28,9 @@ class Population(Estimator):
     -----
     Each batch's ``(n, mean, M2)`` is merged with ``n = na + nb; d = mb - ma;
     mean = ma + d nb / n; M2 = M2a + M2b + d^2 na nb / n``, which is exact whatever the batch
-    sizes: the result equals the moments of the concatenated batches up to rounding. The order of the batches does
-    not matter beyond rounding, so populations of disjoint shards can be merged.
+    sizes: the result equals the moments of the concatenated batches up to rounding. The order
+    of the batches does not matter beyond rounding, so populations of disjoint shards can be
+    merged.
 
     Examples
     --------

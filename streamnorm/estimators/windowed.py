@@ -138,6 +138,7 @@ class WindowedAverage(Estimator):
 
     def _init_state(self, D: int) -> None:
         self._D = D
+        self._cache: tuple[np.ndarray, np.ndarray, np.ndarray, float] | None = None
         self._epochs: list[int] = []
         self._nb: list[int] = []
         self._rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
@@ -156,6 +157,7 @@ class WindowedAverage(Estimator):
     def _apply(
         self, n: np.ndarray, mu: np.ndarray, m2: np.ndarray, epochs: np.ndarray, uniform: bool
     ) -> None:
+        self._cache = None
         k = mu.shape[0]
         i = 0
         while i < k:
@@ -190,6 +192,11 @@ class WindowedAverage(Estimator):
         return [self._epochs[i] for i in self._window()]
 
     def _combine(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+        if self._cache is None:
+            self._cache = self._combine_window()
+        return self._cache
+
+    def _combine_window(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
         w = self._window()
         if len(w) == 0:
             E = len(self._epochs)
@@ -256,6 +263,7 @@ class WindowedAverage(Estimator):
             raise ValueError("corrupt estimator record: epochs must be increasing and >= 0")
         names = self._row_names()
         rows = [state_array(d, "epoch_" + name, (E, D)) for name in names]
+        self._cache = None
         self._epochs = [int(e) for e in epochs]
         self._nb = [int(b) for b in nb]
         self._rows = [(rows[0][i].copy(), rows[1][i].copy(), rows[2][i].copy()) for i in range(E)]
