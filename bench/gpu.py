@@ -31,7 +31,7 @@ from streamnorm.cuda import DeviceMoments
 from streamnorm.cuda import _config as C
 
 #: launch shapes tried by the tuning table: (threads per block, elements per thread tile)
-TUNING = ((256, 8), (256, 16), (128, 8), (128, 16), (512, 16))
+TUNING = ((256, 8), (256, 16), (128, 16), (64, 16), (256, 32), (128, 32))
 
 
 def host_profile(x: torch.Tensor, axis: Any, calls: int = 200) -> str:

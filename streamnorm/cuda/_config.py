@@ -12,7 +12,7 @@ BLOCK_THREADS = 256
 
 #: Elements each thread holds in registers per tile (the two-pass runs over these); a power
 #: of two, so that a full tile's mean is an exact multiplication.
-UNROLL = 8
+UNROLL = 16
 
 #: Input elements per block of the ``rows`` kernel (rows x columns of one work unit).
 ROWS_CHUNK_ELEMS = 64 * 1024

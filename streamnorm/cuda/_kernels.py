@@ -55,8 +55,12 @@ def chan(na, ma, qa, nb, mb, qb):  # type: ignore[no-untyped-def]
 
 @cuda.jit(device=True)
 def dec_plain(raw):  # type: ignore[no-untyped-def]
-    """A stored element as float64 (float16/32/64, ints)."""
-    return float(raw)
+    """A stored element as float64 (float16/32/64, ints).
+
+    ``np.float64`` rather than ``float``: for a float16 element ``float`` stays a half on the
+    GPU, and the arithmetic after it would run in half precision.
+    """
+    return np.float64(raw)
 
 
 @cuda.jit(device=True)
@@ -177,8 +181,6 @@ def rows_kernel(ng: int, ktab: bool, use_w: bool, omit: bool, bf16: bool) -> Any
         sh_n = cuda.shared.array(NT, f8)
         sh_m = cuda.shared.array(NT, f8)
         sh_q = cuda.shared.array(NT, f8)
-        vals = cuda.local.array(KU, f8)
-        wts = cuda.local.array(KU, f8)
         na = 0.0
         ma = 0.0
         qa = 0.0
@@ -200,16 +202,17 @@ def rows_kernel(ng: int, ktab: bool, use_w: bool, omit: bool, bf16: bool) -> Any
             qs = 0.0
             while r < r1:
                 if FAST and r + (KU - 1) * TY < r1:
+                    x0 = dec(x[ko + goff(r, itab)])
                     s = 0.0
-                    for i in range(KU):
-                        v = dec(x[ko + goff(r + i * TY, itab)]) - rv
-                        vals[i] = v
-                        s += v
-                    mt = s * INV_KU
                     q = 0.0
-                    for i in range(KU):
-                        dv = vals[i] - mt
-                        q += dv * dv
+                    for i in range(1, KU):
+                        v = dec(x[ko + goff(r + i * TY, itab)]) - x0
+                        s += v
+                        q += v * v
+                    mt = (x0 - rv) + s * INV_KU
+                    q -= s * (s * INV_KU)
+                    if q < 0.0:
+                        q = 0.0
                     if k == 0:
                         m0 = mt
                     dm = mt - m0
@@ -220,11 +223,10 @@ def rows_kernel(ng: int, ktab: bool, use_w: bool, omit: bool, bf16: bool) -> Any
                     r += KU * TY
                     continue
                 cnt = 0.0
-                s = 0.0
+                mt = 0.0
+                q = 0.0
                 for i in range(KU):
                     rr = r + i * TY
-                    v = 0.0
-                    wt = 0.0
                     if rr < r1:
                         v = dec(x[ko + goff(rr, itab)]) - rv
                         wt = 1.0
@@ -233,18 +235,12 @@ def rows_kernel(ng: int, ktab: bool, use_w: bool, omit: bool, bf16: bool) -> Any
                         if omit:
                             if not is_finite(v):
                                 wt = 0.0
-                        if wt == 0.0:
-                            v = 0.0
-                    vals[i] = v
-                    wts[i] = wt
-                    cnt += wt
-                    s += wt * v
+                        if wt > 0.0:
+                            cnt += wt
+                            dv = v - mt
+                            mt += dv * (wt / cnt)
+                            q += wt * dv * (v - mt)
                 if cnt > 0.0:
-                    mt = s / cnt
-                    q = 0.0
-                    for i in range(KU):
-                        dv = vals[i] - mt
-                        q += wts[i] * (dv * dv)
                     na, ma, qa = chan(na, ma, qa, cnt, mt, q)
                 r += KU * TY
             if k > 0:
@@ -303,8 +299,6 @@ def cf_kernel(ng: int, ktab: bool, use_w: bool, omit: bool, bf16: bool) -> Any:
         sh_n = cuda.shared.array(NT, f8)
         sh_m = cuda.shared.array(NT, f8)
         sh_q = cuda.shared.array(NT, f8)
-        vals = cuda.local.array(KU, f8)
-        wts = cuda.local.array(KU, f8)
         na = 0.0
         ma = 0.0
         qa = 0.0
@@ -332,16 +326,17 @@ def cf_kernel(ng: int, ktab: bool, use_w: bool, omit: bool, bf16: bool) -> Any:
             li = l0 + lane
             while li < l1:
                 if FAST and li + (KU - 1) * rg < l1:
+                    x0 = dec(x[ao + li])
                     s = 0.0
-                    for i in range(KU):
-                        v = dec(x[ao + li + i * rg]) - rv
-                        vals[i] = v
-                        s += v
-                    mt = s * INV_KU
                     q = 0.0
-                    for i in range(KU):
-                        dv = vals[i] - mt
-                        q += dv * dv
+                    for i in range(1, KU):
+                        v = dec(x[ao + li + i * rg]) - x0
+                        s += v
+                        q += v * v
+                    mt = (x0 - rv) + s * INV_KU
+                    q -= s * (s * INV_KU)
+                    if q < 0.0:
+                        q = 0.0
                     if k == 0:
                         m0 = mt
                     dm = mt - m0
@@ -352,11 +347,10 @@ def cf_kernel(ng: int, ktab: bool, use_w: bool, omit: bool, bf16: bool) -> Any:
                     li += step
                     continue
                 cnt = 0.0
-                s = 0.0
+                mt = 0.0
+                q = 0.0
                 for i in range(KU):
                     ll = li + i * rg
-                    v = 0.0
-                    wt = 0.0
                     if ll < l1:
                         v = dec(x[ao + ll]) - rv
                         wt = 1.0
@@ -365,18 +359,12 @@ def cf_kernel(ng: int, ktab: bool, use_w: bool, omit: bool, bf16: bool) -> Any:
                         if omit:
                             if not is_finite(v):
                                 wt = 0.0
-                        if wt == 0.0:
-                            v = 0.0
-                    vals[i] = v
-                    wts[i] = wt
-                    cnt += wt
-                    s += wt * v
+                        if wt > 0.0:
+                            cnt += wt
+                            dv = v - mt
+                            mt += dv * (wt / cnt)
+                            q += wt * dv * (v - mt)
                 if cnt > 0.0:
-                    mt = s / cnt
-                    q = 0.0
-                    for i in range(KU):
-                        dv = vals[i] - mt
-                        q += wts[i] * (dv * dv)
                     na, ma, qa = chan(na, ma, qa, cnt, mt, q)
                 li += step
         if k > 0:
