@@ -80,6 +80,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-plot", action="store_true", help="write compare.json only (no matplotlib needed)"
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="PyTorch threads for the run (default 1: fastest for this small network)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -110,6 +116,7 @@ def run(args: Any) -> int:
         seeds=args.seeds,
         lr=args.lr,
         schedule=args.schedule,
+        threads=args.threads,
         progress=not args.quiet,
     )
     paths = result.save(args.out, plot=not args.no_plot)

@@ -678,6 +678,7 @@ def compare(
     lr: float = 0.05,
     schedule: str = "constant",
     last_steps: int | None = None,
+    threads: int | None = 1,
     progress: bool = False,
 ) -> CompareResult:
     """Train the digits CNN, track every estimator, and score them against the truth.
@@ -711,6 +712,11 @@ def compare(
         weights settle at the end, which favours estimators that weigh the last steps.
     last_steps : int, optional
         Steps at the end of training over which the noise is measured; one epoch by default.
+    threads : int or None, default 1
+        PyTorch intra-op threads while this function runs (``torch.set_num_threads``; the
+        previous setting is restored on return, also on error). The network is so small that
+        per-operation threading overhead dominates: one thread is fastest, by far on a busy
+        machine. ``None`` leaves PyTorch's setting alone.
     progress : bool, default False
         Show a tqdm progress bar on stderr.
 
@@ -788,6 +794,12 @@ def compare(
         raise ValueError(f"last_steps must be a positive int, got {last_steps!r}")
     last_steps = min(last_steps, total)
 
+    if threads is not None and (
+        isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+    ):
+        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+    torch = require("torch")
+    old_threads = torch.get_num_threads()
     bar: Any = None
     if progress:
         tqdm = require("tqdm")
@@ -799,6 +811,8 @@ def compare(
 
     runs = []
     try:
+        if threads is not None:
+            torch.set_num_threads(threads)
         for seed in seed_list:
             if bar is not None:
                 bar.set_postfix_str(f"seed {seed}")
@@ -820,6 +834,7 @@ def compare(
                 )  # fmt: skip
             )
     finally:
+        torch.set_num_threads(old_threads)
         if bar is not None:
             bar.close()
     layers = list(runs[0]["truth"])
@@ -835,6 +850,7 @@ def compare(
         "lr": lr,
         "schedule": schedule,
         "last_steps": last_steps,
+        "threads": threads,
         "steps_per_epoch": steps,
         "n_train": n_train,
         "n_test": int(data[2].shape[0]),

@@ -19,6 +19,16 @@ from streamnorm._digits import accuracy, load_digits_nchw, make_cnn, shift_domai
 from streamnorm.compare import compare, ground_truth, layer_errors  # noqa: E402
 from streamnorm.torch import bn_layers  # noqa: E402
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny networks: one intra-op thread is fastest (and immune to a busy machine)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 # --------------------------------------------------------------------------------------------
 # metrics
 
@@ -112,11 +122,18 @@ def test_ground_truth_bad_input():
 
 @pytest.fixture(scope="module")
 def short_run():
-    return compare(epochs=3, batch_size=128, seeds=2, width=4, drop_first=1, drop_last=1)
+    torch.set_num_threads(2)
+    try:
+        result = compare(epochs=3, batch_size=128, seeds=2, width=4, drop_first=1, drop_last=1)
+        assert torch.get_num_threads() == 2  # the run used 1 thread and restored the setting
+    finally:
+        torch.set_num_threads(1)
+    return result
 
 
 def test_compare_short_run_numbers(short_run):
     r = short_run
+    assert r.config["threads"] == 1
     assert r.layers == ["bn1", "bn2", "bn3", "bn4"]
     assert r.estimators == ["population", "ema", "ema_keras", "cumulative", "windowed"]
     assert len(r.runs) == 2 and [run["seed"] for run in r.runs] == [0, 1]
@@ -188,6 +205,10 @@ def test_compare_bad_input():
         compare(epochs=1, estimators=["median"])
     with pytest.raises(ValueError, match="epochs"):
         compare(epochs=0)
+    with pytest.raises(ValueError, match="threads"):
+        compare(epochs=1, threads=0)
+    with pytest.raises(ValueError, match="schedule"):
+        compare(epochs=1, schedule="linear")
 
 
 # --------------------------------------------------------------------------------------------
