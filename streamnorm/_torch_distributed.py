@@ -78,8 +78,9 @@ def all_reduce_moments(m: Moments, group: Any = None) -> Moments:
 
     Notes
     -----
-    The ranks exchange counts, means and M2 (two ``all_gather`` calls, float64, exact) and merge
-    them with ``M2 = sum M2_r + sum n_r (mean_r - mean)^2``, the law of total variance. Averaging
+    The ranks exchange counts, means (with their rounding residuals) and M2 (two ``all_gather``
+    calls, float64, exact) and merge them with ``M2 = sum M2_r + sum n_r (mean_r - mean)^2``,
+    the law of total variance. Averaging
     the ranks' variances instead (what a plain ``all_reduce(var) / world`` gives) ignores the
     spread between the ranks' means and weighs ranks equally whatever their counts, so the
     ranks' running statistics drift apart from the global ones. With NCCL the tensors go through
@@ -112,10 +113,11 @@ def all_reduce_moments(m: Moments, group: Any = None) -> Moments:
     (shape,) = shapes
     size = int(np.prod(shape, dtype=np.int64))
     if m.shape is None:
-        mine = np.stack([np.zeros(size), np.full(size, np.nan), np.zeros(size)])
+        mine = np.stack([np.zeros(size), np.full(size, np.nan), np.zeros(size), np.zeros(size)])
     else:
         d = m.to_dict()
-        mine = np.stack([d["count"], d["mean"], d["m2"]])
+        lo = np.asarray(d.get("mean_lo", np.zeros(size)), dtype=np.float64)
+        mine = np.stack([d["count"], d["mean"], lo, d["m2"]])
     parts = _gather(dist, torch, mine, group, device, world)
     out = Moments()
     for h, p in zip(heads, parts, strict=True):
@@ -129,7 +131,8 @@ def all_reduce_moments(m: Moments, group: Any = None) -> Moments:
                 "shape": np.asarray(shape, dtype=np.int64),
                 "count": p[0],
                 "mean": p[1],
-                "m2": p[2],
+                "mean_lo": p[2],
+                "m2": p[3],
                 "total": float(h[3]),
                 "weighted": bool(h[4]),
                 "per_dim": bool(h[5]),

@@ -21,89 +21,29 @@ dask = require("dask", "dask")
 
 __all__ = ["moments"]
 
-#: Dtype of the reduction's output blocks: one (count, mean, M2) record per dimension.
-STATE_DTYPE = np.dtype([("n", "f8"), ("mean", "f8"), ("m2", "f8")])
+#: Dtype of the reduction's output blocks: a (count, mean, mean residual, M2) record per dimension.
+STATE_DTYPE = np.dtype([("n", "f8"), ("mean", "f8"), ("lo", "f8"), ("m2", "f8")])
 
-#: Bytes of float64 per shifted slab of a chunk (the slab is read back from cache by the kernel).
+#: A mean counts as far from zero above this many standard deviations: its float64 rounding
+#: would then show in the merge (relative error about 1e-16 * FAR per merge level).
+FAR = 100.0
+
+#: Bytes of float64 per shifted slab of a block (see ``_shifted``).
 SLAB_BYTES = 4 * 1024 * 1024
 
 
 # --------------------------------------------------------------------------------------------
 # the three steps of the reduction
 #
-# A chunk state is a dict of arrays in Dask's ``keepdims`` shape: ``n`` (count), ``ref`` (a value
-# near the data), ``mean`` (the mean *minus* ``ref``) and ``m2``. Keeping the reference apart from
-# the small shifted mean is what keeps the merge exact for data far from zero: the difference of
-# two chunk means is formed as ``(ref_b - ref_a) + (mean_b - mean_a)``, where each part is exact or
-# small, instead of from two rounded unshifted means.
-
-_State = dict[str, np.ndarray]
+# ``chunk`` returns the block's :class:`Moments` (the core kernel on the block as it is, no copy);
+# ``combine`` and ``aggregate`` get them in block order (``concatenate=False``) and Chan-merge them
+# with ``+=``. Moments keep each mean as a double-double (``mean + mean_lo``), so the difference of
+# two chunk means, which the merge squares, keeps its digits far from zero whatever the chunking.
 
 
-def _empty_state(shape: tuple[int, ...]) -> _State:
-    return {
-        "n": np.zeros(shape),
-        "ref": np.zeros(shape),
-        "mean": np.full(shape, np.nan),
-        "m2": np.zeros(shape),
-    }
-
-
-def _merge_into(a: _State, b: _State) -> None:
-    """Chan-merge state ``b`` into state ``a`` in place (flat float64 arrays, same length)."""
-    na, nb = a["n"], b["n"]
-    take = (na == 0.0) & (nb > 0.0)  # a is empty there: b's state as it is
-    both = (na > 0.0) & (nb > 0.0)
-    if take.any():
-        for k in ("ref", "mean", "m2"):
-            a[k][take] = b[k][take]
-    if both.any():
-        n1, n2 = na[both], nb[both]
-        n = n1 + n2
-        f = n2 / n
-        delta = (b["ref"][both] - a["ref"][both]) + (b["mean"][both] - a["mean"][both])
-        a["mean"][both] = a["mean"][both] + delta * f
-        a["m2"][both] = a["m2"][both] + b["m2"][both] + delta * delta * (n1 * f)
-    a["n"] += nb
-
-
-def _core_state(
-    y: np.ndarray, axis: tuple[int, ...], w: np.ndarray | None, nan_policy: str
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Flat (n, mean, m2) of one slab from the core, length-1 axes dropped first.
-
-    A length-1 axis holds nothing to reduce or to split; dropping it (a view) gives the core the
-    plainest layout. If the weighted axis is dropped, its single weight applies to every sample.
-    """
-    ones = [i for i in range(y.ndim) if y.shape[i] == 1]
-    red = [i for i in axis if i not in ones]
-    if not red:  # one sample per dimension: keep one reduced axis
-        ones.remove(axis[0])
-        red = [axis[0]]
-    if w is not None and axis[0] in ones:
-        w = np.full(y.shape[red[0]], w[0])
-    z = y.squeeze(axis=tuple(ones)) if ones else y
-    new_axes = tuple(i - sum(1 for o in ones if o < i) for i in red)
-    ax: int | tuple[int, ...] = (
-        new_axes[0] if len(new_axes) == 1 else new_axes
-    )  # the rows fast path
-    d = Moments().update(z, ax, weights=w, nan_policy=nan_policy).to_dict()
-    return d["count"], d["mean"], d["m2"]
-
-
-def _block_ref(x: np.ndarray, axis: tuple[int, ...], nan_policy: str) -> np.ndarray:
-    """A per-dimension value near the data: the first sample (keepdims shape, float64)."""
-    first = tuple(slice(0, 1) if i in axis else slice(None) for i in range(x.ndim))
-    ref = np.array(x[first], dtype=np.float64)
-    bad = ~np.isfinite(ref)
-    if bad.any():
-        ref[bad] = 0.0
-        if nan_policy == "omit":  # the first finite value would do; the slab mean is as good
-            n, m, _ = _core_state(x, axis, None, "omit")
-            m = m.reshape(ref.shape)
-            fix = bad & np.isfinite(m)
-            ref[fix] = m[fix]
-    return ref
+def _empty_state(kept: tuple[int, ...]) -> Moments:
+    """A state with no samples over ``kept`` dimensions (merging it changes nothing)."""
+    return Moments.from_arrays(0, np.full(kept, np.nan), np.zeros(kept))
 
 
 def _chunk(
@@ -112,59 +52,93 @@ def _chunk(
     *,
     axis: tuple[int, ...],
     nan_policy: str = "propagate",
-) -> _State:
-    """One block's state, with the reduced axes kept at length 1 (Dask's ``keepdims`` shape).
+) -> Moments:
+    """One block's state over the block's kept dimensions (reduced axes dropped).
 
-    The block is shifted by its first sample slab by slab along the first reduced axis (each slab
-    at most ``SLAB_BYTES`` of float64), each slab goes through the core kernel, and the slab states
-    are merged in order.
+    The core kernel runs on the block as it is. Where the kernel reports no rounding residual for
+    a mean far from zero (relative to the spread), the block is done again shifted by its first
+    sample (see :func:`_shifted`), which gives the residual exactly.
     """
-    kshape = tuple(1 if i in axis else s for i, s in enumerate(x.shape))
+    kept = tuple(s for i, s in enumerate(x.shape) if i not in axis)
     if x.size == 0:  # an empty block (no samples, or no dimensions)
-        return _empty_state(kshape)
-    a0 = axis[0]
+        return _empty_state(kept)
     w = None
     if weights is not None:
+        a0 = axis[0]
         w = np.ascontiguousarray(
             weights[tuple(slice(None) if i == a0 else 0 for i in range(x.ndim))], dtype=np.float64
         )
-    ref = _block_ref(x, axis, nan_policy)
-    size = int(np.prod(kshape, dtype=np.int64))
-    acc = _empty_state((size,))
-    acc["mean"] = np.zeros(size)
-    per_row = max(1, x.size // x.shape[a0]) * 8
-    step = max(1, SLAB_BYTES // per_row)
+    ax: int | tuple[int, ...] = axis[0] if len(axis) == 1 else axis  # the core's rows fast path
+    st = Moments().update(x, ax, weights=w, nan_policy=nan_policy)
+    if _residual_missing(st):
+        st = _shifted(x, axis, w, nan_policy)
+    return st
+
+
+def _residual_missing(st: Moments) -> bool:
+    """True if some mean sits far from zero (``|mean| > FAR * std``) without a residual."""
+    if st.shape is None:
+        return False
+    d = st.to_dict()
+    n, mean, m2 = d["count"], d["mean"], d["m2"]
+    lo = np.asarray(d.get("mean_lo", np.zeros_like(mean)))
+    with np.errstate(all="ignore"):
+        ok = (n > 1) & np.isfinite(mean) & np.isfinite(m2) & (m2 > 0)
+        far = ok & (np.abs(mean) > FAR * np.sqrt(m2 / np.where(n > 0, n, 1.0))) & (lo == 0.0)
+    return bool(far.any())
+
+
+def _shifted(
+    x: np.ndarray, axis: tuple[int, ...], w: np.ndarray | None, nan_policy: str
+) -> Moments:
+    """The block's state computed on ``x - ref`` (``ref``: its first sample), slab by slab.
+
+    The shifted means are small, so their rounding is negligible, and ``ref + shifted mean`` is
+    split exactly into ``mean + mean_lo`` (two-sum). Slabs along the first reduced axis hold at
+    most ``SLAB_BYTES`` of float64 each.
+    """
+    a0 = axis[0]
+    first = tuple(slice(0, 1) if i in axis else slice(None) for i in range(x.ndim))
+    ref = np.array(x[first], dtype=np.float64)  # keepdims shape, broadcasts against x
+    if nan_policy == "omit":  # a missing first sample: the column's mean is as good a reference
+        bad = ~np.isfinite(ref)
+        if bad.any():
+            with np.errstate(all="ignore"):
+                m = np.nanmean(np.where(np.isfinite(x), x, np.nan), axis=axis, keepdims=True)
+            ref[bad] = np.where(np.isfinite(m), m, 0.0)[bad]
+    ref[~np.isfinite(ref)] = 0.0
+    ax: int | tuple[int, ...] = a0 if len(axis) == 1 else axis
+    acc = Moments()
+    step = max(1, SLAB_BYTES // max(1, (x.size // x.shape[a0]) * 8))
     for i in range(0, x.shape[a0], step):
         sl = tuple(slice(i, i + step) if j == a0 else slice(None) for j in range(x.ndim))
         y = np.subtract(x[sl], ref, dtype=np.float64)
-        n, m, q = _core_state(y, axis, None if w is None else w[i : i + step], nan_policy)
-        _merge_into(acc, {"n": n, "ref": np.zeros(size), "mean": m, "m2": q})
-    acc["ref"] = ref.reshape(-1).copy()
-    return {k: v.reshape(kshape) for k, v in acc.items()}
+        acc.update(y, ax, weights=None if w is None else w[i : i + step], nan_policy=nan_policy)
+    d = acc.to_dict()
+    r = ref.reshape(-1)
+    s = d["mean"]
+    hi = r + s  # two-sum: hi + err == r + s exactly
+    bb = hi - r
+    err = (r - (hi - bb)) + (s - bb)
+    empty = d["count"] == 0
+    d["mean"] = np.where(empty, np.nan, hi)
+    d["mean_lo"] = np.where(empty | ~np.isfinite(hi), 0.0, err + d.get("mean_lo", 0.0))
+    return Moments.from_dict(d)
 
 
-def _flatten(parts: Any) -> list[_State]:
+def _flatten(parts: Any) -> list[Moments]:
     """Dask hands ``combine``/``aggregate`` one state or nested lists of states, in block order."""
-    if isinstance(parts, dict):
+    if isinstance(parts, Moments):
         return [parts]
-    out: list[_State] = []
+    out: list[Moments] = []
     for p in parts:
         out.extend(_flatten(p))
     return out
 
 
-def _merge(parts: Any) -> _State:
+def _merge(parts: Any) -> Moments:
     """Chan-merge the states in block order (a fixed order, whatever the completion order)."""
-    states = _flatten(parts)
-    shape = states[0]["n"].shape
-    acc = {k: np.array(v, dtype=np.float64).reshape(-1) for k, v in states[0].items()}
-    for s in states[1:]:
-        if s["n"].shape != shape:
-            raise ValueError(
-                f"internal: state shapes differ in the merge ({s['n'].shape} vs {shape})"
-            )
-        _merge_into(acc, {k: np.asarray(v, dtype=np.float64).reshape(-1) for k, v in s.items()})
-    return {k: v.reshape(shape) for k, v in acc.items()}
+    return Moments.merge_all(_flatten(parts))
 
 
 def _combine(
@@ -178,24 +152,21 @@ def _combine(
 def _aggregate(
     parts: Any, axis: tuple[int, ...], keepdims: bool = False, computing_meta: bool = False
 ) -> Any:
-    """The merged state as a structured array of (count, mean, M2) records, kept axes only."""
+    """The merged state as a structured array of records, shape = the kept block's."""
     if computing_meta:
         return parts
     st = _merge(parts)
-    shape = st["n"].shape
-    if not keepdims:
-        shape = tuple(s for i, s in enumerate(shape) if i not in axis)
-    n = st["n"].reshape(-1)
-    mean = (st["ref"] + st["mean"]).reshape(-1)
-    m2 = st["m2"].reshape(-1)
-    empty = n == 0.0
-    mean[empty] = np.nan
-    m2[empty] = 0.0
-    bad = ~empty & ~(np.isfinite(mean) & np.isfinite(m2))
-    mean[bad] = np.nan
-    m2[bad] = np.nan
+    shape = st.shape
+    if shape is None:  # cannot happen (empty blocks carry their shape), kept for safety
+        raise ValueError("internal: a kept block received no state")
+    d = st.to_dict()
     out = np.empty(shape, dtype=STATE_DTYPE)
-    out["n"], out["mean"], out["m2"] = n.reshape(shape), mean.reshape(shape), m2.reshape(shape)
+    out["n"] = d["count"].reshape(shape)
+    out["mean"] = d["mean"].reshape(shape)
+    out["lo"] = np.asarray(d.get("mean_lo", np.zeros(d["mean"].shape))).reshape(shape)
+    out["m2"] = d["m2"].reshape(shape)
+    if keepdims:
+        out = np.expand_dims(out, tuple(sorted(axis)))
     return out
 
 
@@ -303,13 +274,13 @@ def moments(
     -----
     This is :func:`dask.array.reduction` with ``chunk`` = streamnorm's kernel (each chunk's count,
     mean and M2, computed with a per-chunk shift) and ``combine``/``aggregate`` = the Chan merge
-    ``M2 = M2a + M2b + d^2 na nb / n``, never ``E[x^2] - E[x]^2``. Each chunk state keeps its
-    mean as a reference value (the chunk's first sample) plus a small shifted mean, and the merge
-    forms the difference of two chunk means from those parts, so data far from zero keep their
-    digits whatever the chunking (``dask.array.var`` merges chunk means computed from raw sums,
-    and loses digits there as the chunks get smaller). The tree's
-    shape depends only on the chunking, and each node merges its inputs in block order, so the
-    result does not depend on which worker finishes first; lost chunks are recomputed by Dask.
+    ``M2 = M2a + M2b + d^2 na nb / n``, never ``E[x^2] - E[x]^2``. The chunk states keep their
+    means as double-doubles (``mean + mean_lo``), so the difference of two chunk means, which the
+    merge squares, keeps its digits for data far from zero whatever the chunking
+    (``dask.array.var`` merges chunk means computed from raw sums, and loses digits there as the
+    chunks get smaller). The tree's shape depends only on the chunking, and each node merges its
+    inputs in block order, so the result does not depend on which worker finishes first; lost
+    chunks are recomputed by Dask.
 
     Examples
     --------
@@ -352,7 +323,7 @@ def moments(
         st, ws = dask.compute(red, w.sum())
         total = float(ws) * (nsamp // x.shape[axes[0]])
     st = np.asarray(st)
-    n, mean, m2 = (np.ascontiguousarray(st[k]).reshape(-1) for k in ("n", "mean", "m2"))
+    n, mean, lo, m2 = (np.ascontiguousarray(st[k]).reshape(-1) for k in ("n", "mean", "lo", "m2"))
     if nan_policy == "raise" and (np.isnan(mean) & (n > 0)).any():
         _raise_nonfinite(x, axes, kept)
     return Moments.from_dict(
@@ -363,6 +334,7 @@ def moments(
             "shape": np.asarray(kept, dtype=np.int64),
             "count": n,
             "mean": mean,
+            "mean_lo": lo,
             "m2": m2,
             "total": total,
             "weighted": weights is not None,

@@ -126,6 +126,13 @@ def test_far_from_zero_tiny_chunks_keep_digits(rng):
     np.testing.assert_allclose(got.m2, m2, rtol=1e-12)
     np.testing.assert_allclose(got.mean, mu, rtol=1e-15)
     assert_same(got, streamnorm.moments(x))
+    # views and channels-first blocks, also far from zero
+    y = rng.normal(-1e8, 3.0, size=(12, 3, 5, 5))
+    _, _, m2y = oracle(y, (0, 2, 3))
+    got_y = sd.moments(da.from_array(y, chunks=(1, 2, 3, 4)), (0, 2, 3))
+    np.testing.assert_allclose(got_y.m2, m2y, rtol=1e-12)
+    got_v = sd.moments(da.from_array(x, chunks=(7, (1, 2))))
+    np.testing.assert_allclose(got_v.m2, m2, rtol=1e-12)
     # Dask's own var merges chunk means made from raw sums: far off here (the test can fail)
     dv = da.var(da.from_array(x, chunks=(10, 3)), axis=0).compute()
     assert np.max(np.abs(dv * 2000 - m2) / m2) > 1e-9
