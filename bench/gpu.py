@@ -31,7 +31,7 @@ from streamnorm.cuda import DeviceMoments
 from streamnorm.cuda import _config as C
 
 #: launch shapes tried by the tuning table: (threads per block, elements per thread tile)
-TUNING = ((256, 8), (256, 16), (128, 16), (64, 16), (256, 32), (128, 32))
+TUNING = ((256, 16), (128, 16), (64, 16), (128, 8), (64, 8))
 
 
 def host_profile(x: torch.Tensor, axis: Any, calls: int = 200) -> str:
@@ -218,11 +218,11 @@ def bench_layout(name: str, x: torch.Tensor, axis: Any, inner: int, trials: int)
 
 def tuning(x: torch.Tensor, axis: Any, inner: int, trials: int) -> list[tuple[str, float]]:
     """streamnorm GB/s for a few launch shapes (threads per block, elements per thread)."""
-    keep = (C.BLOCK_THREADS, C.UNROLL)
+    keep = (C.BLOCK_THREADS, C.CF_THREADS, C.UNROLL)
     out = []
     try:
         for nt, ku in TUNING:
-            C.BLOCK_THREADS, C.UNROLL = nt, ku
+            C.BLOCK_THREADS, C.CF_THREADS, C.UNROLL = nt, nt, ku
             dm = DeviceMoments()
             try:
                 t = timed(lambda dm=dm: dm.update(x, axis), inner, trials)
@@ -232,7 +232,7 @@ def tuning(x: torch.Tensor, axis: Any, inner: int, trials: int) -> list[tuple[st
                 continue
             out.append((f"{nt} threads x {ku}", x.numel() * x.element_size() / t / 1e9))
     finally:
-        C.BLOCK_THREADS, C.UNROLL = keep
+        C.BLOCK_THREADS, C.CF_THREADS, C.UNROLL = keep
     return out
 
 

@@ -7,8 +7,11 @@ fixed order: the same input gives the same bits on every run and every GPU.
 
 from __future__ import annotations
 
-#: Threads per block of the two moments kernels (a power of two, at most 1024).
-BLOCK_THREADS = 256
+#: Threads per block of the ``rows`` kernel (a power of two, at most 1024).
+BLOCK_THREADS = 128
+
+#: Threads per block of the channels-first kernel (a power of two, at least 32).
+CF_THREADS = 64
 
 #: Elements each thread holds in registers per tile (the two-pass runs over these); a power
 #: of two, so that a full tile's mean is an exact multiplication.
@@ -31,9 +34,6 @@ CF_SEG_TILES = 16
 #: The innermost reduced axis must hold at least this many contiguous elements for the
 #: channels-first kernel; shorter ones go to the ``rows`` kernel.
 CF_MIN_L = 32
-
-#: Threads per block of the kernel that merges the per-block partial results of one dimension.
-FINAL_THREADS = 128
 
 #: Most reduced-axis groups (after merging adjacent axes) a kernel decomposes an index into.
 MAX_GROUPS = 6

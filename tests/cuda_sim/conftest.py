@@ -31,7 +31,7 @@ def small_blocks(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
     monkeypatch.setattr(C, "CF_ITEMS_PER_CHUNK", 2)
     monkeypatch.setattr(C, "CF_SEG_TILES", 1)
     monkeypatch.setattr(C, "CF_MIN_L", 8)
-    monkeypatch.setattr(C, "FINAL_THREADS", 4)
+    monkeypatch.setattr(C, "CF_THREADS", 16)
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -116,8 +116,8 @@ def test_production_block_sizes() -> None:
     """The real launch shapes (256 threads, 8-element tiles) on arrays that fill a block."""
     from streamnorm.cuda import _config as C
 
-    assert C.BLOCK_THREADS == 256 and C.UNROLL == 16
-    a = RNG.normal(2, 3, (70, 2)).astype(np.float32)  # rows: TX = 2, TY = 128, tiles of 16
+    assert C.BLOCK_THREADS == 128 and C.CF_THREADS == 64 and C.UNROLL == 16
+    a = RNG.normal(2, 3, (70, 2)).astype(np.float32)  # rows: TX = 2, TY = 64, tiles of 16
     got = streamnorm.moments(CAI(a), 0)
     ref = streamnorm.moments(a.astype(np.float64), 0)
     np.testing.assert_allclose(got.mean, ref.mean, rtol=1e-13)
