@@ -1,17 +1,19 @@
 """Tracking overhead: all default estimators on top of the moments kernel pass.
 
-50 layers of 512 channels, batches of (256, 512) float32 per layer, a long-lived ``Tracker``
-with the default estimators (as in a training run). Each round times, call by call and
-interleaved so that both see the same machine load:
+50 layers of 512 channels, batches of (256, 512) float32 per layer, long-lived trackers with
+the default estimators (as in a training run), a new epoch every 25 steps and
+``tracker.estimates()`` at the end of every round of 100 steps (so every pending estimator update,
+and reading all the estimates, is paid inside the round). Per layer and step, interleaved:
 
-* the kernel pass alone, ``streamnorm.moments(x, 0)``;
-* ``tracker.update(layer, x)`` (the same kernel pass plus feeding the five estimators), on a
-  copy of the same data;
+1. the kernel pass alone, ``streamnorm.moments(x, 0)`` (wall clock and process CPU time);
+2. ``tracker.update(layer, x)`` on a copy of the same data: the same kernel pass plus feeding
+   the five estimators (wall clock);
+3. the tracking alone, ``tracker.update_moments(layer, m)`` with the batch moments of step 1, on
+   a second tracker (CPU time of this thread: the estimators run serially in it).
 
-with a new epoch every 25 steps and ``tracker.estimates()`` at the end of every round of 100
-steps (so every pending estimator update, and reading all estimates, is paid inside the round).
-The one-off costs (a layer's first batch, which allocates its estimators) are reported
-separately.
+Wall-clock ratios suffer from whatever else runs on the machine; CPU times do much less, so the
+overhead is reported both ways. The one-off costs (a layer's first batch, which allocates its
+estimators) are reported separately.
 
 Run: ``python bench/bench_tracker.py [--layers 50] [--channels 512] [--batch 256] [--rounds 7]``
 """
@@ -43,60 +45,83 @@ def main() -> None:
         rng.standard_normal((args.batch, args.channels), dtype=np.float32)
         for _ in range(args.layers)
     ]
-    # a separate copy for the kernel-only pass, so that neither pass reads data the other one
-    # has just brought into the cache
+    # a copy for the kernel-only pass, so that neither pass reads data the other one has just
+    # brought into the cache
     xk = [x.copy() for x in xs]
     names = [f"layer{i}" for i in range(args.layers)]
-    clock = time.perf_counter
+    wall, cpu, thread = time.perf_counter, time.process_time, time.thread_time
 
     warm = streamnorm.Tracker()  # compile and load every kernel
     warm.update("warm-up", xs[0])
     warm.estimates()
-    tr = streamnorm.Tracker()
-    t0 = clock()
+    tr, feed = streamnorm.Tracker(), streamnorm.Tracker()
+    t0 = wall()
     for name, x in zip(names, xs, strict=True):
         tr.update(name, x)
-    first = (clock() - t0) / args.layers
-    t0 = clock()
+    first = (wall() - t0) / args.layers
+    t0 = wall()
     tr.estimates()
-    est_cost = clock() - t0
+    est_cost = wall() - t0
+    for name, x in zip(names, xs, strict=True):
+        feed.update(name, x)
 
     step = 0
-    ks, ts, ratios = [], [], []
+    rows: list[tuple[float, float, float, float]] = []
     for _ in range(args.rounds + 1):
-        k_tot = t_tot = 0.0
+        k_wall = k_cpu = t_wall = f_cpu = 0.0
         for _ in range(args.steps):
             step += 1
             if step % 25 == 0:
                 tr.next_epoch()
+                feed.next_epoch()
             for name, x, x2 in zip(names, xs, xk, strict=True):
-                t0 = clock()
-                streamnorm.moments(x2, 0)
-                t1 = clock()
+                a, c = wall(), cpu()
+                m = streamnorm.moments(x2, 0)
+                b, d = wall(), cpu()
                 tr.update(name, x)
-                t2 = clock()
-                k_tot += t1 - t0
-                t_tot += t2 - t1
-        t0 = clock()
+                e = wall()
+                g = thread()
+                feed.update_moments(name, m)
+                h = thread()
+                k_wall += b - a
+                k_cpu += d - c
+                t_wall += e - b
+                f_cpu += h - g
+        a = wall()
         tr.estimates()
-        t_tot += clock() - t0
-        ks.append(k_tot)
-        ts.append(t_tot)
-        ratios.append(t_tot / k_tot)
-    ks, ts, ratios = ks[1:], ts[1:], ratios[1:]  # the first round warms the caches
+        t_wall += wall() - a
+        g = thread()
+        feed.estimates()
+        f_cpu += thread() - g
+        rows.append((k_wall, k_cpu, t_wall, f_cpu))
+    rows = rows[1:]  # the first round warms the caches
     n = args.steps * args.layers
-    k_med, t_med, r_med = statistics.median(ks), statistics.median(ts), statistics.median(ratios)
+
+    def med(i: int) -> float:
+        return statistics.median(r[i] for r in rows) / n * 1e6
+
+    wall_ratio = statistics.median(r[2] / r[0] for r in rows)
+    cpu_ratio = statistics.median(r[3] / r[1] for r in rows)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus")
     print(
         f"{args.layers} layers x ({args.batch}, {args.channels}) float32, {args.steps} steps x "
         f"{args.rounds} rounds, NUMBA_NUM_THREADS={os.environ.get('NUMBA_NUM_THREADS', 'default')}"
     )
-    print("| what | median time per layer and batch | ratio |")
+    print("| per layer and batch | wall clock | CPU time |")
     print("|---|---|---|")
-    print(f"| kernel pass only (`streamnorm.moments`) | {k_med / n * 1e6:.1f} us | 1.000 |")
-    print(f"| `Tracker.update`, 5 default estimators | {t_med / n * 1e6:.1f} us | {r_med:.3f} |")
-    print(f"tracking overhead (median of per-round ratios - 1): {100 * (r_med - 1):.1f} %")
-    print(f"per-round overheads: {', '.join(f'{100 * (r - 1):.1f}' for r in ratios)} %")
+    print(f"| kernel pass only (`streamnorm.moments`) | {med(0):.1f} us | {med(1):.1f} us |")
+    print(f"| `Tracker.update`, 5 default estimators | {med(2):.1f} us | - |")
+    print(f"| tracking alone (`Tracker.update_moments`) | - | {med(3):.2f} us |")
+    print(
+        f"tracking overhead, wall clock (median per-round ratio - 1): "
+        f"{100 * (wall_ratio - 1):.1f} %"
+    )
+    print(f"tracking overhead, CPU time (tracking alone / kernel pass): {100 * cpu_ratio:.1f} %")
+    print(
+        "per-round overheads, wall / CPU: "
+        + ", ".join(f"{100 * (r[2] / r[0] - 1):.1f} / {100 * r[3] / r[1]:.1f}" for r in rows)
+        + " %"
+    )
     print(
         f"one-off: first batch of a layer {first * 1e6:.0f} us; "
         f"estimates() of {args.layers} layers {est_cost * 1e3:.1f} ms"

@@ -26,6 +26,25 @@ MAX_PENDING = 32
 _DEFAULT_AXIS: Any = object()
 
 
+class _SharedMoments(Moments):
+    """The Moments that :meth:`Tracker.update` returns while the tracker still holds its arrays.
+
+    The tracker keeps references to the batch's arrays until it applies them to the estimators
+    (copying them costs as much as a small layer's tracking); any in-place change of this object
+    (``update``, ``+=``) first gives it copies of its own, and makes it a plain Moments.
+    """
+
+    __slots__ = ()
+
+    def _merge_in(self, *args: Any, **kwargs: Any) -> None:
+        for name in Moments.__slots__:
+            v = getattr(self, name, None)
+            if isinstance(v, np.ndarray):
+                setattr(self, name, v.copy())
+        self.__class__ = Moments
+        Moments._merge_in(self, *args, **kwargs)
+
+
 class _Layer(_Owner):
     """One tracked layer: its estimators and the batches not yet applied to them.
 
@@ -44,34 +63,28 @@ class _Layer(_Owner):
         self.need = max((e.min_batch_count for e in self.fast), default=0)
         self.D = D = int(np.prod(shape, dtype=np.int64))
         self.cap = max(1, min(MAX_PENDING, PENDING_BYTES // max(1, 16 * D)))
-        self.counts: list[float] = []  # per batch, uniform groups
+        self.counts: list[Any] = []  # per batch: a count (uniform groups) or per-dim counts
         self.epochs: list[int] = []
-        self.bn: np.ndarray | None = None  # per-dimension counts, allocated when first needed
-        self.bm = np.zeros((self.cap, D))
-        self.bq = np.zeros((self.cap, D))
-        self.rm = list(self.bm)  # row views: ``row[...] = a`` is the cheapest copy into a row
-        self.rq = list(self.bq)
+        self.means: list[np.ndarray] = []
+        self.m2s: list[np.ndarray] = []
         self.uniform = True
         self.weighted = False
         for e in self.fast:
             e._owner = self
 
     def push(
-        self, n: np.ndarray, mu: np.ndarray, m2: np.ndarray, epoch: int, weighted: bool
+        self, n: Any, mu: np.ndarray, m2: np.ndarray, epoch: int, weighted: bool, uniform: bool
     ) -> None:
-        """Add a batch with per-dimension counts ``n`` (the uniform case is inlined in Tracker)."""
-        if self.uniform:
+        """Add a batch (arrays nobody else changes: copies, or arrays of a _SharedMoments)."""
+        if uniform != self.uniform:
             self.flush()
-            self.uniform = False
-            if self.bn is None:
-                self.bn = np.zeros((self.cap, self.D))
-        k = len(self.epochs)
-        self.bn[k] = n  # type: ignore[index]
-        self.bm[k] = mu
-        self.bq[k] = m2
+            self.uniform = uniform
+        self.counts.append(n)
+        self.means.append(mu)
+        self.m2s.append(m2)
         self.epochs.append(epoch)
         self.weighted = self.weighted or weighted
-        if k + 1 == self.cap:
+        if len(self.epochs) == self.cap:
             self.flush()
 
     def flush(self) -> None:
@@ -81,11 +94,15 @@ class _Layer(_Owner):
         if self.uniform:
             n = np.array(self.counts, dtype=np.float64).reshape(k, 1)
         else:
-            n = self.bn[:k]  # type: ignore[index]
+            n = np.array(self.counts, dtype=np.float64)
+        mu = np.array(self.means, dtype=np.float64)
+        m2 = np.array(self.m2s, dtype=np.float64)
         ep = np.array(self.epochs, dtype=np.int64)
         self.counts.clear()
         self.epochs.clear()
-        mu, m2, weighted = self.bm[:k], self.bq[:k], self.weighted
+        self.means.clear()
+        self.m2s.clear()
+        weighted = self.weighted
         self.weighted = False
         for e in self.fast:
             e._feed(self.shape, n, mu, m2, ep, weighted, self.uniform)
@@ -214,7 +231,10 @@ class Tracker:
             nd = getattr(x, "ndim", None)
             nd = int(np.ndim(x)) if nd is None else int(nd)
             axis = 0 if nd <= 2 else (0, *range(2, nd))  # an int takes moments' fast path
-        return self._feed(layer, moments(x, axis, **moments_kwargs))
+        m = moments(x, axis, **moments_kwargs) if moments_kwargs else moments(x, axis)
+        if type(m) is Moments:
+            m.__class__ = _SharedMoments
+        return self._feed(layer, m)
 
     def update_moments(self, layer: str, m: Moments) -> None:
         """Feed precomputed batch moments to every estimator of ``layer`` (``reduce`` applies)."""
@@ -235,15 +255,18 @@ class Tracker:
             and m._shape == lay.shape
             and m._total > lay.need - 1
         ):
-            # the common case, kept short: one batch, every dimension with the same count
-            k = len(lay.counts)
-            lay.rm[k][...] = m._mean
-            lay.rq[k][...] = m._m2
+            # the common case, kept short: every dimension with the same count
+            if type(m) is _SharedMoments:
+                lay.means.append(m._mean)
+                lay.m2s.append(m._m2)
+            else:
+                lay.means.append(m._mean.copy())
+                lay.m2s.append(m._m2.copy())
             lay.counts.append(m._total)
             lay.epochs.append(self._epoch)
             if m._weighted:
                 lay.weighted = True
-            if k + 1 == lay.cap:
+            if len(lay.epochs) == lay.cap:
                 lay.flush()
             return m
         return self._feed_general(layer, m, lay)
@@ -267,20 +290,15 @@ class Tracker:
             self._check_min(layer, shape, cmin, lay)
         for e in lay.slow:
             e.update(m, epoch=self._epoch)
-        if not uniform:
-            lay.push(n, mu, m2, self._epoch, weighted)
-            return m
-        if not lay.uniform:
-            lay.flush()
-            lay.uniform = True
-        k = len(lay.counts)
-        lay.bm[k] = mu
-        lay.bq[k] = m2
-        lay.counts.append(cmin)
-        lay.epochs.append(self._epoch)
-        lay.weighted = lay.weighted or weighted
-        if k + 1 == lay.cap:
-            lay.flush()
+        owned = type(m) is _SharedMoments
+        lay.push(
+            cmin if uniform else n.copy(),
+            mu if owned else mu.copy(),
+            m2 if owned else m2.copy(),
+            self._epoch,
+            weighted,
+            uniform,
+        )
         return m
 
     def _check_min(

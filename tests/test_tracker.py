@@ -311,7 +311,24 @@ def test_prototypes_are_copied():
 
 def test_pending_group_size_is_bounded():
     tr = Tracker({"pop": Population()})
-    tr.update("wide", np.ones((2, 100_000)))
+    for _ in range(3):
+        tr.update("wide", np.ones((2, 100_000)))
     lay = tr._layers["wide"]
     assert 1 <= lay.cap <= tracker_module.MAX_PENDING
-    assert lay.bm.nbytes <= max(tracker_module.PENDING_BYTES, 8 * 100_000)
+    assert lay.cap * 16 * 100_000 <= max(tracker_module.PENDING_BYTES, 16 * 100_000)
+    assert len(lay.epochs) <= lay.cap
+
+
+def test_returned_moments_can_be_changed_without_touching_the_estimators():
+    rng = np.random.default_rng(6)
+    xs = [rng.standard_normal((5, 3)) for _ in range(4)]
+    tr, ref = Tracker({"pop": Population()}), Tracker({"pop": Population()})
+    for x in xs:
+        m = tr.update("l", x)  # pending in the tracker, sharing its arrays
+        ref.update("l", x)
+        assert isinstance(m, Moments)
+        m.update(x * 100.0 + 7.0)  # the caller reuses it as an accumulator
+        m += streamnorm.moments(x - 3.0)
+        np.testing.assert_allclose(m.mean, np.concatenate([x, x * 100 + 7, x - 3]).mean(0))
+    np.testing.assert_array_equal(tr.estimates()["l"]["pop"][1], ref.estimates()["l"]["pop"][1])
+    np.testing.assert_allclose(tr.estimates()["l"]["pop"][1], np.concatenate(xs).var(0))

@@ -8,9 +8,9 @@ the state: per-batch factors are computed once per batch instead of once per ele
 ``n`` is ``(k, D)``. Applying ``k`` batches at once gives the same bits as applying them one by
 one: the per-batch arithmetic does not depend on ``k``.
 
-Each inner loop stores into one state array only (loops over rows are split by state array):
-with several arrays stored in one loop, LLVM cannot rule out aliasing cheaply and leaves the loop
-scalar, about ten times slower.
+Each inner loop stores into at most two state arrays and reads at most two batch rows: LLVM
+vectorizes a loop only after runtime checks that its arrays do not overlap, and gives up (leaving
+the loop scalar, about ten times slower) beyond eight such checks, e.g. with three stored arrays.
 """
 
 from __future__ import annotations
@@ -64,8 +64,7 @@ def chan_rows(n, mu, m2, cnt, mean, q, uniform):  # type: ignore[no-untyped-def]
             for d in range(D):
                 delta = mi[d] - mean[d]
                 q[d] = q[d] + qi[d] + delta * delta * g
-            for d in range(D):
-                mean[d] = mean[d] + (mi[d] - mean[d]) * f
+                mean[d] = mean[d] + delta * f
             na = tot
         cnt[:] = na
         return
@@ -102,13 +101,11 @@ def ema_rows(n, mu, m2, decay, rate, mean, var_u, var_b, uniform):  # type: igno
             rb = rate / n[i, 0]
             for d in range(D):
                 var_u[d] = decay * var_u[d] + ru * qi[d]
-            for d in range(D):
                 var_b[d] = decay * var_b[d] + rb * qi[d]
         else:
             ni = n[i]
             for d in range(D):
                 var_u[d] = decay * var_u[d] + rate * (qi[d] / (ni[d] - 1.0))
-            for d in range(D):
                 var_b[d] = decay * var_b[d] + rate * (qi[d] / ni[d])
 
 
@@ -143,13 +140,11 @@ def cumulative_rows(n, mu, m2, t, mean, s, var_u, var_b, uniform, pooled):  # ty
             ib = 1.0 / n[i, 0]
             for d in range(D):
                 var_u[d] = var_u[d] + (qi[d] * iu - var_u[d]) * f
-            for d in range(D):
                 var_b[d] = var_b[d] + (qi[d] * ib - var_b[d]) * f
         else:
             ni = n[i]
             for d in range(D):
                 var_u[d] = var_u[d] + (qi[d] / (ni[d] - 1.0) - var_u[d]) * f
-            for d in range(D):
                 var_b[d] = var_b[d] + (qi[d] / ni[d] - var_b[d]) * f
         for d in range(D):
             mean[d] = mean[d] + (mi[d] - mean[d]) * f
@@ -170,11 +165,9 @@ def sums_rows(n, mu, m2, sum_mu, sum_u, sum_v, uniform):  # type: ignore[no-unty
             ib = 1.0 / n[i, 0]
             for d in range(D):
                 sum_u[d] += qi[d] * iu
-            for d in range(D):
                 sum_v[d] += qi[d] * ib
         else:
             ni = n[i]
             for d in range(D):
                 sum_u[d] += qi[d] / (ni[d] - 1.0)
-            for d in range(D):
                 sum_v[d] += qi[d] / ni[d]
