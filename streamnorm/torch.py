@@ -17,6 +17,7 @@ _NAMES = {
     "track": "._torch_hooks",
     "load_estimates": "._torch_hooks",
     "bn_layers": "._torch_hooks",
+    "bn_axes": "._torch_hooks",
     "recalibrate": "._torch_calibrate",
     "CalibrationReport": "._torch_calibrate",
     "LayerReport": "._torch_calibrate",

@@ -69,6 +69,14 @@ def test_bn_layers_finds_every_kind_in_order_once():
         bn_layers("model")
 
 
+def test_bn_axes():
+    from streamnorm.torch import bn_axes
+
+    assert [bn_axes(n) for n in (2, 3, 4, 5)] == [(0,), (0, 2), (0, 2, 3), (0, 2, 3, 4)]
+    with pytest.raises(ValueError, match="at least 2"):
+        bn_axes(1)
+
+
 def test_digits_cnn_layers():
     from streamnorm._digits import make_cnn
 
