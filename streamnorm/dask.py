@@ -7,6 +7,7 @@ on whatever scheduler is active (the threaded default, or a ``distributed`` clie
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -197,6 +198,11 @@ def _check_weights(weights: Any, x: Any, axes: tuple[int, ...]) -> tuple[Any, An
         raise ValueError("weights need at least one reduced axis; got axis=()")
     a0 = axes[0]
     n0 = x.shape[a0]
+    if "weights" not in inspect.signature(da.reduction).parameters:
+        raise ImportError(
+            f"weights need dask.array.reduction(weights=...), which dask {dask.__version__} "
+            "lacks; upgrade dask (pip install -U 'dask[array]')"
+        )
     if isinstance(weights, da.Array):
         w = weights
     else:
