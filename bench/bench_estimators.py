@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     args.command = "python bench/bench_estimators.py " + " ".join(
         sys.argv[1:] if argv is None else argv
     )
-    compare(epochs=1, batch_size=256, seeds=1, estimators=estimator_set(2))  # compile, warm up
+    compare(epochs=2, batch_size=256, seeds=1, estimators=estimator_set(2))  # compile, warm up
     t = time.perf_counter()
     results = run(
         args.batch_sizes,

@@ -355,6 +355,9 @@ def _run_seed(
     }
     for est in estimators:
         m = copy.deepcopy(model)
+        if any(np.isnan(final[est][layer]["mean_err"]) for layer in truth):
+            acc[est] = math.nan  # nothing to load (e.g. a window that dropped every epoch)
+            continue
         load_estimates(m, tracker, estimator=est)
         acc[est] = accuracy(m, x_te, y_te)
     m = copy.deepcopy(model)

@@ -357,3 +357,20 @@ def test_accuracy_restores_mode_and_shift_domain():
         train(m, x, y, epochs=1, batch_size=8, schedule="step")
     with pytest.raises(ValueError, match="shape"):
         train(m, x, y[:-1], epochs=1, batch_size=8)
+
+
+def test_compare_with_estimator_objects_and_an_empty_window():
+    import streamnorm as sn
+
+    r = compare(
+        epochs=2,
+        batch_size=256,
+        seeds=1,
+        width=4,
+        estimators={"never": sn.WindowedAverage(5, 0), "ema_fast": sn.EMA(0.5)},
+    )
+    assert r.estimators == ["never", "ema_fast"]
+    assert math.isnan(r.summary["never"]["accuracy"]) and math.isnan(r.summary["never"]["mean_err"])
+    assert 0.0 <= r.summary["ema_fast"]["accuracy"] <= 1.0
+    assert "nan" in r.table()
+    assert json.loads(json.dumps(r.to_dict(), allow_nan=True))["estimators"] == r.estimators
