@@ -41,7 +41,7 @@ class _SharedMoments(Moments):
             v = getattr(self, name, None)
             if isinstance(v, np.ndarray):
                 setattr(self, name, v.copy())
-        self.__class__ = Moments
+        self.__class__ = Moments  # type: ignore[assignment]
         Moments._merge_in(self, *args, **kwargs)
 
 
@@ -55,7 +55,12 @@ class _Layer(_Owner):
     kept) or batches with per-dimension counts, never both.
     """
 
-    def __init__(self, shape: tuple[int, ...], ests: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        ests: dict[str, Any],
+        scratch: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
+    ) -> None:
         self.shape = shape
         self.ests = ests
         self.fast = [e for e in ests.values() if isinstance(e, Estimator)]
@@ -67,6 +72,12 @@ class _Layer(_Owner):
         self.epochs: list[int] = []
         self.means: list[np.ndarray] = []
         self.m2s: list[np.ndarray] = []
+        # where a group is stacked before the estimators read it: shared by the layers of one
+        # width, so that it stays in the cache (the estimators keep no reference to it)
+        scratch = {} if scratch is None else scratch
+        if D not in scratch:
+            scratch[D] = (np.empty((self.cap, D)), np.empty((self.cap, D)))
+        self.scratch = scratch[D]
         self.uniform = True
         self.weighted = False
         for e in self.fast:
@@ -95,8 +106,8 @@ class _Layer(_Owner):
             n = np.array(self.counts, dtype=np.float64).reshape(k, 1)
         else:
             n = np.array(self.counts, dtype=np.float64)
-        mu = np.array(self.means, dtype=np.float64)
-        m2 = np.array(self.m2s, dtype=np.float64)
+        mu = np.stack(self.means, out=self.scratch[0][:k])
+        m2 = np.stack(self.m2s, out=self.scratch[1][:k])
         ep = np.array(self.epochs, dtype=np.int64)
         self.counts.clear()
         self.epochs.clear()
@@ -182,6 +193,7 @@ class Tracker:
         self._protos = _check_estimators(estimators)
         self._reduce = reduce
         self._layers: dict[str, _Layer] = {}
+        self._scratch: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._epoch = 0
 
     # ---------------------------------------------------------------- epochs
@@ -280,7 +292,7 @@ class Tracker:
         if lay is None:
             self._check_min(layer, shape, cmin, None)
             ests = {k: copy.deepcopy(v) for k, v in self._protos.items()}
-            lay = self._layers[layer] = _Layer(shape, ests)
+            lay = self._layers[layer] = _Layer(shape, ests, self._scratch)
         elif shape != lay.shape:
             raise ValueError(
                 f"dimension mismatch in layer {layer!r}: it has dimension shape {lay.shape}, the "
@@ -442,7 +454,7 @@ class Tracker:
             shape = shapes.pop()
             if shape is None:  # pragma: no cover - excluded above
                 raise ValueError(f"corrupt Tracker record: layer {layer!r} is empty")
-            out._layers[layer] = _Layer(shape, ests)
+            out._layers[layer] = _Layer(shape, ests, out._scratch)
         return out
 
     @classmethod
