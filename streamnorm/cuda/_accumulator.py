@@ -84,7 +84,7 @@ def _cf_groups(A: int, L: int) -> tuple[int, int, int]:
     with the row length so that each thread gets a few full tiles, and is the whole block when
     there are too few items to give every group one.
     """
-    NT, KU = C.CF_THREADS, C.UNROLL
+    NT, KU = C.CF_THREADS, C.CF_UNROLL
     rg = min(NT, max(32, _pow2_at_least(max(1, L // (KU * C.CF_TILES_PER_LANE)), NT)))
     seg = rg * KU * C.CF_SEG_TILES
     nseg_row = -(-L // seg)
@@ -325,17 +325,16 @@ class DeviceMoments:
             rpc = max(step, (C.ROWS_CHUNK_ELEMS // TX) // step * step)
             P = -(-p.rows // rpc)
             ntiles = -(-D // TX)
-            ncount = ntiles
         else:
             NT = C.CF_THREADS
             rg, seg, nseg_row = _cf_groups(p.rows, p.L)
             P = -(-(p.rows * nseg_row) // C.CF_ITEMS_PER_CHUNK)
-            ncount = D
-        part = self._buffer(
-            ("part", D, P), lambda: cuda.device_array(3 * D * P, np.float64, stream=st)
-        )
-        counter = self._buffer(  # zero; the last block of each tile or dimension resets it
-            ("count", ncount), lambda: cuda.to_device(np.zeros(ncount, np.int32), stream=st)
+        part, ref = self._buffer(
+            ("part", D, P),
+            lambda: (
+                cuda.device_array((3, D, P), np.float64, stream=st),
+                cuda.device_array(D, np.float64, stream=st),
+            ),
         )
         ng, ktab, use_w = len(p.gsizes), p.koff is not None, w is not None
         with warnings.catch_warnings():
@@ -344,16 +343,17 @@ class DeviceMoments:
             if p.kind == "rows":
                 kern = K.rows_kernel(ng, ktab, use_w, omit, d.bf16)
                 kern[ntiles * P, (TX, TY), st](
-                    x, itab, p.kbase, p.kstride, D, p.rows, rpc, ntiles, P,
-                    wd, p.w_inner, p.w_n, part, counter, self._state, self._fresh,
+                    x, itab, p.kbase, p.kstride, D, p.rows, rpc, ntiles,
+                    wd, p.w_inner, p.w_n, ref, part,
                 )  # fmt: skip
             else:
                 kern = K.cf_kernel(ng, ktab, use_w, omit, d.bf16)
                 kern[D * P, NT, st](
                     x, itab, p.kbase, p.kstride, D, p.rows, p.L, nseg_row, seg,
-                    C.CF_ITEMS_PER_CHUNK, P, rg, wd, p.w_inner, p.w_n, part, counter,
-                    self._state, self._fresh,
+                    C.CF_ITEMS_PER_CHUNK, P, rg, wd, p.w_inner, p.w_n, ref, part,
                 )  # fmt: skip
+            FT = _pow2_at_least(P, C.FINAL_THREADS)
+            K.finalize_kernel()[D, FT, st](part, P, ref, self._state, self._fresh)
         self._fresh = False
 
     # ---- merging

@@ -17,6 +17,9 @@ CF_THREADS = 64
 #: of two, so that a full tile's mean is an exact multiplication.
 UNROLL = 16
 
+#: Elements per thread tile of the channels-first kernel (a power of two as well).
+CF_UNROLL = 8
+
 #: Input elements per block of the ``rows`` kernel (rows x columns of one work unit).
 ROWS_CHUNK_ELEMS = 64 * 1024
 
@@ -34,6 +37,9 @@ CF_SEG_TILES = 16
 #: The innermost reduced axis must hold at least this many contiguous elements for the
 #: channels-first kernel; shorter ones go to the ``rows`` kernel.
 CF_MIN_L = 32
+
+#: Threads per block of the kernel that merges the per-block partial results of one dimension.
+FINAL_THREADS = 128
 
 #: Most reduced-axis groups (after merging adjacent axes) a kernel decomposes an index into.
 MAX_GROUPS = 6

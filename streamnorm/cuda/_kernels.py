@@ -1,4 +1,4 @@
-"""CUDA kernels (numba-cuda): block moments for the two layouts, and the state merge.
+"""CUDA kernels (numba-cuda): block moments for the two layouts, the partial merge, the state merge.
 
 Kernels are made by small factories and cached per variant: the number of reduced groups, whether
 kept offsets come from a table, weights, NaN omission and bfloat16 decoding are compile-time
@@ -12,21 +12,19 @@ Scheme (the CPU kernels' scheme, mapped to threads):
    reduces each in one pass around the tile's first element: ``mean = x0 + s/k`` and
    ``M2 = q - s^2/k`` with ``s, q`` the sums of ``x - x0`` and ``(x - x0)^2``. Since ``x0`` is
    one of the ``k`` values, ``(mean - x0)^2 <= (k - 1) var`` (Samuelson), so the cancellation
-   costs at most a factor ``k`` in rounding: the accuracy of a two-pass, without holding the
-   tile. Values are shifted by the dimension's first element (the reference) before that;
-   partial tiles, weights and NaN omission use Welford's update per element instead;
-3. a thread's equal-count tiles are merged with the law of total variance around its first
-   tile's mean (no division per tile), then Chan-merged with the rest;
+   costs at most a factor ``k`` in rounding: the accuracy of a two-pass without holding the tile
+   in registers. Values are shifted by the dimension's first element (the reference) first.
+   Partial tiles, weights and NaN omission use Welford's update per element instead;
+3. a thread's equal-count tiles are merged by the law of total variance around its first tile's
+   mean (no division per tile), then Chan-merged with the rest;
 4. the threads of a block that share a dimension are merged by a fixed binary tree in shared
    memory, and the block writes one partial per dimension;
-5. the last block to finish a dimension (an atomic counter tells which) merges that
-   dimension's partials in a fixed order (strided per thread, then the same tree), adds the
-   reference back and merges the batch into the device-resident state.
+5. :func:`finalize_kernel` merges a dimension's partials (strided per thread, then the same
+   tree), adds the reference back and merges the batch into the device-resident state.
 
-Which block comes last varies, but what it computes does not: no floating-point atomics, the same
-bits on every run. The shared-memory tree and the counter are also what the CUDA simulator runs,
-so the simulator exercises the same merge logic as the GPU (it has no warp shuffles; none are
-used).
+No atomics: the same bits on every run. The shared-memory tree is also what the CUDA simulator
+runs, so the simulator exercises the same merge logic as the GPU (it has no warp shuffles; none
+are used).
 """
 
 from __future__ import annotations
@@ -92,54 +90,6 @@ def dec_bf16(raw):  # type: ignore[no-untyped-def]
 @cuda.jit(device=True)
 def is_finite(v):  # type: ignore[no-untyped-def]
     return not (math.isinf(v) or math.isnan(v))
-
-
-def _make_ld_l2() -> Any:
-    """Device function: read ``a[i]`` from L2, past this SM's L1 (partials other blocks wrote).
-
-    The simulator has no cache-hint loads; its twin is a plain read.
-    """
-    from ._intake import simulated
-
-    if simulated():
-
-        @cuda.jit(device=True)
-        def ld_plain(a, i):  # type: ignore[no-untyped-def]
-            return a[i]
-
-        return ld_plain
-
-    @cuda.jit(device=True)
-    def ld_cg(a, i):  # type: ignore[no-untyped-def]
-        return cuda.ldcg(a, i)
-
-    return ld_cg
-
-
-@cuda.jit(device=True)
-def finish_into(state, d, n, m, q, rv, init):  # type: ignore[no-untyped-def]
-    """A dimension's batch result into ``state[:, d]``, following the CPU's rule.
-
-    Empty: NaN mean and 0 M2; a NaN/Inf: NaN mean and M2. ``m`` is shifted by ``rv``. The batch
-    is written when ``init`` (the state holds nothing yet), else Chan-merged.
-    """
-    if n == 0.0:
-        m = math.nan
-        q = 0.0
-    else:
-        m = m + rv
-        if not (is_finite(m) and is_finite(q)):
-            m = math.nan
-            q = math.nan
-    if init:
-        state[0, d] = n
-        state[1, d] = m
-        state[2, d] = q
-    else:
-        n2, m2, q2 = chan(state[0, d], state[1, d], state[2, d], n, m, q)
-        state[0, d] = n2
-        state[1, d] = m2
-        state[2, d] = q2
 
 
 def _make_goff(ng: int, mg: int) -> Callable[..., Any]:
@@ -224,11 +174,10 @@ def rows_kernel(ng: int, ktab: bool, use_w: bool, omit: bool, bf16: bool) -> Any
     f8 = np.float64
     FAST = not (use_w or omit)
     FKU, INV_KU = _tile_code(KU)
-    ld_l2 = _make_ld_l2()
 
     @cuda.jit
-    def kern(x, itab, kbase, kstride, D, R, rows_per_chunk, ntiles, P,  # type: ignore[no-untyped-def]
-             w, w_inner, w_n, part, counter, state, init):  # fmt: skip
+    def kern(x, itab, kbase, kstride, D, R, rows_per_chunk, ntiles,  # type: ignore[no-untyped-def]
+             w, w_inner, w_n, ref, part):  # fmt: skip
         tx = cuda.threadIdx.x
         ty = cuda.threadIdx.y
         TX = cuda.blockDim.x
@@ -239,16 +188,16 @@ def rows_kernel(ng: int, ktab: bool, use_w: bool, omit: bool, bf16: bool) -> Any
         sh_n = cuda.shared.array(NT, f8)
         sh_m = cuda.shared.array(NT, f8)
         sh_q = cuda.shared.array(NT, f8)
-        last = cuda.shared.array(1, np.int32)
         na = 0.0
         ma = 0.0
         qa = 0.0
-        rv = 0.0
         if d < D:
             ko = itab[2 * MG + d] if ktab else kbase + d * kstride
             rv = dec(x[ko])
             if not is_finite(rv):
                 rv = 0.0
+            if chunk == 0 and ty == 0:
+                ref[d] = rv
             r0 = chunk * rows_per_chunk
             r1 = min(R, r0 + rows_per_chunk)
             r = r0 + ty
@@ -314,37 +263,9 @@ def rows_kernel(ng: int, ktab: bool, use_w: bool, omit: bool, bf16: bool) -> Any
         cuda.syncthreads()
         block_tree(sh_n, sh_m, sh_q, t, ty, TY, TX)
         if ty == 0 and d < D:
-            part[d * P + chunk] = sh_n[t]
-            part[(D + d) * P + chunk] = sh_m[t]
-            part[(2 * D + d) * P + chunk] = sh_q[t]
-        # the last block of a column tile merges the tile's partials (fixed order) into the state
-        cuda.threadfence()
-        cuda.syncthreads()
-        tile = b - chunk * ntiles
-        if t == 0:
-            last[0] = 1 if cuda.atomic.add(counter, tile, 1) == P - 1 else 0
-        cuda.syncthreads()
-        if last[0] == 1:
-            na = 0.0
-            ma = 0.0
-            qa = 0.0
-            if d < D:
-                p = ty
-                while p < P:
-                    nb = ld_l2(part, d * P + p)
-                    mb = ld_l2(part, (D + d) * P + p)
-                    qb = ld_l2(part, (2 * D + d) * P + p)
-                    na, ma, qa = chan(na, ma, qa, nb, mb, qb)
-                    p += TY
-            sh_n[t] = na
-            sh_m[t] = ma
-            sh_q[t] = qa
-            cuda.syncthreads()
-            block_tree(sh_n, sh_m, sh_q, t, ty, TY, TX)
-            if ty == 0 and d < D:
-                finish_into(state, d, sh_n[t], sh_m[t], sh_q[t], rv, init)
-            if t == 0:
-                counter[tile] = 0  # ready for the next launch
+            part[0, d, chunk] = sh_n[t]
+            part[1, d, chunk] = sh_m[t]
+            part[2, d, chunk] = sh_q[t]
 
     _CACHE[key] = kern
     return kern
@@ -354,14 +275,14 @@ def cf_kernel(ng: int, ktab: bool, use_w: bool, omit: bool, bf16: bool) -> Any:
     """Kernel for channels-first data: per dimension ``A`` outer rows x ``L`` contiguous elements.
 
     The reduced elements of a dimension are cut into items (a row, or a segment of ``seg_len``
-    elements of a row when rows are long). Launch: ``blockDim = BLOCK_THREADS``, a 1-D grid of
+    elements of a row when rows are long). Launch: ``blockDim = CF_THREADS``, a 1-D grid of
     ``D * P`` blocks; block ``b`` takes dimension ``b // P`` and items
     ``[k * items_per_chunk, ...)`` of chunk ``k = b % P``. The block's threads form groups of
     ``rg`` (a power of two); group ``g`` takes items ``g, g + ngroups, ...`` of the chunk and its
     lanes read an item's elements ``lane, lane + rg, ...`` (coalesced). Partials go to
     ``part[:, d, k]``.
     """
-    KU, NT, MG = C.UNROLL, C.CF_THREADS, C.MAX_GROUPS
+    KU, NT, MG = C.CF_UNROLL, C.CF_THREADS, C.MAX_GROUPS
     key = ("cf", ng, ktab, use_w, omit, bf16, KU, NT, MG)
     if key in _CACHE:
         return _CACHE[key]
@@ -370,11 +291,10 @@ def cf_kernel(ng: int, ktab: bool, use_w: bool, omit: bool, bf16: bool) -> Any:
     f8 = np.float64
     FAST = not (use_w or omit)
     FKU, INV_KU = _tile_code(KU)
-    ld_l2 = _make_ld_l2()
 
     @cuda.jit
     def kern(x, itab, kbase, kstride, D, A, L, nseg_row, seg_len, items_per_chunk, P, rg,  # type: ignore[no-untyped-def]
-             w, w_inner, w_n, part, counter, state, init):  # fmt: skip
+             w, w_inner, w_n, ref, part):  # fmt: skip
         tid = cuda.threadIdx.x
         nth = cuda.blockDim.x
         b = cuda.blockIdx.x
@@ -386,7 +306,6 @@ def cf_kernel(ng: int, ktab: bool, use_w: bool, omit: bool, bf16: bool) -> Any:
         sh_n = cuda.shared.array(NT, f8)
         sh_m = cuda.shared.array(NT, f8)
         sh_q = cuda.shared.array(NT, f8)
-        last = cuda.shared.array(1, np.int32)
         na = 0.0
         ma = 0.0
         qa = 0.0
@@ -394,6 +313,8 @@ def cf_kernel(ng: int, ktab: bool, use_w: bool, omit: bool, bf16: bool) -> Any:
         rv = dec(x[ko])
         if not is_finite(rv):
             rv = 0.0
+        if kc == 0 and tid == 0:
+            ref[c] = rv
         nitems = A * nseg_row
         i0 = kc * items_per_chunk
         i1 = min(nitems, i0 + items_per_chunk)
@@ -465,34 +386,9 @@ def cf_kernel(ng: int, ktab: bool, use_w: bool, omit: bool, bf16: bool) -> Any:
         cuda.syncthreads()
         block_tree(sh_n, sh_m, sh_q, tid, tid, nth, 1)
         if tid == 0:
-            part[c * P + kc] = sh_n[0]
-            part[(D + c) * P + kc] = sh_m[0]
-            part[(2 * D + c) * P + kc] = sh_q[0]
-        # the last block of a dimension merges its partials (fixed order) into the state
-        cuda.threadfence()
-        cuda.syncthreads()
-        if tid == 0:
-            last[0] = 1 if cuda.atomic.add(counter, c, 1) == P - 1 else 0
-        cuda.syncthreads()
-        if last[0] == 1:
-            na = 0.0
-            ma = 0.0
-            qa = 0.0
-            p = tid
-            while p < P:
-                nb = ld_l2(part, c * P + p)
-                mb = ld_l2(part, (D + c) * P + p)
-                qb = ld_l2(part, (2 * D + c) * P + p)
-                na, ma, qa = chan(na, ma, qa, nb, mb, qb)
-                p += nth
-            sh_n[tid] = na
-            sh_m[tid] = ma
-            sh_q[tid] = qa
-            cuda.syncthreads()
-            block_tree(sh_n, sh_m, sh_q, tid, tid, nth, 1)
-            if tid == 0:
-                finish_into(state, c, sh_n[0], sh_m[0], sh_q[0], rv, init)
-                counter[c] = 0  # ready for the next launch
+            part[0, c, kc] = sh_n[0]
+            part[1, c, kc] = sh_m[0]
+            part[2, c, kc] = sh_q[0]
 
     _CACHE[key] = kern
     return kern
@@ -500,6 +396,66 @@ def cf_kernel(ng: int, ktab: bool, use_w: bool, omit: bool, bf16: bool) -> Any:
 
 # --------------------------------------------------------------------------------------------
 # merging
+
+
+def finalize_kernel() -> Any:
+    """Merge the ``P`` partials of each dimension, add the reference back, merge into the state.
+
+    Launch: one block of ``FINAL_THREADS`` (or fewer, a power of two) threads per dimension.
+    Thread ``t`` merges partials ``t, t + nth, ...`` in order, then the block tree merges the
+    threads. The batch then follows the CPU's rule (empty: NaN mean and 0 M2; NaN/Inf: NaN mean
+    and M2) and is Chan-merged into ``state[:, d]`` (or written there when ``init``).
+    """
+    NT = C.FINAL_THREADS
+    key = ("final", NT)
+    if key in _CACHE:
+        return _CACHE[key]
+    f8 = np.float64
+
+    @cuda.jit
+    def kern(part, P, ref, state, init):  # type: ignore[no-untyped-def]
+        d = cuda.blockIdx.x
+        t = cuda.threadIdx.x
+        nth = cuda.blockDim.x
+        sh_n = cuda.shared.array(NT, f8)
+        sh_m = cuda.shared.array(NT, f8)
+        sh_q = cuda.shared.array(NT, f8)
+        na = 0.0
+        ma = 0.0
+        qa = 0.0
+        p = t
+        while p < P:
+            na, ma, qa = chan(na, ma, qa, part[0, d, p], part[1, d, p], part[2, d, p])
+            p += nth
+        sh_n[t] = na
+        sh_m[t] = ma
+        sh_q[t] = qa
+        cuda.syncthreads()
+        block_tree(sh_n, sh_m, sh_q, t, t, nth, 1)
+        if t == 0:
+            n = sh_n[0]
+            m = sh_m[0]
+            q = sh_q[0]
+            if n == 0.0:
+                m = math.nan
+                q = 0.0
+            else:
+                m = m + ref[d]
+                if not (is_finite(m) and is_finite(q)):
+                    m = math.nan
+                    q = math.nan
+            if init:
+                state[0, d] = n
+                state[1, d] = m
+                state[2, d] = q
+            else:
+                n2, m2, q2 = chan(state[0, d], state[1, d], state[2, d], n, m, q)
+                state[0, d] = n2
+                state[1, d] = m2
+                state[2, d] = q2
+
+    _CACHE[key] = kern
+    return kern
 
 
 def merge_kernel() -> Any:

@@ -27,11 +27,13 @@ def small_blocks(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
 
     monkeypatch.setattr(C, "BLOCK_THREADS", 16)
     monkeypatch.setattr(C, "UNROLL", 4)
+    monkeypatch.setattr(C, "CF_THREADS", 16)
+    monkeypatch.setattr(C, "CF_UNROLL", 4)
     monkeypatch.setattr(C, "ROWS_CHUNK_ELEMS", 64)
     monkeypatch.setattr(C, "CF_ITEMS_PER_CHUNK", 2)
     monkeypatch.setattr(C, "CF_SEG_TILES", 1)
     monkeypatch.setattr(C, "CF_MIN_L", 8)
-    monkeypatch.setattr(C, "CF_THREADS", 16)
+    monkeypatch.setattr(C, "FINAL_THREADS", 4)
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -261,6 +261,7 @@ def test_long_runs_of_full_tiles(monkeypatch: pytest.MonkeyPatch, drift: float) 
     from streamnorm.cuda import _config as C
 
     monkeypatch.setattr(C, "UNROLL", 2)
+    monkeypatch.setattr(C, "CF_UNROLL", 2)
     monkeypatch.setattr(C, "ROWS_CHUNK_ELEMS", 1024)
     monkeypatch.setattr(C, "CF_SEG_TILES", 16)
     r = np.arange(201)[:, None]
