@@ -279,12 +279,14 @@ def moments(
     Notes
     -----
     This is :func:`dask.array.reduction` with ``chunk`` = streamnorm's kernel (each chunk's count,
-    mean and M2, computed with a per-chunk shift) and ``combine``/``aggregate`` = the Chan merge
+    mean and M2, computed with a per-block shift) and ``combine``/``aggregate`` = the Chan merge
     ``M2 = M2a + M2b + d^2 na nb / n``, never ``E[x^2] - E[x]^2``. The chunk states keep their
     means as double-doubles (``mean + mean_lo``), so the difference of two chunk means, which the
     merge squares, keeps its digits for data far from zero whatever the chunking
     (``dask.array.var`` merges chunk means computed from raw sums, and loses digits there as the
-    chunks get smaller). The tree's shape depends only on the chunking, and each node merges its
+    chunks get smaller). A chunk whose kernel path gives no residual for a mean more than ``FAR``
+    standard deviations from zero is done again shifted by its first sample, in float64 slabs.
+    The tree's shape depends only on the chunking, and each node merges its
     inputs in block order, so the result does not depend on which worker finishes first; lost
     chunks are recomputed by Dask.
 
@@ -308,6 +310,7 @@ def moments(
         # nothing to reduce over a cluster: the core handles the degenerate shapes
         return _degenerate(x, axes, w, nan_policy)
     kernel_policy = "propagate" if nan_policy == "raise" else nan_policy
+    extra: dict[str, Any] = {} if wb is None else {"weights": wb}
     red = da.reduction(
         x,
         chunk=_chunk_with(kernel_policy),
@@ -319,8 +322,8 @@ def moments(
         split_every=split_every,
         concatenate=False,
         meta=np.empty((0,) * len(kept), dtype=STATE_DTYPE),
-        weights=wb,
         name="streamnorm-moments",
+        **extra,
     )
     if w is None:
         (st,) = dask.compute(red)
