@@ -139,6 +139,25 @@ def test_track_channels_last_reaches_tracker_without_copy():
     np.testing.assert_allclose(rec.moments[""].var(), var, rtol=1e-9)
 
 
+def test_track_passes_non_cpu_tensors_as_tensors_on_their_device():
+    # CUDA tensors must reach tracker.update as they are (no .cpu() copy); the meta device
+    # stands in for a GPU here: any conversion to numpy or to the CPU would fail or show
+    class Keep:
+        def __init__(self):
+            self.seen = []
+
+        def update(self, layer, x, axis):
+            self.seen.append((x, axis))
+
+    bn = torch.nn.BatchNorm2d(3, device="meta")
+    x = torch.empty(4, 3, 5, 5, device="meta", requires_grad=True)
+    keep = Keep()
+    with track(bn, keep):
+        bn(x)
+    ((passed, axis),) = keep.seen
+    assert passed.device.type == "meta" and not passed.requires_grad and axis == (0, 2, 3)
+
+
 def test_track_half_precision_inputs_are_upcast():
     bn = torch.nn.BatchNorm2d(3).to(torch.bfloat16)
     x = (torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(3)) + 2).bfloat16()
