@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from numba import njit, prange
 
-from ._config import PARALLEL_JIT
+from ._config import JIT, PARALLEL_JIT
 
 
-@njit(**PARALLEL_JIT)
-def normalize_rows(x, shift, scale, beta, out, chunk_rows):  # type: ignore[no-untyped-def]
+def _normalize_rows(x, shift, scale, beta, out, chunk_rows):  # type: ignore[no-untyped-def]
     """Rows layout: ``x`` and ``out`` of shape (R, D), parameters of shape (D,).
 
     One parallel task per ``chunk_rows`` rows; the inner loop runs over a whole row (views of one
@@ -29,8 +28,7 @@ def normalize_rows(x, shift, scale, beta, out, chunk_rows):  # type: ignore[no-u
                 orow[d] = (xr[d] - shift[d]) * scale[d] + beta[d]
 
 
-@njit(**PARALLEL_JIT)
-def normalize_cf(x, shift, scale, beta, out, seg_len):  # type: ignore[no-untyped-def]
+def _normalize_cf(x, shift, scale, beta, out, seg_len):  # type: ignore[no-untyped-def]
     """Channels-first layout: ``x`` and ``out`` of shape (A, C, L), parameters of shape (C,).
 
     Each (a, c) row is cut into segments of ``seg_len`` elements, one parallel task each.
@@ -51,3 +49,10 @@ def normalize_cf(x, shift, scale, beta, out, seg_len):  # type: ignore[no-untype
         b = beta[c]
         for i in range(l1 - l0):
             orow[i] = (xr[i] - m) * s + b
+
+
+normalize_rows = njit(**PARALLEL_JIT)(_normalize_rows)
+normalize_cf = njit(**PARALLEL_JIT)(_normalize_cf)
+#: Serial twins for small inputs, where a parallel launch costs more than it saves.
+normalize_rows_serial = njit(**JIT)(_normalize_rows)
+normalize_cf_serial = njit(**JIT)(_normalize_cf)

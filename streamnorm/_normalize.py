@@ -9,7 +9,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from . import _kernels_normalize as KN
-from ._config import CHUNK_ELEMS, GENERIC_BLOCK_BYTES, SEG_LEN
+from ._config import CHUNK_ELEMS, GENERIC_BLOCK_BYTES, SEG_LEN, SERIAL_BYTES
 from ._extras import require
 from ._moments import Axis, _normalize_axes
 
@@ -263,11 +263,14 @@ def normalize(
         shift_p, scale_p, beta_p = (
             _physical(p, kept_axes, kept_phys, flips) for p in (mu, scale, b)
         )
+        serial = xk.nbytes < SERIAL_BYTES
         if kind == "rows":
             chunk = max(1, CHUNK_ELEMS // max(1, xv.shape[1]))
-            KN.normalize_rows(xv, shift_p, scale_p, beta_p, ov, chunk)
+            rows = KN.normalize_rows_serial if serial else KN.normalize_rows
+            rows(xv, shift_p, scale_p, beta_p, ov, chunk)
         else:
-            KN.normalize_cf(xv, shift_p, scale_p, beta_p, ov, SEG_LEN)
+            cf = KN.normalize_cf_serial if serial else KN.normalize_cf
+            cf(xv, shift_p, scale_p, beta_p, ov, SEG_LEN)
     if as_torch and out is None:
         return require("torch").from_numpy(res)
     return ret

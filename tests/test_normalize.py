@@ -220,3 +220,19 @@ def test_same_bits_for_any_thread_count():
         numba.set_num_threads(before)
     for o in outs[1:]:
         np.testing.assert_array_equal(o, outs[0])
+
+
+@pytest.mark.parametrize(
+    "shape, axis, layout",
+    [((4096, 64), 0, "C"), ((32, 8, 32, 32), (0, 2, 3), "C"), ((32, 8, 32, 32), (0, 2, 3), "NHWC")],
+)
+def test_parallel_kernels_on_large_inputs(shape, axis, layout):
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal(shape).astype(np.float32) * 2 - 1
+    if layout == "NHWC":
+        x = np.ascontiguousarray(np.moveaxis(x, 1, -1)).transpose(0, 3, 1, 2)
+    assert x.nbytes >= 1 << 20  # above the serial-twin threshold
+    C = shape[1]
+    mean, var = rng.standard_normal(C), rng.uniform(0.5, 2, C)
+    y = normalize(x, mean, var, axis=axis)
+    np.testing.assert_array_equal(y, _reference(x, mean, var, axis).astype(np.float32))
