@@ -374,3 +374,17 @@ def test_compare_with_estimator_objects_and_an_empty_window():
     assert 0.0 <= r.summary["ema_fast"]["accuracy"] <= 1.0
     assert "nan" in r.table()
     assert json.loads(json.dumps(r.to_dict(), allow_nan=True))["estimators"] == r.estimators
+
+
+def test_cli_compare_parses_drops_and_seeds(capsys):
+    p = cli.build_parser("compare")
+    a = p.parse_args(["compare", "--drop-first", "2", "--drop-last", "0.1", "--seeds", "4,7"])
+    assert a.drop_first == 2 and isinstance(a.drop_first, int)
+    assert a.drop_last == 0.1 and a.seeds == [4, 7]
+    a = p.parse_args(["compare"])
+    assert (a.epochs, a.batch_size, a.momentum, a.seeds, a.out) == (
+        12, 32, 0.1, 3, "./streamnorm-compare",
+    )  # fmt: skip
+    with pytest.raises(SystemExit):
+        p.parse_args(["compare", "--seeds", "a,b"])
+    assert "comma-separated" in capsys.readouterr().err
