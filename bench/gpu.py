@@ -239,13 +239,38 @@ def tuning(x: torch.Tensor, axis: Any, inner: int, trials: int) -> list[tuple[st
     return out
 
 
+def run_once(layout: str) -> int:
+    """Two ``DeviceMoments.update`` calls on one full-size layout, nothing else."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    if layout == "nd":
+        x, axis = torch.randn(8_000_000, 256, device="cuda", generator=g), 0
+    else:
+        x = torch.randn(256, 256, 56, 56, device="cuda", generator=g)
+        axis = (0, 2, 3)
+        if layout == "nhwc":
+            x = x.contiguous(memory_format=torch.channels_last)
+    dm = DeviceMoments()
+    for _ in range(2):
+        dm.update(x, axis)
+    torch.cuda.synchronize()
+    print(layout, dm.to_host().count)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small arrays (a smoke test)")
     ap.add_argument("--out", help="also write the tables (markdown) to this file")
     ap.add_argument("--no-tuning", action="store_true", help="skip the launch-shape table")
     ap.add_argument("--profile", action="store_true", help="profile the host side of an update")
+    ap.add_argument(
+        "--once",
+        choices=["nd", "nchw", "nhwc"],
+        help="only run two updates on one full-size layout (for a kernel profiler such as ncu)",
+    )
     args = ap.parse_args(argv)
+    if args.once:
+        return run_once(args.once)
     if not torch.cuda.is_available():
         print("no CUDA device: this benchmark needs a GPU", file=sys.stderr)
         return 2
