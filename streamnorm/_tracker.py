@@ -379,6 +379,9 @@ class Tracker:
             out[layer] = row
         return out
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_from_record, (self.to_dict(), self._reduce))
+
     def __repr__(self) -> str:
         return (
             f"Tracker(layers={len(self._layers)}, estimators={self.estimator_names}, "
@@ -472,6 +475,11 @@ class Tracker:
                 f"{os.fspath(path)!r} is not a readable streamnorm Tracker file: {e}"
             ) from e
         return cls.from_dict(d, reduce=reduce)
+
+
+def _from_record(d: dict[str, Any], reduce: Callable[[Moments], Moments] | None) -> Tracker:
+    """Unpickling: a tracker from its record (the ``reduce`` callable must pickle too)."""
+    return Tracker.from_dict(d, reduce=reduce)
 
 
 def _record(name: str, est: Any) -> dict[str, Any]:

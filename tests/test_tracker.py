@@ -156,6 +156,25 @@ def test_save_and_resume_equals_an_uninterrupted_run(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["tracker.npz"]  # no temp files left behind
 
 
+def test_pickle_and_deepcopy_continue_like_the_original():
+    import copy
+    import pickle
+
+    rng = np.random.default_rng(7)
+    tr = Tracker()
+    for _ in range(5):
+        tr.update("l", rng.standard_normal((6, 3)))  # leaves batches pending
+    for clone in (pickle.loads(pickle.dumps(tr)), copy.deepcopy(tr)):
+        x = rng.standard_normal((6, 3))
+        tr2 = copy.deepcopy(tr)
+        clone.update("l", x)
+        tr2.update("l", x)
+        a, b = clone.estimates()["l"], tr2.estimates()["l"]
+        for name in a:
+            np.testing.assert_array_equal(a[name][1], b[name][1])
+        assert clone.estimator("l", "ema").batches == 6
+
+
 def test_save_overwrites_and_empty_tracker_round_trips(tmp_path):
     path = tmp_path / "t.npz"
     Tracker().save(path)
