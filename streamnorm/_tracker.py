@@ -177,7 +177,7 @@ class Tracker:
     >>> for epoch in range(2):
     ...     for _ in range(3):
     ...         _ = tr.update("bn1", rng.normal(2.0, 1.0, (16, 4, 5, 5)))  # NCHW: 4 channels
-    ...     tr.next_epoch()
+    ...     _ = tr.next_epoch()
     >>> tr.layers, tr.estimator_names, tr.estimator("bn1", "pop").count
     (['bn1'], ['pop', 'ema'], 2400)
     """
