@@ -168,7 +168,7 @@ class Tracker:
     :meth:`estimator`, first applies the pending batches, so results never lag and are
     bit-identical to feeding batch by batch. A saved and reloaded tracker continues exactly as
     an uninterrupted one. A tracker is not thread-safe: feed it from one thread at a time (with
-    ``nn.DataParallel``'s replica threads, use a lock or one tracker per replica and merge).
+    ``nn.DataParallel``'s replica threads, guard ``update`` with a lock).
 
     Examples
     --------
