@@ -243,7 +243,9 @@ class Tracker:
         if axis is _DEFAULT_AXIS:
             nd = getattr(x, "ndim", None)
             nd = int(np.ndim(x)) if nd is None else int(nd)
-            axis = 0 if nd <= 2 else (0, *range(2, nd))  # an int takes moments' fast path
+            axis = 0 if nd <= 2 else (0, *range(2, nd))
+        elif type(axis) is tuple and len(axis) == 1:
+            axis = axis[0]  # the same reduction; an int takes the fast path of moments
         m = moments(x, axis, **moments_kwargs) if moments_kwargs else moments(x, axis)
         if type(m) is Moments:
             m.__class__ = _SharedMoments
