@@ -30,9 +30,15 @@ import streamnorm
 from streamnorm.cuda import DeviceMoments
 from streamnorm.cuda import _config as C
 
-#: launch shapes tried by the tuning table: threads per block and elements per thread tile of
-#: the rows kernel, then of the channels-first kernel
-TUNING = ((128, 16, 64, 8), (256, 16, 64, 8), (128, 16, 64, 16), (128, 16, 128, 8))
+#: launch shapes tried by the tuning table: threads per block, elements per thread tile and
+#: register cap of the rows kernel, then the same for the channels-first kernel
+TUNING = (
+    (128, 16, None, 64, 8, 64),
+    (128, 16, 48, 64, 8, 48),
+    (128, 16, 40, 64, 16, 40),
+    (256, 16, 48, 128, 8, 56),
+    (128, 16, None, 64, 8, None),
+)
 
 
 def host_profile(x: torch.Tensor, axis: Any, calls: int = 200) -> str:
@@ -220,22 +226,27 @@ def bench_layout(name: str, x: torch.Tensor, axis: Any, inner: int, trials: int)
 
 def tuning(x: torch.Tensor, axis: Any, inner: int, trials: int) -> list[tuple[str, float]]:
     """streamnorm GB/s for a few launch shapes (threads per block, elements per thread)."""
-    keep = (C.BLOCK_THREADS, C.UNROLL, C.CF_THREADS, C.CF_UNROLL)
+    names = ("BLOCK_THREADS", "UNROLL", "MAX_REGISTERS", "CF_THREADS", "CF_UNROLL")
+    names += ("CF_MAX_REGISTERS",)
+    keep = tuple(getattr(C, n) for n in names)
     out = []
     try:
-        for nt, ku, cnt, cku in TUNING:
-            C.BLOCK_THREADS, C.UNROLL, C.CF_THREADS, C.CF_UNROLL = nt, ku, cnt, cku
+        for shape in TUNING:
+            for n, v in zip(names, shape, strict=True):
+                setattr(C, n, v)
+            nt, ku, reg, cnt, cku, creg = shape
             dm = DeviceMoments()
             try:
                 t = timed(lambda dm=dm: dm.update(x, axis), inner, trials)
             except Exception as e:  # e.g. too many registers for the block size
-                print(f"launch shape {nt} x {ku}, {cnt} x {cku} failed: {str(e)[:90]}", flush=True)
+                print(f"launch shape {shape} failed: {str(e)[:90]}", flush=True)
                 torch.cuda.synchronize()
                 continue
-            label = f"rows {nt} x {ku}, cf {cnt} x {cku}"
+            label = f"rows {nt} x {ku} (regs {reg}), cf {cnt} x {cku} (regs {creg})"
             out.append((label, x.numel() * x.element_size() / t / 1e9))
     finally:
-        C.BLOCK_THREADS, C.UNROLL, C.CF_THREADS, C.CF_UNROLL = keep
+        for n, v in zip(names, keep, strict=True):
+            setattr(C, n, v)
     return out
 
 

@@ -153,6 +153,15 @@ block_tree = cuda.jit(device=True)(_block_tree)
 # Partials ``part`` (float64, shape (3, D, P)): count, mean (shifted by ``ref``) and M2.
 
 
+def _jit(max_registers: int | None) -> Any:
+    """``cuda.jit``, with a register cap where one is asked for (the simulator takes none)."""
+    from ._intake import simulated
+
+    if max_registers and not simulated():
+        return cuda.jit(max_registers=max_registers)
+    return cuda.jit
+
+
 def _tile_code(KU: int) -> tuple[float, float]:
     return float(KU), 1.0 / KU  # exact: UNROLL is a power of two
 
@@ -165,8 +174,8 @@ def rows_kernel(ng: int, ktab: bool, use_w: bool, omit: bool, bf16: bool) -> Any
     ``[chunk * rows_per_chunk, ...)`` of chunk ``b // ntiles``. Partials go to
     ``part[:, d, chunk]``; the reference of dimension ``d`` to ``ref[d]``.
     """
-    KU, NT, MG = C.UNROLL, C.BLOCK_THREADS, C.MAX_GROUPS
-    key = ("rows", ng, ktab, use_w, omit, bf16, KU, NT, MG)
+    KU, NT, MG, REG = C.UNROLL, C.BLOCK_THREADS, C.MAX_GROUPS, C.MAX_REGISTERS
+    key = ("rows", ng, ktab, use_w, omit, bf16, KU, NT, MG, REG)
     if key in _CACHE:
         return _CACHE[key]
     dec = dec_bf16 if bf16 else dec_plain
@@ -175,7 +184,7 @@ def rows_kernel(ng: int, ktab: bool, use_w: bool, omit: bool, bf16: bool) -> Any
     FAST = not (use_w or omit)
     FKU, INV_KU = _tile_code(KU)
 
-    @cuda.jit
+    @_jit(REG)
     def kern(x, itab, kbase, kstride, D, R, rows_per_chunk, ntiles,  # type: ignore[no-untyped-def]
              w, w_inner, w_n, ref, part):  # fmt: skip
         tx = cuda.threadIdx.x
@@ -282,8 +291,8 @@ def cf_kernel(ng: int, ktab: bool, use_w: bool, omit: bool, bf16: bool) -> Any:
     lanes read an item's elements ``lane, lane + rg, ...`` (coalesced). Partials go to
     ``part[:, d, k]``.
     """
-    KU, NT, MG = C.CF_UNROLL, C.CF_THREADS, C.MAX_GROUPS
-    key = ("cf", ng, ktab, use_w, omit, bf16, KU, NT, MG)
+    KU, NT, MG, REG = C.CF_UNROLL, C.CF_THREADS, C.MAX_GROUPS, C.CF_MAX_REGISTERS
+    key = ("cf", ng, ktab, use_w, omit, bf16, KU, NT, MG, REG)
     if key in _CACHE:
         return _CACHE[key]
     dec = dec_bf16 if bf16 else dec_plain
@@ -292,7 +301,7 @@ def cf_kernel(ng: int, ktab: bool, use_w: bool, omit: bool, bf16: bool) -> Any:
     FAST = not (use_w or omit)
     FKU, INV_KU = _tile_code(KU)
 
-    @cuda.jit
+    @_jit(REG)
     def kern(x, itab, kbase, kstride, D, A, L, nseg_row, seg_len, items_per_chunk, P, rg,  # type: ignore[no-untyped-def]
              w, w_inner, w_n, ref, part):  # fmt: skip
         tid = cuda.threadIdx.x
