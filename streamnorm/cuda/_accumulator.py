@@ -118,15 +118,17 @@ class DeviceMoments:
 
     Notes
     -----
-    Each batch is reduced with a block two-pass (per thread a register tile, shifted by the
-    dimension's first element) and Chan merges in a fixed order: thread tiles, a binary tree per
-    block, the blocks of a dimension in a fixed strided-then-tree order, then the batch into the
-    state. There are no atomics, so the same data give the same bits on every run. The state is
-    merged into with the same formula as :meth:`streamnorm.Moments.update`, so results agree with
-    the CPU to rounding (about 1e-15 relative).
+    Each batch is reduced in tiles of 8 or 16 elements per thread, each tile in one pass around
+    its own first element (which bounds the cancellation by the tile length, as accurate as a
+    two-pass; partial and weighted tiles use Welford's update), after a shift by the dimension's
+    first element. Tiles, threads (a binary tree in shared memory), blocks (a fixed strided-then-
+    tree order) and the batch into the state are combined with Chan et al.'s merge in a fixed
+    order and without atomics, so the same data give the same bits on every run. Results agree
+    with the CPU path to rounding (about 1e-15 relative, at most a few 1e-14 seen on an H200).
 
-    Updates from different streams are ordered with an event recorded after each update, without
-    a host synchronization. ``nan_policy="raise"`` has to look at the result, so it synchronizes.
+    Updates from different streams are ordered with an event, without a host synchronization.
+    ``nan_policy="raise"`` has to look at the result, so it synchronizes. Work buffers are kept
+    per instance and reused across batches of the same shape.
 
     Examples
     --------
