@@ -34,6 +34,12 @@ _FAST_DTYPES = (np.dtype("f4"), np.dtype("f8"))
 
 Axis = int | Sequence[int] | None
 
+#: one batch from a kernel: flat float64 (n, mean, m2, lo), lo the rounding residual of mean
+Stats = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+#: the ways of saying "reduce the rows" of a 2-D array, checked before any normalization
+_AXIS_ZERO_2D = (0, -2, (0,), (-2,), [0], [-2])
+
 
 # --------------------------------------------------------------------------------------------
 # input checks
@@ -432,7 +438,9 @@ class Moments:
         b = _compute(x, axis, weights, nan_policy)
         if b is None:
             return self
-        self._merge_in(*b)
+        n, mean, m2, shape, total, weighted, per_dim, *lo = b
+        lo_ = lo[0] if lo else None
+        self._merge_in(n, mean, m2, shape, total, weighted, per_dim, lo_, own=True)
         return self
 
     def _merge_in(
@@ -445,11 +453,15 @@ class Moments:
         weighted: bool,
         per_dim: bool,
         lo: np.ndarray | None = None,
+        own: bool = False,
     ) -> None:
+        """Merge raw per-dimension arrays in; ``own`` says they are fresh and may be kept."""
         lo = np.zeros_like(mean) if lo is None else lo
         if self._shape is None:
             self._shape = shape
-            self._n, self._mean, self._lo, self._m2 = n.copy(), mean.copy(), lo.copy(), m2.copy()
+            if not own:
+                n, mean, lo, m2 = n.copy(), mean.copy(), lo.copy(), m2.copy()
+            self._n, self._mean, self._lo, self._m2 = n, mean, lo, m2
         else:
             if shape != self._shape:
                 raise ValueError(
@@ -630,7 +642,7 @@ def _compute(x: Any, axis: Axis, weights: Any, nan_policy: str) -> tuple[Any, ..
         weights is None
         and nan_policy == "propagate"
         and a.ndim == 2
-        and (axis == 0 or axis == -2)
+        and axis in _AXIS_ZERO_2D
         and a.dtype in _FAST_DTYPES
         and a.flags.c_contiguous
         and a.shape[0] > 0
