@@ -58,3 +58,7 @@ SERIAL_BYTES = 256 * 1024
 #: ``sum v**2 <= REFINE * M2``, i.e. while the subtraction lost at most log10(REFINE) digits;
 #: otherwise the block is redone with a two-pass.
 REFINE = 1e3
+
+#: Channels-first rows shorter than this (elements) are read sample by sample (all channels of
+#: a run of samples per task, in address order) rather than channel by channel.
+CF_ROWS_MAX_L = 1024

@@ -416,6 +416,77 @@ def _cf_moments(x, seg_len, chunk_blocks):  # type: ignore[no-untyped-def]
     return n_out, mean_out, m2_out, lo
 
 
+@njit(**JIT)
+def _cf_rows_block(x, a0, a1, ref, s, q, x0):  # type: ignore[no-untyped-def]
+    """Every channel of samples ``a0:a1`` of ``x`` (A, C, L), read in address order.
+
+    Per channel one pass over ``v = x - x0[c]`` (``x0[c]`` the block's first element of that
+    channel), checked and redone as a two-pass as in :func:`_rows_block_shifted`. Writes the
+    mean relative to ``ref`` into ``s`` and M2 into ``q``.
+    """
+    C = x.shape[1]
+    L = x.shape[2]
+    n = (a1 - a0) * L
+    s1 = np.zeros(C)
+    s2 = np.zeros(C)
+    for c in range(C):
+        x0[c] = np.float64(x[a0, c, 0])
+    for a in range(a0, a1):
+        for c in range(C):
+            row = x[a, c]
+            xc = x0[c]
+            t1 = 0.0
+            t2 = 0.0
+            for i in range(L):
+                v = row[i] - xc
+                t1 += v
+                t2 += v * v
+            s1[c] += t1
+            s2[c] += t2
+    for c in range(C):
+        mb = s1[c] / n
+        m2 = s2[c] - s1[c] * mb
+        if s2[c] > REFINE * m2:
+            mb, m2 = _cf_block(x, c, a0, a1, 0, L, ref[c])
+            s[c] = mb
+        else:
+            s[c] = (x0[c] - ref[c]) + mb
+        q[c] = m2
+
+
+def _cf_rows_moments(x, rows_per):  # type: ignore[no-untyped-def]
+    """Channels-first moments for short rows: parallel over runs of ``rows_per`` samples.
+
+    Each task reads its samples' memory in order (all channels), keeping per-channel block
+    sums; the tasks' slots are merged in order. Same result contract as :func:`cf_moments`.
+    """
+    A, C, L = x.shape
+    ref = finite_or_zero(x[0, :, 0])
+    nt = (A + rows_per - 1) // rows_per
+    c_n = np.zeros(nt)
+    c_mean = np.zeros((nt, C))
+    c_m2 = np.zeros((nt, C))
+    for k in prange(nt):
+        a0 = k * rows_per
+        a1 = min(A, a0 + rows_per)
+        x0 = np.empty(C)
+        _cf_rows_block(x, a0, a1, ref, c_mean[k], c_m2[k], x0)
+        c_n[k] = float((a1 - a0) * L)
+    n_out = np.zeros(C)
+    mean_out = np.zeros(C)
+    m2_out = np.zeros(C)
+    nk = np.empty(C)
+    for k in range(nt):
+        nk[:] = c_n[k]
+        chan_merge_into(n_out, mean_out, m2_out, nk, c_mean[k], c_m2[k])
+    lo = _finish(n_out, mean_out, m2_out, ref)
+    return n_out, mean_out, m2_out, lo
+
+
+cf_rows_moments = njit(**PARALLEL_JIT)(_cf_rows_moments)
+cf_rows_moments_serial = njit(**JIT)(_cf_rows_moments)
+
+
 cf_moments = njit(**PARALLEL_JIT)(_cf_moments)
 cf_moments_serial = njit(**JIT)(_cf_moments)
 

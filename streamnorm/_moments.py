@@ -17,6 +17,7 @@ import numpy as np
 from . import _kernels as K
 from ._config import (
     BLOCK_BYTES,
+    CF_ROWS_MAX_L,
     CHUNK_ELEMS,
     GENERIC_BLOCK_BYTES,
     MAX_CHUNKS,
@@ -170,6 +171,12 @@ def _run_rows(x: np.ndarray, w: np.ndarray | None, omit: bool) -> Stats:
 
 def _run_cf(x: np.ndarray) -> Stats:
     A, C, L = x.shape
+    if A > 1 and L < CF_ROWS_MAX_L:
+        # short rows of many samples: tasks over samples read memory in address order
+        rows_per = max(1, min(A, SEG_LEN // max(1, L)))
+        parallel = x.nbytes >= SERIAL_BYTES
+        kernel = K.cf_rows_moments if parallel else K.cf_rows_moments_serial
+        return kernel(x, rows_per)  # type: ignore[no-any-return]
     seg, cs = _cf_params(A, L)
     kernel = K.cf_moments_serial if x.nbytes < SERIAL_BYTES else K.cf_moments
     return kernel(x, seg, cs)  # type: ignore[no-any-return]
