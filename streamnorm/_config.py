@@ -35,8 +35,9 @@ PARALLEL_JIT: dict[str, Any] = {**JIT, "parallel": True}
 ORDERED_JIT: dict[str, Any] = {**JIT, "fastmath": FASTMATH_ORDERED}
 ORDERED_PARALLEL_JIT: dict[str, Any] = {**ORDERED_JIT, "parallel": True}
 
-#: Bytes of input per block in the (rows, D) kernel: a block is read twice and must stay in L1/L2.
-BLOCK_BYTES = 64 * 1024
+#: Bytes of input per block in the (rows, D) kernel: read once, and again from L2 only when the
+#: block's one-pass sums cancel (see ``REFINE``).
+BLOCK_BYTES = 256 * 1024
 
 #: Elements per contiguous segment in the channels-first kernel.
 SEG_LEN = 4096
