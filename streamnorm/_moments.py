@@ -74,13 +74,7 @@ def _as_array(x: Any) -> np.ndarray:
     if isinstance(x, np.ndarray):
         return x
     if hasattr(x, "detach") and hasattr(x, "cpu"):  # a torch tensor on the CPU, zero-copy
-        if getattr(x, "is_cuda", False):
-            raise TypeError(
-                "x is a CUDA tensor; pass it to streamnorm.cuda.moments (extra 'cuda') or call "
-                ".cpu() first"
-            )
         x = x.detach()
-        return np.asarray(x)
     return np.asarray(x)
 
 
