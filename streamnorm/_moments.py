@@ -39,7 +39,7 @@ Axis = int | Sequence[int] | None
 Stats = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 #: the ways of saying "reduce the rows" of a 2-D array, checked before any normalization
-_AXIS_ZERO_2D = (0, -2, (0,), (-2,), [0], [-2])
+_AXIS_ZERO_2D = (0, -2, (0,), (-2,))
 
 
 # --------------------------------------------------------------------------------------------
@@ -98,6 +98,8 @@ def _check_dtype(x: np.ndarray) -> np.ndarray:
 def _normalize_axes(axis: Axis, ndim: int) -> tuple[int, ...]:
     if axis is None:
         return tuple(range(ndim))
+    if isinstance(axis, bool):
+        raise TypeError(f"axis must be an int, a tuple of ints or None, got {axis!r}")
     if isinstance(axis, (int, np.integer)):
         axes: Sequence[Any] = (axis,)
     elif isinstance(axis, Sequence) and not isinstance(axis, str):
@@ -643,6 +645,7 @@ def _compute(x: Any, axis: Axis, weights: Any, nan_policy: str) -> tuple[Any, ..
         weights is None
         and nan_policy == "propagate"
         and a.ndim == 2
+        and type(axis) in (int, tuple)
         and axis in _AXIS_ZERO_2D
         and a.dtype in _FAST_DTYPES
         and a.flags.c_contiguous

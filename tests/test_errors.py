@@ -43,6 +43,11 @@ def test_axis_errors():
         moments(x, axis="0")
     with pytest.raises(TypeError, match="axis"):
         moments(x, axis=(0.5,))
+    with pytest.raises(TypeError, match="axis"):
+        moments(x, axis=True)
+    with pytest.raises(TypeError, match="axis"):
+        moments(x, axis=np.array([0, 1]))
+    np.testing.assert_array_equal(moments(x, axis=[0]).mean, moments(x, axis=0).mean)
 
 
 def test_dimension_mismatch_names_both_shapes_and_keeps_state():
