@@ -51,27 +51,37 @@ def lr_for(batch_size: int) -> float:
     return 0.05 * math.sqrt(batch_size / 32)
 
 
-def run(batch_sizes: list[int], schedules: dict[str, list[int]], epochs: int, seeds: int) -> dict:
+def run_one(schedule: str, bs: int, epochs: int, seeds: int) -> tuple[Any, float]:
+    """One training configuration (all seeds); returns its CompareResult and wall time."""
+    t = time.perf_counter()
+    steps = 1347 // bs
+    r = compare(
+        epochs=epochs,
+        batch_size=bs,
+        seeds=seeds,
+        estimators=estimator_set(epochs),
+        lr=lr_for(bs),
+        schedule=schedule,
+        last_steps=min(steps, 50),
+    )
+    return r, time.perf_counter() - t
+
+
+def run(configs: list[tuple[str, int]], epochs: int, seeds: int, jobs: int) -> dict:
+    """Every configuration, the most expensive (smallest batches) first, on ``jobs`` processes."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing import get_context
+
+    order = sorted(configs, key=lambda c: c[1])
     results: dict[tuple[str, int], Any] = {}
-    for schedule, sizes in schedules.items():
-        for bs in sizes:
-            if bs not in batch_sizes and schedule == "constant":
-                continue
-            t = time.perf_counter()
-            r = compare(
-                epochs=epochs,
-                batch_size=bs,
-                seeds=seeds,
-                estimators=estimator_set(epochs),
-                lr=lr_for(bs),
-                schedule=schedule,
-            )
-            results[(schedule, bs)] = r
-            print(
-                f"{schedule:>8} batch {bs:>4}: {time.perf_counter() - t:6.1f} s  best mean err "
-                f"{min(r.estimators, key=lambda e: r.summary[e]['mean_err'])}",
-                file=sys.stderr,
-            )
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+        futures = {pool.submit(run_one, sch, bs, epochs, seeds): (sch, bs) for sch, bs in order}
+        for f in as_completed(futures):
+            sch, bs = futures[f]
+            r, wall = f.result()
+            results[(sch, bs)] = r
+            best = min(r.estimators, key=lambda e: r.summary[e]["mean_err"])
+            print(f"{sch:>8} batch {bs:>4}: {wall:6.1f} s  best mean err {best}", file=sys.stderr)
     return results
 
 
@@ -166,7 +176,8 @@ def write(results: dict, args: argparse.Namespace, wall: float, path: Path) -> N
         "",
         f"Setup: the `streamnorm compare` network (3 conv + BatchNorm2d, 1 BatchNorm1d, width 16) "
         f"on scikit-learn's digits (1347 training, 450 test images), SGD momentum 0.9, "
-        f"lr = 0.05 * sqrt(bs / 32), {args.epochs} epochs, seeds 0..{args.seeds - 1}. All "
+        f"lr = 0.05 * sqrt(bs / 32), {args.epochs} epochs, seeds 0..{args.seeds - 1}, "
+        f"{args.jobs} worker process(es). Noise over steps: the last min(50, one epoch) steps. All "
         "estimators are fed the same batches from one kernel pass per layer and step. Truth: the "
         "population of each BN input over the whole training set with the final weights (earlier "
         "BN layers using their own population statistics). Numbers are averages over the 4 BN "
@@ -196,7 +207,7 @@ def write(results: dict, args: argparse.Namespace, wall: float, path: Path) -> N
         "",
         *metric_table(results, "constant", sizes, "accuracy", ".4f", "max"),
         "",
-        "### Noise of the mean error: spread across seeds / spread over the last epoch's steps",
+        "### Noise of the mean error: spread across seeds / spread over the last steps",
         "",
         *noise_table(results, "constant", sizes),
         "",
@@ -221,7 +232,7 @@ def write(results: dict, args: argparse.Namespace, wall: float, path: Path) -> N
             "",
             *metric_table(results, "cosine", cos, "accuracy", ".4f", "max"),
             "",
-            "### Noise of the mean error: across seeds / over the last epoch's steps",
+            "### Noise of the mean error: across seeds / over the last steps",
             "",
             *noise_table(results, "cosine", cos),
             "",
@@ -239,23 +250,21 @@ def main(argv: list[str] | None = None) -> int:
     ints = lambda s: [int(v) for v in s.split(",") if v]  # noqa: E731
     ap.add_argument("--batch-sizes", type=ints, default=[2, 4, 8, 16, 32, 64, 128, 256])
     ap.add_argument("--cosine-batch-sizes", type=ints, default=[8, 32, 128])
-    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--jobs", type=int, default=2, help="worker processes (1 torch thread each)")
     ap.add_argument(
         "--out", type=Path, default=Path(__file__).parent / "results" / "estimators_quality.md"
     )
     args = ap.parse_args(argv)
-    args.command = "python bench/bench_estimators.py " + " ".join(
-        sys.argv[1:] if argv is None else argv
+    args.command = " ".join(
+        ["python bench/bench_estimators.py", *(sys.argv[1:] if argv is None else argv)]
     )
-    compare(epochs=2, batch_size=256, seeds=1, estimators=estimator_set(2))  # compile, warm up
+    configs = [("constant", bs) for bs in args.batch_sizes]
+    configs += [("cosine", bs) for bs in args.cosine_batch_sizes]
+    compare(epochs=2, batch_size=256, seeds=1, estimators=estimator_set(2))  # compile the kernels
     t = time.perf_counter()
-    results = run(
-        args.batch_sizes,
-        {"constant": args.batch_sizes, "cosine": args.cosine_batch_sizes},
-        args.epochs,
-        args.seeds,
-    )
+    results = run(configs, args.epochs, args.seeds, args.jobs)
     wall = time.perf_counter() - t
     write(results, args, wall, args.out)
     print(f"wrote {args.out} in {wall / 60:.1f} min", file=sys.stderr)
