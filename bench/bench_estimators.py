@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     ints = lambda s: [int(v) for v in s.split(",") if v]  # noqa: E731
     ap.add_argument("--batch-sizes", type=ints, default=[2, 4, 8, 16, 32, 64, 128, 256])
     ap.add_argument("--cosine-batch-sizes", type=ints, default=[8, 32, 128])
-    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (1 torch thread each)")
     ap.add_argument(
