@@ -60,6 +60,10 @@ SERIAL_BYTES = 256 * 1024
 #: otherwise the block is redone with a two-pass.
 REFINE = 1e3
 
-#: Channels-first rows shorter than this (elements) are read sample by sample (all channels of
-#: a run of samples per task, in address order) rather than channel by channel.
-CF_ROWS_MAX_L = 1024
+#: Channels-first batches are read sample by sample, a task per run of samples, with runs of
+#: about this many elements per channel (and at least 8 runs when there are enough samples).
+CF_RUN_ELEMS = 16384
+
+#: (rows, D) arrays with D below half of this are read as (rows / k, k * D) with k * D close
+#: to it, then the k column groups of each dimension are merged: narrow rows vectorize poorly.
+NARROW_WIDTH = 256

@@ -21,7 +21,14 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ._config import JIT, ORDERED_JIT, ORDERED_PARALLEL_JIT, PARALLEL_JIT, REFINE, STRICT_JIT
+from ._config import (
+    JIT,
+    ORDERED_JIT,
+    ORDERED_PARALLEL_JIT,
+    PARALLEL_JIT,
+    REFINE,
+    STRICT_JIT,
+)
 
 
 @njit(**STRICT_JIT)

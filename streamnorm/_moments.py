@@ -17,10 +17,11 @@ import numpy as np
 from . import _kernels as K
 from ._config import (
     BLOCK_BYTES,
-    CF_ROWS_MAX_L,
+    CF_RUN_ELEMS,
     CHUNK_ELEMS,
     GENERIC_BLOCK_BYTES,
     MAX_CHUNKS,
+    NARROW_WIDTH,
     SEG_LEN,
     SERIAL_BYTES,
 )
@@ -156,6 +157,20 @@ def _cf_params(A: int, L: int) -> tuple[int, int]:
 
 def _run_rows(x: np.ndarray, w: np.ndarray | None, omit: bool) -> Stats:
     R, D = x.shape
+    k = NARROW_WIDTH // D if D else 0
+    if k > 1 and w is None and not omit and x.flags.c_contiguous and R >= 2 * k:
+        # narrow rows: k consecutive rows side by side make a (R // k, k * D) array whose rows
+        # vectorize well; the k column groups of each dimension are merged afterwards
+        r1 = R // k * k
+        wide = _run_rows(x[:r1].reshape(r1 // k, k * D), None, False)
+        acc = [np.zeros(D), np.full(D, np.nan), np.zeros(D), np.zeros(D)]  # n, mean, lo, m2
+        n, m, q, lo = (a.reshape(k, D) for a in wide)
+        for j in range(k):
+            K.chan_merge_dd(*acc, n[j], m[j], lo[j], q[j])
+        if r1 < R:
+            n, m, q, lo = _run_rows(x[r1:], None, False)
+            K.chan_merge_dd(*acc, n, m, lo, q)
+        return acc[0], acc[1], acc[3], acc[2]
     br, cb = _rows_params(D, x.itemsize, R)
     if w is None and not omit:
         kernel = K.rows_moments_serial if x.nbytes < SERIAL_BYTES else K.rows_moments
@@ -167,9 +182,9 @@ def _run_rows(x: np.ndarray, w: np.ndarray | None, omit: bool) -> Stats:
 
 def _run_cf(x: np.ndarray) -> Stats:
     A, C, L = x.shape
-    if A > 1 and L < CF_ROWS_MAX_L:
-        # short rows of many samples: tasks over samples read memory in address order
-        rows_per = max(1, min(A, SEG_LEN // max(1, L)))
+    if A > 1:
+        # several samples: tasks over runs of samples read memory in address order
+        rows_per = max(1, min(-(-CF_RUN_ELEMS // max(1, L)), -(-A // 8)))
         parallel = x.nbytes >= SERIAL_BYTES
         kernel = K.cf_rows_moments if parallel else K.cf_rows_moments_serial
         return kernel(x, rows_per)  # type: ignore[no-any-return]

@@ -1,6 +1,6 @@
 """Compare BatchNorm test-time estimators on a real training run.
 
-:func:`compare` trains the small digits CNN (:mod:`streamnorm._digits`) with PyTorch on the CPU
+:func:`compare` trains the small digits CNN (:mod:`streamnorm.digits`) with PyTorch on the CPU
 while a :class:`streamnorm.Tracker` feeds every BatchNorm input to all estimators at once,
 computes the ground truth with the final weights, and scores every estimator: normalized mean
 error, log variance ratio, their noise over the last steps and across seeds, and the test
@@ -309,7 +309,7 @@ def _run_seed(
     last_steps: int,
     tick: Callable[[], Any],
 ) -> dict[str, Any]:
-    from ._digits import accuracy, make_cnn, train
+    from .digits import accuracy, make_cnn, train
     from ._torch_hooks import bn_layers, load_estimates, track
 
     x_tr, y_tr, x_te, y_te = data
@@ -707,11 +707,11 @@ def compare(
         of name -> estimator prototype (e.g. ``{"ema_0.01": streamnorm.EMA(0.01)}``), as
         :class:`streamnorm.Tracker` takes it.
     width : int, default 16
-        Width of the network (:func:`streamnorm._digits.make_cnn`).
+        Width of the network (:func:`streamnorm.digits.make_cnn`).
     lr : float, default 0.05
         SGD learning rate.
     schedule : {"constant", "cosine"}, default "constant"
-        Learning-rate schedule (:func:`streamnorm._digits.train`). With ``"cosine"`` the
+        Learning-rate schedule (:func:`streamnorm.digits.train`). With ``"cosine"`` the
         weights settle at the end, which favours estimators that weigh the last steps.
     last_steps : int, optional
         Steps at the end of training over which the noise is measured; one epoch by default.
@@ -737,7 +737,7 @@ def compare(
     steps (one seed) and across seeds. Because every estimator is fed the same batches by the
     same kernel pass, differences between them are due to the estimators alone.
     """
-    from ._digits import load_digits_nchw
+    from .digits import load_digits_nchw
 
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be a positive int, got {epochs!r}")
