@@ -131,7 +131,7 @@ def onnx_stats(path: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 def _trained() -> tuple[Any, dict[str, Any], tuple[Any, ...]]:
     import torch
 
-    from streamnorm import _digits as D
+    from streamnorm import digits as D
 
     data = D.load_digits_nchw(seed=0)
     model = D.make_cnn(seed=0, width=8)
@@ -142,7 +142,7 @@ def _trained() -> tuple[Any, dict[str, Any], tuple[Any, ...]]:
 
 def trained_digits() -> tuple[Any, tuple[Any, ...]]:
     """A fresh copy of the small digits CNN (trained once per process) and the digits split."""
-    from streamnorm import _digits as D
+    from streamnorm import digits as D
 
     _, state, data = _trained()
     model = D.make_cnn(seed=0, width=8)
@@ -188,7 +188,7 @@ def bn_input_moments(model: Any, x: Any, *, train_bn: bool = False) -> dict[str,
 
 def digits_arch() -> Any:
     """The architecture of :func:`trained_digits`, for ``--arch _calib_fixtures:digits_arch``."""
-    from streamnorm import _digits as D
+    from streamnorm import digits as D
 
     return D.make_cnn(seed=0, width=8)
 

@@ -168,7 +168,7 @@ def test_exported_torch_model_matches_pytorch_sequential(tmp_path: pathlib.Path)
     torch = pytest.importorskip("torch")
     from _calib_fixtures import trained_digits
 
-    from streamnorm import _digits as D
+    from streamnorm import digits as D
     from streamnorm.torch import recalibrate as torch_recalibrate
 
     model, data = trained_digits()

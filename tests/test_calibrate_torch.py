@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 
 from _calib_fixtures import bn_input_moments, trained_digits  # noqa: E402
 
-from streamnorm import _digits as D  # noqa: E402
+from streamnorm import digits as D  # noqa: E402
 from streamnorm.torch import CalibrationReport, recalibrate  # noqa: E402
 
 

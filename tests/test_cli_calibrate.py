@@ -49,7 +49,7 @@ def torch_files(tmp_path: pathlib.Path) -> dict[str, pathlib.Path]:
     torch = pytest.importorskip("torch")
     from _calib_fixtures import trained_digits
 
-    from streamnorm import _digits as D
+    from streamnorm import digits as D
 
     model, data = trained_digits()
     files = {

@@ -15,8 +15,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 
 from streamnorm import cli  # noqa: E402
-from streamnorm._digits import accuracy, load_digits_nchw, make_cnn, shift_domain, train  # noqa: E402
 from streamnorm.compare import compare, ground_truth, layer_errors  # noqa: E402
+from streamnorm.digits import accuracy, load_digits_nchw, make_cnn, shift_domain, train  # noqa: E402
 from streamnorm.torch import bn_layers  # noqa: E402
 
 

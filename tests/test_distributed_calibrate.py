@@ -172,7 +172,7 @@ def test_get_client_to_running_scheduler(client):
 
 def _torch_setup():
     torch = pytest.importorskip("torch")
-    from streamnorm import _digits as D
+    from streamnorm import digits as D
 
     x = D.load_digits_nchw(seed=0)[0][:600].double().numpy()
     with torch.random.fork_rng():

@@ -78,7 +78,7 @@ def test_bn_axes():
 
 
 def test_digits_cnn_layers():
-    from streamnorm._digits import make_cnn
+    from streamnorm.digits import make_cnn
 
     layers = bn_layers(make_cnn(width=4))
     assert [n for n, _ in layers] == ["bn1", "bn2", "bn3", "bn4"]
