@@ -37,7 +37,7 @@ def isfinite(v):  # type: ignore[no-untyped-def]
     return np.isfinite(v)
 
 
-@njit(**JIT)
+@njit(**STRICT_JIT)
 def chan_merge_into(n_a, mean_a, m2_a, n_b, mean_b, m2_b):  # type: ignore[no-untyped-def]
     """Merge state ``b`` into state ``a`` in place (flat float64 arrays of one length)."""
     for d in range(n_a.shape[0]):
@@ -113,6 +113,22 @@ def _finish(n, mean, m2, ref):  # type: ignore[no-untyped-def]
             m2[d] = np.nan
             lo[d] = 0.0
     return lo
+
+
+@njit(**STRICT_JIT)
+def merge_slots(c_n, c_mean, c_m2, ref):  # type: ignore[no-untyped-def]
+    """Merge per-chunk slots in chunk order: ``c_n`` (K,), ``c_mean``/``c_m2`` (K, D) shifted
+    by ``ref``. Returns the kernel result ``(n, mean, m2, lo)``."""
+    D = c_mean.shape[1]
+    n_out = np.zeros(D)
+    mean_out = np.zeros(D)
+    m2_out = np.zeros(D)
+    nk = np.empty(D)
+    for k in range(c_n.shape[0]):
+        nk[:] = c_n[k]
+        chan_merge_into(n_out, mean_out, m2_out, nk, c_mean[k], c_m2[k])
+    lo = _finish(n_out, mean_out, m2_out, ref)
+    return n_out, mean_out, m2_out, lo
 
 
 @njit(**STRICT_JIT)
@@ -234,15 +250,7 @@ def _rows_moments(x, block_rows, chunk_blocks):  # type: ignore[no-untyped-def]
                 cq[d] += q[d] + delta * delta * g
             n_acc = n
         c_n[k] = n_acc
-    n_out = np.zeros(D)
-    mean_out = np.zeros(D)
-    m2_out = np.zeros(D)
-    nk = np.empty(D)
-    for k in range(nchunks):
-        nk[:] = c_n[k]
-        chan_merge_into(n_out, mean_out, m2_out, nk, c_mean[k], c_m2[k])
-    lo = _finish(n_out, mean_out, m2_out, ref)
-    return n_out, mean_out, m2_out, lo
+    return merge_slots(c_n, c_mean, c_m2, ref)
 
 
 rows_moments = njit(**ORDERED_PARALLEL_JIT)(_rows_moments)
@@ -479,15 +487,7 @@ def _cf_rows_moments(x, rows_per):  # type: ignore[no-untyped-def]
         x0 = np.empty(C)
         _cf_rows_block(x, a0, a1, ref, c_mean[k], c_m2[k], x0)
         c_n[k] = float((a1 - a0) * L)
-    n_out = np.zeros(C)
-    mean_out = np.zeros(C)
-    m2_out = np.zeros(C)
-    nk = np.empty(C)
-    for k in range(nt):
-        nk[:] = c_n[k]
-        chan_merge_into(n_out, mean_out, m2_out, nk, c_mean[k], c_m2[k])
-    lo = _finish(n_out, mean_out, m2_out, ref)
-    return n_out, mean_out, m2_out, lo
+    return merge_slots(c_n, c_mean, c_m2, ref)
 
 
 cf_rows_moments = njit(**PARALLEL_JIT)(_cf_rows_moments)

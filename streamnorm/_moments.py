@@ -602,16 +602,19 @@ class Moments:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Moments:
         """Read a file written by :meth:`save`; ``ValueError`` for a truncated or foreign file."""
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                d = {k: z[k] for k in z.files}
-        except FileNotFoundError:
-            raise
-        except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as e:
-            raise ValueError(
-                f"{os.fspath(path)!r} is not a readable streamnorm Moments file: {e}"
-            ) from e
-        return cls.from_dict(d)
+        return cls.from_dict(read_npz(path, "Moments"))
+
+
+def read_npz(path: str | os.PathLike[str], what: str) -> dict[str, Any]:
+    """All arrays of an ``.npz`` file (no pickles); ``ValueError`` if it is not a readable one."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as e:
+        name = os.fspath(path)
+        raise ValueError(f"{name!r} is not a readable streamnorm {what} file: {e}") from e
 
 
 def atomic_write(path: str | os.PathLike[str], write: Any, mode: str = "wb") -> None:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import copy
 import os
-import zipfile
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
-from ._moments import Axis, Moments, atomic_write, moments
+from ._moments import Axis, Moments, atomic_write, moments, read_npz
 from .estimators import Estimator, default_estimators
 from .estimators import from_dict as estimator_from_dict
 from .estimators._base import _Owner, check_convention, check_epoch, unpack
@@ -468,16 +467,7 @@ class Tracker:
         cls, path: str | os.PathLike[str], *, reduce: Callable[[Moments], Moments] | None = None
     ) -> Tracker:
         """Read a file written by :meth:`save`; ``ValueError`` for a truncated or foreign file."""
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                d = {k: z[k] for k in z.files}
-        except FileNotFoundError:
-            raise
-        except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as e:
-            raise ValueError(
-                f"{os.fspath(path)!r} is not a readable streamnorm Tracker file: {e}"
-            ) from e
-        return cls.from_dict(d, reduce=reduce)
+        return cls.from_dict(read_npz(path, "Tracker"), reduce=reduce)
 
 
 def _from_record(d: dict[str, Any], reduce: Callable[[Moments], Moments] | None) -> Tracker:
