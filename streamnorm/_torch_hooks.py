@@ -91,7 +91,7 @@ def _make_hook(tracker: Any, name: str) -> Any:
         if not isinstance(x, torch.Tensor) or x.ndim < 2 or x.numel() == 0:
             return  # BatchNorm itself reports a malformed input
         x = x.detach()
-        if x.dtype in _UPCAST:
+        if x.dtype in _UPCAST and not x.is_cuda:  # the GPU kernels read half precision as is
             x = x.float()
         tracker.update(name, x, axis=bn_axes(x.ndim))
 
@@ -122,8 +122,8 @@ def track(model: Any, tracker: Any, *, layers: Iterable[str] | None = None) -> I
     in evaluation mode, so evaluation passes inside the block do not pollute the statistics.
     In training mode the input is detached and passed on as is: a CPU tensor reaches the kernel
     as a zero-copy strided view (``channels_last`` included), a CUDA tensor is passed as a CUDA
-    tensor. Only ``float16`` / ``bfloat16`` inputs are converted to ``float32`` first, because
-    numpy cannot view them. The axes are those BatchNorm reduces: all but the channel axis 1
+    tensor. Only ``float16`` / ``bfloat16`` CPU inputs are converted to ``float32`` first,
+    because numpy cannot view them; the GPU kernels read them as they are. The axes are those BatchNorm reduces: all but the channel axis 1
     (``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)``, ``(N, C, D, H, W)``).
 
     The hooks are removed when the block exits, also when it raises.
