@@ -31,9 +31,13 @@ STRICT_JIT: dict[str, Any] = {"nogil": True, "cache": True, "error_model": "nump
 #: Options for parallel kernels.
 PARALLEL_JIT: dict[str, Any] = {**JIT, "parallel": True}
 
-#: Options for the column-wise kernels (no reassociation; see ``FASTMATH_ORDERED``).
+#: Options for the column-wise block loops (no reassociation; see ``FASTMATH_ORDERED``).
 ORDERED_JIT: dict[str, Any] = {**JIT, "fastmath": FASTMATH_ORDERED}
-ORDERED_PARALLEL_JIT: dict[str, Any] = {**ORDERED_JIT, "parallel": True}
+
+#: Options for the outer parallel kernels: they only schedule blocks and merge them, and hold
+#: no fastmath flag at all, so that the merges and the residual two-sums called from them stay
+#: exact however Numba inlines and caches them (fast-math leaf loops are functions of their own).
+STRICT_PARALLEL_JIT: dict[str, Any] = {**STRICT_JIT, "parallel": True}
 
 #: Bytes of input per block in the (rows, D) kernel: read once, and again from L2 only when the
 #: block's one-pass sums cancel (see ``REFINE``).

@@ -18,16 +18,18 @@ Results are therefore bit-identical for any number of threads. Means are returne
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 from numba import njit, prange
 
 from ._config import (
     JIT,
     ORDERED_JIT,
-    ORDERED_PARALLEL_JIT,
     PARALLEL_JIT,
     REFINE,
     STRICT_JIT,
+    STRICT_PARALLEL_JIT,
 )
 
 
@@ -253,12 +255,23 @@ def _rows_moments(x, block_rows, chunk_blocks):  # type: ignore[no-untyped-def]
     return merge_slots(c_n, c_mean, c_m2, ref)
 
 
-rows_moments = njit(**ORDERED_PARALLEL_JIT)(_rows_moments)
+def _twin(func, name):  # type: ignore[no-untyped-def]
+    """A copy of ``func`` under another name.
+
+    Numba's on-disk cache tells functions apart by name and line, not by their options: a serial
+    twin compiled from the same function as its parallel original would share its cache entries.
+    """
+    twin = types.FunctionType(func.__code__, func.__globals__, name, func.__defaults__)
+    twin.__qualname__ = name
+    return twin
+
+
+rows_moments = njit(**STRICT_PARALLEL_JIT)(_rows_moments)
 #: the same kernel without threads, for batches too small to repay a parallel launch
-rows_moments_serial = njit(**ORDERED_JIT)(_rows_moments)
+rows_moments_serial = njit(**STRICT_JIT)(_twin(_rows_moments, "_rows_moments_serial"))
 
 
-@njit(**ORDERED_PARALLEL_JIT)
+@njit(**STRICT_PARALLEL_JIT)
 def rows_moments_general(x, ref, w, use_w, omit, block_rows, chunk_blocks):  # type: ignore[no-untyped-def]
     """Like :func:`rows_moments`, with optional per-row weights ``w`` and NaN/Inf omission.
 
@@ -490,15 +503,15 @@ def _cf_rows_moments(x, rows_per):  # type: ignore[no-untyped-def]
     return merge_slots(c_n, c_mean, c_m2, ref)
 
 
-cf_rows_moments = njit(**PARALLEL_JIT)(_cf_rows_moments)
-cf_rows_moments_serial = njit(**JIT)(_cf_rows_moments)
+cf_rows_moments = njit(**STRICT_PARALLEL_JIT)(_cf_rows_moments)
+cf_rows_moments_serial = njit(**STRICT_JIT)(_twin(_cf_rows_moments, "_cf_rows_moments_serial"))
 
 
-cf_moments = njit(**PARALLEL_JIT)(_cf_moments)
-cf_moments_serial = njit(**JIT)(_cf_moments)
+cf_moments = njit(**STRICT_PARALLEL_JIT)(_cf_moments)
+cf_moments_serial = njit(**STRICT_JIT)(_twin(_cf_moments, "_cf_moments_serial"))
 
 
-@njit(**JIT)
+@njit(**STRICT_JIT)
 def first_finite_rows(x):  # type: ignore[no-untyped-def]
     """Per column of a 2-D array, its first finite value (0.0 where there is none)."""
     R, D = x.shape

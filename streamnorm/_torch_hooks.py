@@ -123,8 +123,9 @@ def track(model: Any, tracker: Any, *, layers: Iterable[str] | None = None) -> I
     In training mode the input is detached and passed on as is: a CPU tensor reaches the kernel
     as a zero-copy strided view (``channels_last`` included), a CUDA tensor is passed as a CUDA
     tensor. Only ``float16`` / ``bfloat16`` CPU inputs are converted to ``float32`` first,
-    because numpy cannot view them; the GPU kernels read them as they are. The axes are those BatchNorm reduces: all but the channel axis 1
-    (``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)``, ``(N, C, D, H, W)``).
+    because numpy cannot view them; the GPU kernels read them as they are. The axes are those
+    BatchNorm reduces: all but the channel axis 1 (``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)``,
+    ``(N, C, D, H, W)``).
 
     The hooks are removed when the block exits, also when it raises.
 
