@@ -195,54 +195,42 @@ def write(results: dict, args: argparse.Namespace, wall: float, path: Path) -> N
         "",
         "## Constant learning rate: batch-size sweep",
         "",
-        "### Mean error |mu_hat - mu| / sigma",
-        "",
-        *metric_table(results, "constant", sizes, "mean_err", ".4f", "min"),
-        "",
-        "### Variance bias log(var_hat / var)",
-        "",
-        *metric_table(results, "constant", sizes, "logvar", "+.4f", "abs"),
-        "",
-        "### Test accuracy",
-        "",
-        *metric_table(results, "constant", sizes, "accuracy", ".4f", "max"),
-        "",
-        "### Noise of the mean error: spread across seeds / spread over the last steps",
-        "",
-        *noise_table(results, "constant", sizes),
-        "",
-        "### Best where (computed)",
-        "",
-        *findings(results, "constant", sizes),
-        "",
+        *schedule_section(results, "constant", sizes),
     ]
     if cos:
         lines += [
             "## Cosine learning-rate schedule (weights settle at the end)",
             "",
-            "### Mean error",
-            "",
-            *metric_table(results, "cosine", cos, "mean_err", ".4f", "min"),
-            "",
-            "### Variance bias log(var_hat / var)",
-            "",
-            *metric_table(results, "cosine", cos, "logvar", "+.4f", "abs"),
-            "",
-            "### Test accuracy",
-            "",
-            *metric_table(results, "cosine", cos, "accuracy", ".4f", "max"),
-            "",
-            "### Noise of the mean error: across seeds / over the last steps",
-            "",
-            *noise_table(results, "cosine", cos),
-            "",
-            "### Best where (computed)",
-            "",
-            *findings(results, "cosine", cos),
-            "",
+            *schedule_section(results, "cosine", cos),
         ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n" + notes)
+
+
+def schedule_section(results: Any, schedule: str, sizes: list[int]) -> list[str]:
+    """The tables of one learning-rate schedule: error, bias, accuracy, noise, best where."""
+    return [
+        "### Mean error |mu_hat - mu| / sigma",
+        "",
+        *metric_table(results, schedule, sizes, "mean_err", ".4f", "min"),
+        "",
+        "### Variance bias log(var_hat / var)",
+        "",
+        *metric_table(results, schedule, sizes, "logvar", "+.4f", "abs"),
+        "",
+        "### Test accuracy",
+        "",
+        *metric_table(results, schedule, sizes, "accuracy", ".4f", "max"),
+        "",
+        "### Noise of the mean error: spread across seeds / spread over the last steps",
+        "",
+        *noise_table(results, schedule, sizes),
+        "",
+        "### Best where (computed)",
+        "",
+        *findings(results, schedule, sizes),
+        "",
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,14 +19,7 @@ from streamnorm.compare import compare, ground_truth, layer_errors  # noqa: E402
 from streamnorm.digits import accuracy, load_digits_nchw, make_cnn, shift_domain, train  # noqa: E402
 from streamnorm.torch import bn_layers  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny networks: one intra-op thread is fastest (and immune to a busy machine)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --------------------------------------------------------------------------------------------
