@@ -155,7 +155,7 @@ def bn_input_moments(model: Any, x: Any, *, train_bn: bool = False) -> dict[str,
     in eval mode (``train_bn``: BN layers in training mode), via plain torch."""
     import torch
 
-    from streamnorm._torch_hooks import bn_layers
+    from streamnorm.torch import bn_layers
 
     got: dict[str, Any] = {}
 

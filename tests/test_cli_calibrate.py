@@ -13,7 +13,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from streamnorm import _data
+from streamnorm.calibrate import _data
 from streamnorm.cli import main
 
 TESTS = str(pathlib.Path(__file__).parent)

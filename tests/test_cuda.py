@@ -68,7 +68,7 @@ class _DL:
 
 
 def test_routing_to_the_gpu_path() -> None:
-    from streamnorm._moments import _on_cuda_device
+    from streamnorm._validate import on_cuda_device as _on_cuda_device
 
     torch = pytest.importorskip("torch")
     assert not _on_cuda_device(np.zeros(3))

@@ -21,7 +21,7 @@ import streamnorm
 
 distributed = pytest.importorskip("distributed")
 
-from streamnorm._distributed import (  # noqa: E402
+from streamnorm.calibrate._distributed import (  # noqa: E402
     SchedulerUnreachableError,
     get_client,
     map_merge,

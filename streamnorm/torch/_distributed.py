@@ -6,8 +6,8 @@ from typing import Any
 
 import numpy as np
 
-from ._extras import require
-from ._moments import FORMAT_NAME, FORMAT_VERSION, Moments
+from .._extras import require
+from .._moments import FORMAT_NAME, FORMAT_VERSION, Moments
 
 __all__ = ["all_reduce_moments"]
 

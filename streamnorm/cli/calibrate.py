@@ -15,9 +15,9 @@ import zipfile
 from collections.abc import Mapping
 from typing import Any
 
-from . import _data
-from ._moments import atomic_write
-from .cli import UsageError
+from ..calibrate import _data
+from .._moments import atomic_write
+from . import UsageError
 
 ESTIMATORS = ("population", "cumulative", "ema")
 MODES = ("sequential", "one-pass")
@@ -156,7 +156,7 @@ def _load_into(model: Any, sd: Mapping[str, Any], path: str) -> None:
 
 
 def _calibrate_torch(model: Any, ds: Any, args: Any, client: Any, opts: dict[str, Any]) -> Any:
-    from ._torch_calibrate import recalibrate
+    from ..torch._calibrate import recalibrate
 
     try:
         return recalibrate(model, ds, client=client, **opts)
@@ -244,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
 
     def go(client: Any) -> Any:
         if kind == "onnx":
-            from .onnx import recalibrate
+            from ..onnx import recalibrate
 
             return recalibrate(
                 path, ds, out, mode=args.mode or "sequential", num_samples=num,
@@ -258,7 +258,7 @@ def run(args: argparse.Namespace) -> int:
         return _run_torch(kind, args, ds, client, opts)
 
     if args.scheduler is not None or workers is not None:
-        from ._distributed import get_client
+        from ..calibrate._distributed import get_client
 
         with get_client(args.scheduler, workers) as client:
             report = go(client)

@@ -9,19 +9,19 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from ._extras import require
+from .._extras import require
 
 require("torch")
 
 _NAMES = {
-    "track": "._torch_hooks",
-    "load_estimates": "._torch_hooks",
-    "bn_layers": "._torch_hooks",
-    "bn_axes": "._torch_hooks",
-    "recalibrate": "._torch_calibrate",
-    "CalibrationReport": "._torch_calibrate",
-    "LayerReport": "._torch_calibrate",
-    "all_reduce_moments": "._torch_distributed",
+    "track": "._hooks",
+    "load_estimates": "._hooks",
+    "bn_layers": "._hooks",
+    "bn_axes": "._hooks",
+    "recalibrate": "._calibrate",
+    "CalibrationReport": "._calibrate",
+    "LayerReport": "._calibrate",
+    "all_reduce_moments": "._distributed",
 }
 
 __all__ = sorted(_NAMES)

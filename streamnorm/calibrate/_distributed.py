@@ -15,8 +15,8 @@ import socket
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from ._extras import require
-from ._moments import Moments
+from .._extras import require
+from .._moments import Moments
 
 __all__ = ["SchedulerUnreachableError", "get_client", "map_merge"]
 

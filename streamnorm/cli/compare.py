@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from .cli import UsageError
+from . import UsageError
 
 
 def _drop(text: str) -> float | int:
@@ -91,7 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: Any) -> int:
     """Train, compare, print the table, write the files."""
-    from .compare import compare
+    from ..compare import compare
 
     if args.epochs < 1:
         raise UsageError(f"--epochs must be >= 1, got {args.epochs}")
@@ -104,7 +104,7 @@ def run(args: Any) -> int:
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise UsageError(f"--out must be a folder, but {args.out!r} is a file")
     if not args.no_plot:
-        from ._extras import require
+        from .._extras import require
 
         require("matplotlib")  # fail before training, not after
     result = compare(

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from ._extras import require
-from ._moments import Moments, atomic_write
+from .._extras import require
+from .._moments import Moments, atomic_write
 
 __all__ = ["CompareResult", "compare", "ground_truth", "layer_errors"]
 
@@ -162,7 +162,7 @@ def ground_truth(model: Any, x: Any, *, batch_size: int = 512) -> dict[str, Mome
     of small batches, and their error against this truth includes it.
     """
     torch = require("torch")
-    from ._torch_hooks import bn_layers, track
+    from ..torch._hooks import bn_layers, track
 
     layers = bn_layers(model)
     if not layers:
@@ -224,7 +224,7 @@ def _estimator_set(
     momentum: float, drop_first: float | int, drop_last: float | int, names: Sequence[str]
 ) -> dict[str, Any]:
     """Named estimator prototypes for the tracker."""
-    from .estimators import EMA, CumulativeAverage, Population, WindowedAverage
+    from ..estimators import EMA, CumulativeAverage, Population, WindowedAverage
 
     known: dict[str, Callable[[], Any]] = {
         "population": Population,
@@ -245,7 +245,7 @@ def _estimator_set(
 
 def _snapshot(tracker: Any) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
     """``{layer: {estimator: (mean, running_var)}}`` now, in PyTorch's unbiased convention."""
-    from ._torch_hooks import _running_var
+    from ..torch._hooks import _running_var
 
     out: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
     for layer in tracker.layers:
@@ -309,8 +309,8 @@ def _run_seed(
     last_steps: int,
     tick: Callable[[], Any],
 ) -> dict[str, Any]:
-    from ._torch_hooks import bn_layers, load_estimates, track
-    from .digits import accuracy, make_cnn, train
+    from ..torch._hooks import bn_layers, load_estimates, track
+    from ..digits import accuracy, make_cnn, train
 
     x_tr, y_tr, x_te, y_te = data
     model = make_cnn(seed=seed, width=width)
@@ -318,7 +318,7 @@ def _run_seed(
     for _, bn in layers:
         bn.momentum = momentum  # PyTorch's own buffers are then the reference EMA
     eps = {name: float(bn.eps) for name, bn in layers}
-    from ._tracker import Tracker
+    from .._tracker import Tracker
 
     tracker = Tracker(copy.deepcopy(dict(estimators)))
     steps = int(x_tr.shape[0]) // batch_size
@@ -737,7 +737,7 @@ def compare(
     steps (one seed) and across seeds. Because every estimator is fed the same batches by the
     same kernel pass, differences between them are due to the estimators alone.
     """
-    from .digits import load_digits_nchw
+    from ..digits import load_digits_nchw
 
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be a positive int, got {epochs!r}")

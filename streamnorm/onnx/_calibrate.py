@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from . import _data
-from ._extras import require
-from ._moments import Moments, atomic_write
-from ._onnx_graph import calibration_model, prepare
-from ._torch_calibrate import CalibrationReport, _LayerStats, layer_report, progress_bar
+from ..calibrate import _data
+from .._extras import require
+from .._moments import Moments, atomic_write
+from ._graph import calibration_model, prepare
+from ..torch._calibrate import CalibrationReport, _LayerStats, layer_report, progress_bar
 
 __all__ = ["recalibrate"]
 
@@ -434,7 +434,7 @@ def _pass(
     fixed: int | None, in_dtype: np.dtype, providers: list[str] | None, bar: Any,
 ) -> dict[str, _LayerStats]:  # fmt: skip
     if client is not None:
-        from ._distributed import map_merge
+        from ..calibrate._distributed import map_merge
 
         fn = functools.partial(
             _shard_pass, model_bytes=cal_bytes, input_name=in_name, targets=targets,

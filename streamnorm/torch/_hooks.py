@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ._extras import require
+from .._extras import require
 
 torch = require("torch")
 

@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from . import _data
-from ._extras import require
-from ._moments import Moments, moments
+from ..calibrate import _data
+from .._extras import require
+from .._moments import Moments, moments
 
 __all__ = ["CalibrationReport", "LayerReport", "recalibrate"]
 
@@ -412,7 +412,7 @@ def _shard_pass(
 
 
 def _bn_list(model: Any) -> list[tuple[str, Any]]:
-    from ._torch_hooks import bn_layers
+    from ._hooks import bn_layers
 
     return [
         (n, m) for n, m in bn_layers(model) if m.track_running_stats and m.running_mean is not None
@@ -684,7 +684,7 @@ def recalibrate(
 
     def one(targets: list[tuple[str, Any]], one_pass: bool, desc: str) -> dict[str, _LayerStats]:
         if client is not None:
-            from ._distributed import map_merge
+            from ..calibrate._distributed import map_merge
 
             buf = io.BytesIO()
             torch.save(model, buf)

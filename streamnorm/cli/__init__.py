@@ -16,14 +16,14 @@ from collections.abc import Sequence
 #: subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "compare": (
-        "streamnorm._cli_compare",
+        "streamnorm.cli.compare",
         "train a small BN network on digits and compare test-time estimators",
     ),
     "calibrate": (
-        "streamnorm._cli_calibrate",
+        "streamnorm.cli.calibrate",
         "recalibrate the BatchNorm statistics of a saved PyTorch or ONNX model",
     ),
-    "bench": ("streamnorm._bench", "benchmark the moments kernels against numpy, torch and others"),
+    "bench": ("streamnorm.cli.bench", "benchmark the moments kernels against numpy, torch and others"),
 }
 
 
@@ -33,7 +33,7 @@ class UsageError(Exception):
 
 def build_parser(load: str | None = None) -> argparse.ArgumentParser:
     """The parser; ``load`` names the subcommand whose module adds its arguments."""
-    from . import __version__
+    from .. import __version__
 
     parser = argparse.ArgumentParser(
         prog="streamnorm", description="Fast, exact BatchNorm test-time statistics."

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from . import _kernels as K
-from ._moments import Moments, atomic_write, moments
+from .. import _kernels as K
+from .._moments import Moments, atomic_write, moments
 
 
 @dataclass

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ._extras import require
+from .._extras import require
 
 MIN_OPSET = 9
 

@@ -1,0 +1,157 @@
+"""Files: atomic writes, versioned ``.npz`` records and their header check, output-path checks.
+
+Guarantees for every file the library writes:
+
+- a regular file is replaced atomically (temp file in the same folder, fsync, ``os.replace``): a
+  reader sees the old file or the new one, never a partial one, and a failure leaves the old file;
+- a new file gets the permissions the umask allows (as ``open`` would); a replaced file keeps its
+  mode;
+- a target that is not a regular file (a character device such as ``/dev/null``, a FIFO) is
+  written in place, never replaced;
+- an output that is one of the inputs is refused before anything runs (:func:`check_output`).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from ._errors import InputTypeError, OutputPathError, RecordError
+
+PathLike = str | os.PathLike[str]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: PathLike, write: Callable[[Any], Any], mode: str = "wb") -> None:
+    """Write ``path`` with ``write(f)``; atomically for regular files (see the module notes)."""
+    path = os.fspath(path)
+    try:
+        st: os.stat_result | None = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        raise OutputPathError(f"output {path!r} is a directory; give a file name")
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        with open(path, mode) as f:  # a device or FIFO: write through, never replace it
+            write(f)
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        os.chmod(tmp, stat.S_IMODE(st.st_mode) if st is not None else 0o666 & ~_umask())
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def check_output(out: PathLike, inputs: Iterable[PathLike] = ()) -> str:
+    """Check before a run that ``out`` can be written and is none of ``inputs``.
+
+    Refuses (``OutputPathError``) an existing directory, a missing or read-only parent folder, and
+    an output that resolves to any input path (a folder input covers every file in it). Returns
+    ``out`` as a string.
+    """
+    if not isinstance(out, (str, os.PathLike)):
+        raise InputTypeError(f"output path must be a str or os.PathLike, got {type(out).__name__}")
+    out = os.fspath(out)
+    real = os.path.realpath(out)
+    if os.path.isdir(out):
+        raise OutputPathError(f"output {out!r} is a directory; give a file name inside it")
+    for p in inputs:
+        ip = os.path.realpath(os.fspath(p))
+        if real == ip or (os.path.isdir(ip) and real.startswith(ip.rstrip(os.sep) + os.sep)):
+            raise OutputPathError(
+                f"output {out!r} is one of the inputs ({os.fspath(p)!r}); writing it would "
+                "destroy that input: choose another output path"
+            )
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        what = "is not a directory" if os.path.exists(parent) else "does not exist"
+        raise OutputPathError(f"cannot write {out!r}: its folder {parent!r} {what}")
+    exists = os.path.exists(out)
+    regular = exists and stat.S_ISREG(os.stat(out).st_mode)
+    if (not exists or regular) and not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputPathError(f"cannot write {out!r}: no permission to create files in {parent!r}")
+    if exists and not regular and not os.access(out, os.W_OK):
+        raise OutputPathError(f"cannot write {out!r}: no permission")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# .npz records
+
+
+def read_npz(path: PathLike, what: str) -> dict[str, Any]:
+    """All arrays of an ``.npz`` file (no pickles); ``RecordError`` for anything unreadable.
+
+    ``FileNotFoundError`` and ``IsADirectoryError`` propagate as such.
+    """
+    name = os.fspath(path)
+    if os.path.isdir(name):
+        raise IsADirectoryError(f"{name!r} is a directory, not a streamnorm {what} file")
+    try:
+        z = np.load(name, allow_pickle=False)
+        if not isinstance(z, Mapping) and not hasattr(z, "files"):
+            raise RecordError(
+                f"{name!r} is not a streamnorm {what} file: it holds a single array (.npy); "
+                "records are .npz files written by save()"
+            )
+        with z:
+            return {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise
+    except RecordError:
+        raise
+    except Exception as e:  # zip damage surfaces as many types (BadZipFile, RuntimeError, ...)
+        raise RecordError(f"{name!r} is not a readable streamnorm {what} file: {e}") from e
+
+
+def check_header(d: Any, format_name: str, version: int, what: str) -> None:
+    """Check a record's ``format`` / ``version`` entries; ``RecordError`` / ``InputTypeError``."""
+    if not hasattr(d, "__getitem__") or not hasattr(d, "keys"):
+        raise InputTypeError(f"from_dict takes a mapping, got {type(d).__name__}")
+    if "format" not in d.keys() or "version" not in d.keys():
+        raise RecordError(f"not a streamnorm {what} record: no format/version header")
+    if str(np.asarray(d["format"])) != format_name:
+        raise RecordError(f"not a streamnorm {what} record: format {d['format']!r}")
+    try:
+        v = int(np.asarray(d["version"]))
+    except (TypeError, ValueError) as e:
+        raise RecordError(f"corrupt {what} record: version {d['version']!r}") from e
+    if v != version:
+        raise RecordError(
+            f"{what} format version {v} is not supported (this streamnorm reads version "
+            f"{version}); upgrade streamnorm"
+        )
+
+
+def record_scalar(d: Any, key: str, what: str) -> Any:
+    """A scalar entry of a record as a Python value; ``RecordError`` if missing or not a scalar."""
+    if key not in d.keys():
+        raise RecordError(f"corrupt {what} record: missing {key!r}")
+    a = np.asarray(d[key])
+    if a.shape != ():
+        raise RecordError(f"corrupt {what} record: {key!r} should be a scalar, got shape {a.shape}")
+    return a.item()
+
+
+__all__ = ["PathLike", "atomic_write", "check_header", "check_output", "read_npz", "record_scalar"]
