@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import stat
 import tempfile
-import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 

@@ -23,7 +23,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "streamnorm.cli.calibrate",
         "recalibrate the BatchNorm statistics of a saved PyTorch or ONNX model",
     ),
-    "bench": ("streamnorm.cli.bench", "benchmark the moments kernels against numpy, torch and others"),
+    "bench": (
+        "streamnorm.cli.bench",
+        "benchmark the moments kernels against numpy, torch and others",
+    ),
 }
 
 

@@ -15,8 +15,8 @@ import zipfile
 from collections.abc import Mapping
 from typing import Any
 
-from ..calibrate import _data
 from .._moments import atomic_write
+from ..calibrate import _data
 from . import UsageError
 
 ESTIMATORS = ("population", "cumulative", "ema")

@@ -309,8 +309,8 @@ def _run_seed(
     last_steps: int,
     tick: Callable[[], Any],
 ) -> dict[str, Any]:
-    from ..torch._hooks import bn_layers, load_estimates, track
     from ..digits import accuracy, make_cnn, train
+    from ..torch._hooks import bn_layers, load_estimates, track
 
     x_tr, y_tr, x_te, y_te = data
     model = make_cnn(seed=seed, width=width)

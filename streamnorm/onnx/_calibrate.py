@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from ..calibrate import _data
 from .._extras import require
 from .._moments import Moments, atomic_write
-from ._graph import calibration_model, prepare
+from ..calibrate import _data
 from ..torch._calibrate import CalibrationReport, _LayerStats, layer_report, progress_bar
+from ._graph import calibration_model, prepare
 
 __all__ = ["recalibrate"]
 

@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from ..calibrate import _data
 from .._extras import require
 from .._moments import Moments, moments
+from ..calibrate import _data
 
 __all__ = ["CalibrationReport", "LayerReport", "recalibrate"]
 

@@ -1,0 +1,163 @@
+"""Kernel dispatch: one batch of a validated array to flat float64 ``(n, mean, m2, lo)``.
+
+Picks the Numba kernel for the layout that :func:`streamnorm._layout.plan` found and sizes its
+blocks. Validates nothing: callers (``_moments``) have checked dtype, axes and weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import _kernels as K
+from ._config import (
+    BLOCK_BYTES,
+    CF_RUN_ELEMS,
+    CHUNK_ELEMS,
+    GENERIC_BLOCK_BYTES,
+    MAX_CHUNKS,
+    NARROW_WIDTH,
+    SEG_LEN,
+    SERIAL_BYTES,
+)
+from ._layout import Plan, plan, row_weights
+
+#: one batch from a kernel: flat float64 (n, mean, m2, lo), lo the rounding residual of mean
+Stats = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+KERNEL_DTYPES = frozenset(
+    np.dtype(t) for t in ("f4", "f8", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8")
+)
+
+
+def _rows_params(D: int, itemsize: int, R: int) -> tuple[int, int]:
+    block_rows = max(1, BLOCK_BYTES // max(1, D * itemsize))
+    nblocks = -(-R // block_rows)
+    chunk_blocks = max(1, -(-nblocks // MAX_CHUNKS), CHUNK_ELEMS // max(1, block_rows * D))
+    return block_rows, chunk_blocks
+
+
+def _cf_params(A: int, L: int) -> tuple[int, int]:
+    """Segment length and blocks per parallel chunk of the channels-first kernel."""
+    seg = SEG_LEN
+    block = L * max(1, SEG_LEN // L) if L <= SEG_LEN else SEG_LEN
+    return seg, max(1, CHUNK_ELEMS // max(1, block))
+
+
+def run_rows(x: np.ndarray, w: np.ndarray | None, omit: bool) -> Stats:
+    R, D = x.shape
+    k = NARROW_WIDTH // D if D else 0
+    if k > 1 and w is None and not omit and x.flags.c_contiguous and R >= 2 * k:
+        # narrow rows: k consecutive rows side by side make a (R // k, k * D) array whose rows
+        # vectorize well; the k column groups of each dimension are merged afterwards
+        r1 = R // k * k
+        wide = run_rows(x[:r1].reshape(r1 // k, k * D), None, False)
+        acc = [np.zeros(D), np.full(D, np.nan), np.zeros(D), np.zeros(D)]  # n, mean, lo, m2
+        n, m, q, lo = (a.reshape(k, D) for a in wide)
+        for j in range(k):
+            K.chan_merge_dd(*acc, n[j], m[j], lo[j], q[j])
+        if r1 < R:
+            n, m, q, lo = run_rows(x[r1:], None, False)
+            K.chan_merge_dd(*acc, n, m, lo, q)
+        return acc[0], acc[1], acc[3], acc[2]
+    br, cb = _rows_params(D, x.itemsize, R)
+    if w is None and not omit:
+        kernel = K.rows_moments_serial if x.nbytes < SERIAL_BYTES else K.rows_moments
+        return kernel(x, br, cb)  # type: ignore[no-any-return]
+    ref = K.first_finite_rows(x) if omit else K.finite_or_zero(x[0])
+    ww = w if w is not None else np.empty(0)
+    return K.rows_moments_general(x, ref, ww, w is not None, omit, br, cb)  # type: ignore[no-any-return]
+
+
+def _run_cf(x: np.ndarray) -> Stats:
+    A, C, L = x.shape
+    if A > 1:
+        # several samples: tasks over runs of samples read memory in address order
+        rows_per = max(1, min(-(-CF_RUN_ELEMS // max(1, L)), -(-A // 8)))
+        parallel = x.nbytes >= SERIAL_BYTES
+        kernel = K.cf_rows_moments if parallel else K.cf_rows_moments_serial
+        return kernel(x, rows_per)  # type: ignore[no-any-return]
+    seg, cs = _cf_params(A, L)
+    kernel = K.cf_moments_serial if x.nbytes < SERIAL_BYTES else K.cf_moments
+    return kernel(x, seg, cs)  # type: ignore[no-any-return]
+
+
+def _generic(p: Plan, axes: tuple[int, ...], w: np.ndarray | None, omit: bool) -> Stats:
+    """Any layout: copy blocks of the reduced axes into contiguous (rows, D) buffers."""
+    base = p.base
+    # size-1 axes are not in the physical lists; they go anywhere without changing the order
+    red = p.red_phys + [a for a in axes if a not in p.red_phys]
+    kept = p.kept_phys + [a for a in range(base.ndim) if a not in axes and a not in p.kept_phys]
+    y = np.transpose(base, red + kept)
+    nr = len(red)
+    rshape = y.shape[:nr]
+    D = int(np.prod(y.shape[nr:], dtype=np.int64))
+    work_dtype = base.dtype if base.dtype in KERNEL_DTYPES else np.dtype(np.float64)
+    if base.dtype == np.float16:
+        work_dtype = np.dtype(np.float32)
+    target = max(1, GENERIC_BLOCK_BYTES // max(1, D * work_dtype.itemsize))
+    wR = None
+    if w is not None:
+        a0 = axes[0]
+        ww = w[::-1] if a0 in p.flipped else w
+        if a0 in red:
+            bshape = [1] * nr
+            bshape[red.index(a0)] = -1
+            wR = np.broadcast_to(ww.reshape(bshape), rshape)
+        else:
+            wR = np.broadcast_to(
+                ww[:1].reshape([1] * nr) if ww.size else np.zeros([1] * nr), rshape
+            )
+    # split: iterate over rshape[:j], take whole rshape[j:] per block (or slices of the last axis)
+    j = nr
+    inner = 1
+    while j > 0 and inner * rshape[j - 1] <= target:
+        inner *= rshape[j - 1]
+        j -= 1
+    acc = [np.zeros(D), np.full(D, np.nan), np.zeros(D), np.zeros(D)]  # n, mean, lo, m2
+    if j == nr:  # even one row of the innermost reduced axis is too big: slice it
+        outer_idx = list(np.ndindex(*rshape[: nr - 1]))
+        step = target
+        slices: list[tuple[Any, ...]] = [
+            (*o, slice(s, s + step)) for o in outer_idx for s in range(0, rshape[nr - 1], step)
+        ]
+    else:
+        slices = list(np.ndindex(*rshape[:j]))
+    for idx in slices:
+        blk = np.ascontiguousarray(y[idx], dtype=work_dtype).reshape(-1, D)
+        wb = None if wR is None else np.ascontiguousarray(wR[idx]).reshape(-1)
+        n, m, q, lo = run_rows(blk, wb, omit)
+        K.chan_merge_dd(*acc, n, m, lo, q)
+    return acc[0], acc[1], acc[3], acc[2]
+
+
+def reduce_batch(
+    x: np.ndarray, axes: tuple[int, ...], w: np.ndarray | None, nan_policy: str
+) -> Stats:
+    """(n, mean, m2, lo) of one batch as flat float64 arrays over the kept dims."""
+    omit = nan_policy == "omit"
+    p = plan(x, axes)
+    native = x.dtype in KERNEL_DTYPES and x.dtype.isnative
+    if p.kind == "none":  # nothing reduced: every dimension holds one sample
+        flat = p.view.astype(np.float64).reshape(-1)
+        n = np.ones(flat.shape[0]) if w is None else np.full(flat.shape[0], float(w[0]))
+        bad = ~np.isfinite(flat)
+        if omit:
+            n[bad] = 0.0
+        m2 = np.where(bad & ~omit, np.nan, 0.0)
+        flat[bad | (n == 0)] = np.nan
+        stats: Stats = (n, flat, m2, np.zeros_like(flat))
+    elif not native or p.kind == "generic" or (p.kind == "cf" and (w is not None or omit)):
+        stats = _generic(p, axes, w, omit)
+    elif p.kind == "rows":
+        wr = None if w is None else row_weights(p, w, axes[0])
+        stats = run_rows(p.view, wr, omit)
+    else:
+        stats = _run_cf(p.view)
+    if p.kept_phys != sorted(p.kept_phys) or p.flipped:
+        stats = tuple(p.restore(a).reshape(-1) for a in stats)  # type: ignore[assignment]
+    return stats
+
+
+__all__ = ["KERNEL_DTYPES", "Stats", "reduce_batch", "run_rows"]
