@@ -38,9 +38,9 @@ def estimator_set(epochs: int) -> dict[str, Any]:
     for p in (0.01, 0.03, 0.1, 0.3, 0.5):
         ests[f"ema_{p:g}"] = sn.EMA(p)
     ests["ema_0.01_bc"] = sn.EMA(0.01, bias_correction=True)
-    ests["ema_keras"] = sn.EMA(0.99, convention="keras", unbiased=False)
+    ests["ema_keras"] = sn.EMA(0.99, style="keras", unbiased=False)
     ests[LECTURE] = sn.WindowedAverage(0.25, 0.25)
-    ests["win_25_25_mob"] = sn.WindowedAverage(0.25, 0.25, mode="mean_of_batch")
+    ests["win_25_25_mob"] = sn.WindowedAverage(0.25, 0.25, var_mode="mean_of_batch")
     ests["win_25_0"] = sn.WindowedAverage(0.25, 0)
     ests["win_last"] = sn.WindowedAverage(epochs - 1, 0)  # only the last epoch
     return ests

@@ -34,9 +34,19 @@ class SchedulerUnreachableError(ConnectionError, InputError):
     """A Dask scheduler address that cannot be reached (or is no scheduler)."""
 
 
+class InputNotFoundError(FileNotFoundError, InputError):
+    """A file or folder the user named (a model, calibration data) does not exist."""
+
+
+class MissingExtraError(StreamnormError, ImportError):
+    """An optional extra (torch, onnx, dask, ...) is not installed; the message says how."""
+
+
 __all__ = [
     "InputError",
+    "InputNotFoundError",
     "InputTypeError",
+    "MissingExtraError",
     "OutputPathError",
     "RecordError",
     "SchedulerUnreachableError",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+from ._errors import MissingExtraError
+
 _HINTS = {
     "torch": "torch",
     "onnx": "onnx",
@@ -15,16 +17,18 @@ _HINTS = {
     "tqdm": "torch",
     "numba.cuda": "cuda",
     "sklearn": "bench",
+    "keras": "keras",
+    "lightning": "lightning",
 }
 
 
 def require(module: str, extra: str | None = None) -> ModuleType:
-    """Import ``module`` or raise ``ImportError`` saying which extra installs it."""
+    """Import ``module`` or raise ``MissingExtraError`` (an ``ImportError``) naming the extra."""
     try:
         return importlib.import_module(module)
     except ImportError as e:
         extra = extra or _HINTS.get(module.split(".")[0], module)
-        raise ImportError(
+        raise MissingExtraError(
             f"{module} is needed for this and is not installed: "
             f"pip install 'streamnorm[{extra}]' (or pip install {module.split('.')[0]})"
         ) from e

@@ -95,6 +95,35 @@ def check_output(out: PathLike, inputs: Iterable[PathLike] = ()) -> str:
     return out
 
 
+def check_output_dir(out: PathLike) -> str:
+    """Check before a run that the folder ``out`` exists or can be created, and is writable.
+
+    Refuses (``OutputPathError``) an ``out`` that is not a folder, a path through a file (a
+    parent that is not a folder) and a folder (or the nearest existing parent of a new one) that
+    gives no permission to create files. Creates nothing; returns ``out`` as a string.
+    """
+    if not isinstance(out, (str, os.PathLike)):
+        raise InputTypeError(
+            f"output folder must be a str or os.PathLike, got {type(out).__name__}"
+        )
+    out = os.fspath(out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise OutputPathError(f"output folder {out!r} is a file; give a folder")
+    existing = os.path.abspath(out)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise OutputPathError(
+            f"cannot create the output folder {out!r}: {existing!r} is a file, not a folder"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputPathError(
+            f"cannot write into the output folder {out!r}: no permission to create files in "
+            f"{existing!r}"
+        )
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # .npz records
 
@@ -128,8 +157,9 @@ def check_header(d: Any, format_name: str, version: int, what: str) -> None:
     """Check a record's ``format`` / ``version`` entries; ``RecordError`` / ``InputTypeError``."""
     if not hasattr(d, "__getitem__") or not hasattr(d, "keys"):
         raise InputTypeError(f"from_dict takes a mapping, got {type(d).__name__}")
-    if "format" not in d.keys() or "version" not in d.keys():
-        raise RecordError(f"not a streamnorm {what} record: no format/version header")
+    missing = [k for k in ("format", "version") if k not in d.keys()]
+    if missing:
+        raise RecordError(f"not a streamnorm {what} record: missing {missing} (no header)")
     if str(np.asarray(d["format"])) != format_name:
         raise RecordError(f"not a streamnorm {what} record: format {d['format']!r}")
     try:
@@ -153,4 +183,12 @@ def record_scalar(d: Any, key: str, what: str) -> Any:
     return a.item()
 
 
-__all__ = ["PathLike", "atomic_write", "check_header", "check_output", "read_npz", "record_scalar"]
+__all__ = [
+    "PathLike",
+    "atomic_write",
+    "check_header",
+    "check_output",
+    "check_output_dir",
+    "read_npz",
+    "record_scalar",
+]

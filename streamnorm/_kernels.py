@@ -18,25 +18,17 @@ Results are therefore bit-identical for any number of threads. Means are returne
 
 from __future__ import annotations
 
-import types
-
 import numpy as np
 from numba import njit, prange
 
 from ._config import (
     JIT,
     ORDERED_JIT,
-    PARALLEL_JIT,
     REFINE,
     STRICT_JIT,
     STRICT_PARALLEL_JIT,
 )
-
-
-@njit(**STRICT_JIT)
-def isfinite(v):  # type: ignore[no-untyped-def]
-    """``np.isfinite`` compiled without fastmath, so that callers with fastmath keep the test."""
-    return np.isfinite(v)
+from ._jit import twins
 
 
 @njit(**STRICT_JIT)
@@ -119,15 +111,20 @@ def _finish(n, mean, m2, ref):  # type: ignore[no-untyped-def]
 
 @njit(**STRICT_JIT)
 def merge_slots(c_n, c_mean, c_m2, ref):  # type: ignore[no-untyped-def]
-    """Merge per-chunk slots in chunk order: ``c_n`` (K,), ``c_mean``/``c_m2`` (K, D) shifted
-    by ``ref``. Returns the kernel result ``(n, mean, m2, lo)``."""
+    """Merge per-chunk slots in chunk order into the kernel result ``(n, mean, m2, lo)``.
+
+    ``c_mean``/``c_m2`` are (K, D), means shifted by ``ref`` (D,); ``c_n`` is (K, D) for
+    per-dimension counts or (K, 1) when every dimension of a chunk has the same count.
+    """
     D = c_mean.shape[1]
     n_out = np.zeros(D)
     mean_out = np.zeros(D)
     m2_out = np.zeros(D)
     nk = np.empty(D)
+    per_dim = c_n.shape[1] == D
     for k in range(c_n.shape[0]):
-        nk[:] = c_n[k]
+        for d in range(D):
+            nk[d] = c_n[k, d] if per_dim else c_n[k, 0]
         chan_merge_into(n_out, mean_out, m2_out, nk, c_mean[k], c_m2[k])
     lo = _finish(n_out, mean_out, m2_out, ref)
     return n_out, mean_out, m2_out, lo
@@ -196,11 +193,27 @@ def _rows_block_shifted(x, r0, r1, ref, s, q, x0):  # type: ignore[no-untyped-de
     """
     D = x.shape[1]
     nb = r1 - r0
+    r4 = r0 + nb // 4 * 4
     for d in range(D):
         x0[d] = x[r0, d]
     s[:] = 0.0
     q[:] = 0.0
-    for r in range(r0, r1):
+    # four rows at a time: each accumulator is loaded and stored once per four rows, not once
+    # per element (a loop over one row at a time is bound by those loads and stores)
+    for r in range(r0, r4, 4):
+        a0 = x[r]
+        a1 = x[r + 1]
+        a2 = x[r + 2]
+        a3 = x[r + 3]
+        for d in range(D):
+            c = x0[d]
+            v0 = a0[d] - c
+            v1 = a1[d] - c
+            v2 = a2[d] - c
+            v3 = a3[d] - c
+            s[d] += (v0 + v1) + (v2 + v3)
+            q[d] += (v0 * v0 + v1 * v1) + (v2 * v2 + v3 * v3)
+    for r in range(r4, r1):
         xr = x[r]
         for d in range(D):
             v = xr[d] - x0[d]
@@ -227,7 +240,7 @@ def _rows_moments(x, block_rows, chunk_blocks):  # type: ignore[no-untyped-def]
     ref = finite_or_zero(x[0])
     nblocks = (R + block_rows - 1) // block_rows
     nchunks = (nblocks + chunk_blocks - 1) // chunk_blocks
-    c_n = np.zeros(nchunks)
+    c_n = np.zeros((nchunks, 1))
     c_mean = np.zeros((nchunks, D))
     c_m2 = np.zeros((nchunks, D))
     for k in prange(nchunks):
@@ -251,24 +264,12 @@ def _rows_moments(x, block_rows, chunk_blocks):  # type: ignore[no-untyped-def]
                 cm[d] += delta * f
                 cq[d] += q[d] + delta * delta * g
             n_acc = n
-        c_n[k] = n_acc
+        c_n[k, 0] = n_acc
     return merge_slots(c_n, c_mean, c_m2, ref)
 
 
-def _twin(func, name):  # type: ignore[no-untyped-def]
-    """A copy of ``func`` under another name.
-
-    Numba's on-disk cache tells functions apart by name and line, not by their options: a serial
-    twin compiled from the same function as its parallel original would share its cache entries.
-    """
-    twin = types.FunctionType(func.__code__, func.__globals__, name, func.__defaults__)
-    twin.__qualname__ = name
-    return twin
-
-
-rows_moments = njit(**STRICT_PARALLEL_JIT)(_rows_moments)
-#: the same kernel without threads, for batches too small to repay a parallel launch
-rows_moments_serial = njit(**STRICT_JIT)(_twin(_rows_moments, "_rows_moments_serial"))
+#: the kernel, and its twin without threads for batches too small to repay a parallel launch
+rows_moments, rows_moments_serial = twins(_rows_moments, STRICT_PARALLEL_JIT, STRICT_JIT)
 
 
 @njit(**STRICT_PARALLEL_JIT)
@@ -301,7 +302,7 @@ def rows_moments_general(x, ref, w, use_w, omit, block_rows, chunk_blocks):  # t
                     continue
                 for d in range(D):
                     xv = x[r, d]
-                    if omit and not isfinite(xv):
+                    if omit and not np.isfinite(xv):
                         continue
                     v = xv - ref[d]
                     s[d] += wr * v
@@ -315,19 +316,13 @@ def rows_moments_general(x, ref, w, use_w, omit, block_rows, chunk_blocks):  # t
                     continue
                 for d in range(D):
                     xv = x[r, d]
-                    if omit and not isfinite(xv):
+                    if omit and not np.isfinite(xv):
                         continue
                     v = xv - ref[d]
                     t = v - s[d]
                     q[d] += wr * (t * t)
             chan_merge_into(c_n[k], c_mean[k], c_m2[k], cn, s, q)
-    n_out = np.zeros(D)
-    mean_out = np.zeros(D)
-    m2_out = np.zeros(D)
-    for k in range(nchunks):
-        chan_merge_into(n_out, mean_out, m2_out, c_n[k], c_mean[k], c_m2[k])
-    lo = _finish(n_out, mean_out, m2_out, ref)
-    return n_out, mean_out, m2_out, lo
+    return merge_slots(c_n, c_mean, c_m2, ref)
 
 
 @njit(**JIT)
@@ -386,9 +381,9 @@ def _cf_moments(x, seg_len, chunk_blocks):  # type: ignore[no-untyped-def]
         seg_per_row = 1
         nblk = (A + rows_per - 1) // rows_per
     ncpc = (nblk + chunk_blocks - 1) // chunk_blocks
-    c_n = np.zeros((C, ncpc))
-    c_mean = np.zeros((C, ncpc))
-    c_m2 = np.zeros((C, ncpc))
+    c_n = np.zeros((ncpc, C))
+    c_mean = np.zeros((ncpc, C))
+    c_m2 = np.zeros((ncpc, C))
     for t in prange(C * ncpc):
         # chunk-major order: consecutive tasks read neighbouring channels of the same samples,
         # so the threads stream through memory in address order
@@ -417,31 +412,10 @@ def _cf_moments(x, seg_len, chunk_blocks):  # type: ignore[no-untyped-def]
             m_acc += delta * f
             q_acc += qq + delta * delta * (n_acc * f)
             n_acc = n
-        c_n[c, k] = n_acc
-        c_mean[c, k] = m_acc
-        c_m2[c, k] = q_acc
-    n_out = np.zeros(C)
-    mean_out = np.zeros(C)
-    m2_out = np.zeros(C)
-    for c in prange(C):
-        na = 0.0
-        ma = 0.0
-        qa = 0.0
-        for k in range(ncpc):
-            nb = c_n[c, k]
-            if nb == 0.0:
-                continue
-            n = na + nb
-            f = nb / n
-            delta = c_mean[c, k] - ma
-            ma += delta * f
-            qa += c_m2[c, k] + delta * delta * (na * f)
-            na = n
-        n_out[c] = na
-        mean_out[c] = ma
-        m2_out[c] = qa
-    lo = _finish(n_out, mean_out, m2_out, ref)
-    return n_out, mean_out, m2_out, lo
+        c_n[k, c] = n_acc
+        c_mean[k, c] = m_acc
+        c_m2[k, c] = q_acc
+    return merge_slots(c_n, c_mean, c_m2, ref)
 
 
 @njit(**JIT)
@@ -491,7 +465,7 @@ def _cf_rows_moments(x, rows_per):  # type: ignore[no-untyped-def]
     A, C, L = x.shape
     ref = finite_or_zero(x[0, :, 0])
     nt = (A + rows_per - 1) // rows_per
-    c_n = np.zeros(nt)
+    c_n = np.zeros((nt, 1))
     c_mean = np.zeros((nt, C))
     c_m2 = np.zeros((nt, C))
     for k in prange(nt):
@@ -499,16 +473,12 @@ def _cf_rows_moments(x, rows_per):  # type: ignore[no-untyped-def]
         a1 = min(A, a0 + rows_per)
         x0 = np.empty(C)
         _cf_rows_block(x, a0, a1, ref, c_mean[k], c_m2[k], x0)
-        c_n[k] = float((a1 - a0) * L)
+        c_n[k, 0] = float((a1 - a0) * L)
     return merge_slots(c_n, c_mean, c_m2, ref)
 
 
-cf_rows_moments = njit(**STRICT_PARALLEL_JIT)(_cf_rows_moments)
-cf_rows_moments_serial = njit(**STRICT_JIT)(_twin(_cf_rows_moments, "_cf_rows_moments_serial"))
-
-
-cf_moments = njit(**STRICT_PARALLEL_JIT)(_cf_moments)
-cf_moments_serial = njit(**STRICT_JIT)(_twin(_cf_moments, "_cf_moments_serial"))
+cf_rows_moments, cf_rows_moments_serial = twins(_cf_rows_moments, STRICT_PARALLEL_JIT, STRICT_JIT)
+cf_moments, cf_moments_serial = twins(_cf_moments, STRICT_PARALLEL_JIT, STRICT_JIT)
 
 
 @njit(**STRICT_JIT)
@@ -524,32 +494,35 @@ def first_finite_rows(x):  # type: ignore[no-untyped-def]
         for d in range(D):
             if not found[d]:
                 v = float(x[r, d])
-                if isfinite(v):
+                if np.isfinite(v):
                     ref[d] = v
                     found[d] = True
                     left -= 1
     return ref
 
 
-@njit(**JIT)
-def _sum(x):  # type: ignore[no-untyped-def]
-    acc = 0.0
-    for i in range(x.shape[0]):
-        acc += x[i]
-    return acc
-
-
-@njit(**PARALLEL_JIT)
-def parallel_sum(x):  # type: ignore[no-untyped-def]
-    """Plain parallel sum of a contiguous 1-D array: the memory-read limit for benchmarks.
-
-    Float64 accumulation as in the moments kernels; the vectorized loop is a jitted function of
-    its own (see ``_segment``).
-    """
-    n = x.shape[0]
-    nchunks = max(1, min(1024, n // 65536))
-    step = (n + nchunks - 1) // nchunks
-    part = np.zeros(nchunks)
-    for k in prange(nchunks):
-        part[k] = _sum(x[k * step : min(n, (k + 1) * step)])
-    return part.sum()
+#: The innermost loops, each a jitted function of its own, with the options they are compiled
+#: with and the float64 work they do per element of input. ``streamnorm bench`` compiles copies
+#: of them to read their machine code (which loops vectorize, at which width).
+LEAF_LOOPS = {
+    "rows, one pass (4 rows a step)": (
+        _rows_block_shifted,
+        ORDERED_JIT,
+        "convert, subtract, add, multiply-add: 4 vector ops, 3 flops",
+    ),
+    "rows, two-pass (refinement only)": (
+        _rows_block,
+        ORDERED_JIT,
+        "two reads; convert, 2 subtract, add; then convert, 3 subtract, multiply-add",
+    ),
+    "channels-first, one sample's rows": (
+        _cf_rows_block,
+        JIT,
+        "convert, subtract, add, multiply-add: 4 vector ops, 3 flops",
+    ),
+    "channels-first, one long row": (
+        _cf_block,
+        JIT,
+        "convert, subtract, add, multiply-add: 4 vector ops, 3 flops",
+    ),
+}

@@ -7,9 +7,10 @@ input element only, so the result is the same for any number of threads.
 
 from __future__ import annotations
 
-from numba import njit, prange
+from numba import prange
 
 from ._config import JIT, PARALLEL_JIT
+from ._jit import twins
 
 
 def _normalize_rows(x, shift, scale, beta, out, chunk_rows):  # type: ignore[no-untyped-def]
@@ -51,8 +52,6 @@ def _normalize_cf(x, shift, scale, beta, out, seg_len):  # type: ignore[no-untyp
             orow[i] = (xr[i] - m) * s + b
 
 
-normalize_rows = njit(**PARALLEL_JIT)(_normalize_rows)
-normalize_cf = njit(**PARALLEL_JIT)(_normalize_cf)
-#: Serial twins for small inputs, where a parallel launch costs more than it saves.
-normalize_rows_serial = njit(**JIT)(_normalize_rows)
-normalize_cf_serial = njit(**JIT)(_normalize_cf)
+#: Each with a serial twin for small inputs, where a parallel launch costs more than it saves.
+normalize_rows, normalize_rows_serial = twins(_normalize_rows, PARALLEL_JIT, JIT)
+normalize_cf, normalize_cf_serial = twins(_normalize_cf, PARALLEL_JIT, JIT)

@@ -15,6 +15,9 @@ generic   any                        everything else: copied block by block
 
 The kernel's result comes out in the physical order of the kept axes; :meth:`Plan.restore` puts it
 back in the caller's order and shape.
+
+With ``out`` (an array of ``x``'s shape, as :func:`streamnorm.normalize` writes), axes merge only
+where both arrays allow it, and ``Plan.out_view`` is ``out`` seen in the same kernel shape.
 """
 
 from __future__ import annotations
@@ -23,6 +26,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
+
+#: dtypes the kernels read directly (any other dtype goes through the generic, converting path)
+KERNEL_DTYPES = frozenset(
+    np.dtype(t) for t in ("f4", "f8", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8")
+)
 
 
 @dataclass
@@ -37,6 +45,8 @@ class Plan:
     base: np.ndarray
     flipped: set[int] = field(default_factory=set)
     kept_shape: tuple[int, ...] = ()
+    #: ``out`` (when given to :func:`plan`) in the kernel's shape, else ``None``
+    out_view: np.ndarray | None = None
 
     def restore(self, flat: np.ndarray) -> np.ndarray:
         """Turn a kernel output (physical kept order, flattened) into the caller's kept shape."""
@@ -52,49 +62,58 @@ class Plan:
         return np.ascontiguousarray(out).reshape(self.kept_shape)
 
 
-def plan(x: np.ndarray, axes: tuple[int, ...]) -> Plan:
-    """Choose a kernel for reducing ``x`` over ``axes`` (normalized, sorted, non-negative)."""
+def plan(x: np.ndarray, axes: tuple[int, ...], out: np.ndarray | None = None) -> Plan:
+    """Choose a kernel for reducing ``x`` over ``axes`` (normalized, sorted, non-negative).
+
+    ``out``, if given, has ``x``'s shape; it is flipped where ``x`` is and merged only where both
+    allow, and comes back as ``Plan.out_view`` in the kernel's shape.
+    """
     red = set(axes)
     kept_shape = tuple(s for a, s in enumerate(x.shape) if a not in red)
     flipped = {a for a in range(x.ndim) if x.strides[a] < 0 and x.shape[a] > 1}
-    base = np.flip(x, tuple(sorted(flipped))) if flipped else x
+    flips = tuple(sorted(flipped))
+    base = np.flip(x, flips) if flipped else x
+    obase = None if out is None else (np.flip(out, flips) if flipped else out)
     live = [a for a in range(x.ndim) if x.shape[a] > 1]
     # stable sort: outer (large stride) first, ties keep axis order
     phys = sorted(live, key=lambda a: -base.strides[a])
     kept_phys = [a for a in phys if a not in red]
     red_phys = [a for a in phys if a in red]
 
-    groups: list[list[int]] = []  # each: [is_reduced, size, stride]
+    groups: list[list[int]] = []  # each: [is_reduced, size, stride, out stride]
     for a in phys:
         size, stride, is_red = base.shape[a], base.strides[a], int(a in red)
+        ostride = stride if obase is None else obase.strides[a]
         if groups:
             g = groups[-1]
-            if g[0] == is_red and g[2] == size * stride and stride != 0:
+            if g[0] == is_red and g[2] == size * stride and stride != 0 and g[3] == size * ostride:
                 g[1] *= size
                 g[2] = stride
+                g[3] = ostride
                 continue
-        groups.append([is_red, size, stride])
+        groups.append([is_red, size, stride, ostride])
     kinds = tuple(g[0] for g in groups)
     p = Plan("generic", base, kept_phys, red_phys, base, flipped, kept_shape)
 
-    def view(gs: list[list[int]]) -> np.ndarray:
-        return as_strided(
-            base, shape=tuple(g[1] for g in gs), strides=tuple(g[2] for g in gs), writeable=False
-        )
+    def view(arr: np.ndarray, gs: list[list[int]], col: int) -> np.ndarray:
+        shape = tuple(g[1] for g in gs)
+        strides = tuple(g[col] for g in gs)
+        return as_strided(arr, shape=shape, strides=strides, writeable=col == 3)
 
-    one = [0, 1, base.itemsize]
-    if kinds == ():
-        p.kind, p.view = "none", base.reshape(-1)
-    elif kinds == (0,):
-        p.kind, p.view = "none", view(groups)
-    elif kinds == (1,):
-        p.kind, p.view = "cf", view([one, [0, 1, base.itemsize], groups[0]])
-    elif kinds == (1, 0):
-        p.kind, p.view = "rows", view(groups)
-    elif kinds == (0, 1):
-        p.kind, p.view = "cf", view([one, groups[0], groups[1]])
-    elif kinds == (1, 0, 1):
-        p.kind, p.view = "cf", view(groups)
+    one = [0, 1, base.itemsize, 0 if obase is None else obase.itemsize]
+    layouts: dict[tuple[int, ...], tuple[str, list[list[int]]]] = {
+        (): ("none", [[0, 1, base.itemsize, one[3]]]),
+        (0,): ("none", groups),
+        (1,): ("cf", [one, one, *groups]),
+        (1, 0): ("rows", groups),
+        (0, 1): ("cf", [one, *groups]),
+        (1, 0, 1): ("cf", groups),
+    }
+    if kinds in layouts:
+        p.kind, gs = layouts[kinds]
+        p.view = view(base, gs, 2)
+        if obase is not None:
+            p.out_view = view(obase, gs, 3)
     return p
 
 

@@ -6,25 +6,20 @@ import math
 from typing import Any
 
 import numpy as np
-from numpy.lib.stride_tricks import as_strided
 
 from . import _kernels_normalize as KN
 from ._config import CHUNK_ELEMS, GENERIC_BLOCK_BYTES, SEG_LEN, SERIAL_BYTES
 from ._extras import require
-from ._moments import Axis, _normalize_axes
+from ._layout import KERNEL_DTYPES, plan
+from ._validate import Axis, check_axes, is_torch_tensor
 
-_KERNEL_IN = {np.dtype(t) for t in ("f4", "f8", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8")}
 _OUT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
-
-def _is_torch(x: Any) -> bool:
-    return type(x).__module__.split(".")[0] == "torch" and hasattr(x, "detach")
 
 
 def _as_numpy(x: Any, name: str) -> np.ndarray:
     if isinstance(x, np.ndarray):
         return x
-    if _is_torch(x):
+    if is_torch_tensor(x):
         if getattr(x, "is_cuda", False) or str(getattr(x, "device", "cpu")) != "cpu":
             raise TypeError(f"{name} is a tensor on {x.device}; call .cpu() first")
         return np.asarray(x.detach())
@@ -60,7 +55,7 @@ def _param(p: Any, name: str, kept: tuple[int, ...], default: float) -> np.ndarr
 
 def _check_out(out: Any, x: np.ndarray) -> np.ndarray:
     o = _as_numpy(out, "out")
-    if not isinstance(o, np.ndarray) or (not _is_torch(out) and o is not out):
+    if not isinstance(o, np.ndarray) or (not is_torch_tensor(out) and o is not out):
         raise TypeError(
             f"out must be a numpy array or a CPU torch tensor, got {type(out).__name__}"
         )
@@ -71,49 +66,6 @@ def _check_out(out: Any, x: np.ndarray) -> np.ndarray:
     if not o.flags.writeable:
         raise ValueError("out is read-only; pass a writeable array (e.g. np.empty_like(x))")
     return o
-
-
-def _views(
-    x: np.ndarray, out: np.ndarray, red: set[int]
-) -> tuple[str, np.ndarray, np.ndarray, list[int], tuple[int, ...]]:
-    """Choose a kernel: ``(kind, x view, out view, kept axes in physical order, flipped axes)``.
-
-    Axes are ordered by ``x``'s strides (outer first, negative strides flipped), and neighbours of
-    the same kind (reduced or kept) are merged where both ``x`` and ``out`` allow it. ``kind`` is
-    ``"rows"`` (R, D), ``"cf"`` (A, C, L) or ``"generic"``.
-    """
-    flips = tuple(a for a in range(x.ndim) if x.strides[a] < 0 and x.shape[a] > 1)
-    if flips:
-        x, out = np.flip(x, flips), np.flip(out, flips)
-    live = [a for a in range(x.ndim) if x.shape[a] > 1]
-    phys = sorted(live, key=lambda a: -x.strides[a])
-    groups: list[list[int]] = []  # [reduced, size, x stride, out stride]
-    for a in phys:
-        r, n, xs, os_ = int(a in red), x.shape[a], x.strides[a], out.strides[a]
-        if groups:
-            g = groups[-1]
-            if g[0] == r and g[2] == n * xs and g[3] == n * os_:
-                g[1], g[2], g[3] = g[1] * n, xs, os_
-                continue
-        groups.append([r, n, xs, os_])
-    kept_phys = [a for a in phys if a not in red]
-    kinds = tuple(g[0] for g in groups)
-    one = [0, 1, 0, 0]
-    layouts = {
-        (): ("rows", [one, one]),
-        (0,): ("rows", [one, *groups]),
-        (1,): ("cf", [one, one, *groups]),
-        (1, 0): ("rows", groups),
-        (0, 1): ("cf", [one, *groups]),
-        (1, 0, 1): ("cf", groups),
-    }
-    if kinds not in layouts:
-        return "generic", x, out, kept_phys, flips
-    kind, gs = layouts[kinds]
-    shape = tuple(g[1] for g in gs)
-    xv = as_strided(x, shape=shape, strides=tuple(g[2] for g in gs), writeable=False)
-    ov = as_strided(out, shape=shape, strides=tuple(g[3] for g in gs))
-    return kind, xv, ov, kept_phys, flips
 
 
 def _physical(
@@ -211,10 +163,10 @@ def normalize(
     array([[-1., -1.],
            [ 1.,  1.]], dtype=float32)
     """
-    as_torch = _is_torch(x)
+    as_torch = is_torch_tensor(x)
     a = _as_numpy(x, "x")
     res_dtype = _result_dtype(a)
-    axes = _normalize_axes(axis, a.ndim)
+    axes = check_axes(axis, a.ndim)
     red = set(axes)
     kept_axes = [i for i in range(a.ndim) if i not in red]
     kept = tuple(a.shape[i] for i in kept_axes)
@@ -255,14 +207,18 @@ def normalize(
 
     xk = a.view(np.uint8) if a.dtype.kind == "b" else a
     kind = "generic"
-    if xk.dtype in _KERNEL_IN and xk.dtype.isnative:
-        kind, xv, ov, kept_phys, flips = _views(xk, res, red)
-    if kind == "generic":
+    if xk.dtype in KERNEL_DTYPES and xk.dtype.isnative:
+        lay = plan(xk, axes, out=res)
+        kind, xv, ov = lay.kind, lay.view, lay.out_view
+    if kind == "generic" or ov is None:
         _generic(a, res, red, mu, scale, b)
     else:
+        flips = tuple(sorted(lay.flipped))
         shift_p, scale_p, beta_p = (
-            _physical(p, kept_axes, kept_phys, flips) for p in (mu, scale, b)
+            _physical(p, kept_axes, lay.kept_phys, flips) for p in (mu, scale, b)
         )
+        if kind == "none":  # nothing reduced: one row of every element
+            kind, xv, ov = "rows", xv[np.newaxis], ov[np.newaxis]
         serial = xk.nbytes < SERIAL_BYTES
         if kind == "rows":
             chunk = max(1, CHUNK_ELEMS // max(1, xv.shape[1]))

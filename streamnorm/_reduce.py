@@ -21,14 +21,10 @@ from ._config import (
     SEG_LEN,
     SERIAL_BYTES,
 )
-from ._layout import Plan, plan, row_weights
+from ._layout import KERNEL_DTYPES, Plan, plan, row_weights
 
 #: one batch from a kernel: flat float64 (n, mean, m2, lo), lo the rounding residual of mean
 Stats = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
-
-KERNEL_DTYPES = frozenset(
-    np.dtype(t) for t in ("f4", "f8", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8")
-)
 
 
 def _rows_params(D: int, itemsize: int, R: int) -> tuple[int, int]:
@@ -39,10 +35,13 @@ def _rows_params(D: int, itemsize: int, R: int) -> tuple[int, int]:
 
 
 def _cf_params(A: int, L: int) -> tuple[int, int]:
-    """Segment length and blocks per parallel chunk of the channels-first kernel."""
-    seg = SEG_LEN
-    block = L * max(1, SEG_LEN // L) if L <= SEG_LEN else SEG_LEN
-    return seg, max(1, CHUNK_ELEMS // max(1, block))
+    """Segment length and blocks per parallel chunk of the channels-first kernel (A, C, L).
+
+    A block is ``seg`` contiguous elements of a long row, or whole short rows of up to
+    ``seg // L`` samples (never more than the ``A`` there are).
+    """
+    block = L * min(A, max(1, SEG_LEN // L)) if L <= SEG_LEN else SEG_LEN
+    return SEG_LEN, max(1, CHUNK_ELEMS // max(1, block))
 
 
 def run_rows(x: np.ndarray, w: np.ndarray | None, omit: bool) -> Stats:

@@ -9,10 +9,13 @@ from typing import Any
 
 import numpy as np
 
-from ._moments import Axis, Moments, atomic_write, moments, read_npz
+from ._errors import InputError, InputTypeError, RecordError
+from ._io import atomic_write, check_header, read_npz, record_scalar
+from ._moments import Moments, moments
+from ._validate import Axis
 from .estimators import Estimator, default_estimators
 from .estimators import from_dict as estimator_from_dict
-from .estimators._base import _Owner, check_convention, check_epoch, unpack
+from .estimators._base import Owner, check_convention, check_epoch, unpack
 
 FORMAT_NAME = "streamnorm.Tracker"
 FORMAT_VERSION = 1
@@ -25,26 +28,7 @@ MAX_PENDING = 32
 _DEFAULT_AXIS: Any = object()
 
 
-class _SharedMoments(Moments):
-    """The Moments that :meth:`Tracker.update` returns while the tracker still holds its arrays.
-
-    The tracker keeps references to the batch's arrays until it applies them to the estimators
-    (copying them costs as much as a small layer's tracking); any in-place change of this object
-    (``update``, ``+=``) first gives it copies of its own, and makes it a plain Moments.
-    """
-
-    __slots__ = ()
-
-    def _merge_in(self, *args: Any, **kwargs: Any) -> None:
-        for name in Moments.__slots__:
-            v = getattr(self, name, None)
-            if isinstance(v, np.ndarray):
-                setattr(self, name, v.copy())
-        self.__class__ = Moments  # type: ignore[assignment]
-        Moments._merge_in(self, *args, **kwargs)
-
-
-class _Layer(_Owner):
+class _Layer(Owner):
     """One tracked layer: its estimators and the batches not yet applied to them.
 
     Built-in estimators receive batches in groups of up to ``MAX_PENDING``: one kernel call per
@@ -85,7 +69,7 @@ class _Layer(_Owner):
     def push(
         self, n: Any, mu: np.ndarray, m2: np.ndarray, epoch: int, weighted: bool, uniform: bool
     ) -> None:
-        """Add a batch (arrays nobody else changes: copies, or arrays of a _SharedMoments)."""
+        """Add a batch (arrays nobody changes: a state's own, see ``Moments.state``)."""
         if uniform != self.uniform:
             self.flush()
             self.uniform = uniform
@@ -122,23 +106,23 @@ def _check_estimators(estimators: Any) -> dict[str, Any]:
     if estimators is None:
         return default_estimators()
     if not isinstance(estimators, Mapping):
-        raise TypeError(
+        raise InputTypeError(
             "estimators must be a dict of name -> estimator (e.g. {'ema': streamnorm.EMA()}), "
             f"got {type(estimators).__name__}"
         )
     if not estimators:
-        raise ValueError("estimators is empty; pass at least one, or None for the default set")
+        raise InputError("estimators is empty; pass at least one, or None for the default set")
     out: dict[str, Any] = {}
     for name, est in estimators.items():
         if not isinstance(name, str) or not name:
-            raise TypeError(f"estimator names must be non-empty strings, got {name!r}")
+            raise InputTypeError(f"estimator names must be non-empty strings, got {name!r}")
         if not callable(getattr(est, "update", None)):
-            raise TypeError(
+            raise InputTypeError(
                 f"estimator {name!r} must have update(batch, *, epoch) (e.g. streamnorm.EMA()), "
                 f"got {type(est).__name__}"
             )
         if isinstance(est, Estimator) and est.batches:
-            raise ValueError(
+            raise InputError(
                 f"estimator {name!r} has already seen {est.batches} batches; the Tracker copies "
                 "prototypes for every layer, pass fresh ones (est.copy().reset())"
             )
@@ -189,7 +173,7 @@ class Tracker:
         reduce: Callable[[Moments], Moments] | None = None,
     ) -> None:
         if reduce is not None and not callable(reduce):
-            raise TypeError(f"reduce must be a callable Moments -> Moments, got {reduce!r}")
+            raise InputTypeError(f"reduce must be a callable Moments -> Moments, got {reduce!r}")
         self._protos = _check_estimators(estimators)
         self._reduce = reduce
         self._layers: dict[str, _Layer] = {}
@@ -211,7 +195,7 @@ class Tracker:
         """Set the current epoch (``>= 0``, never lower than the current one)."""
         e = check_epoch(epoch)
         if e < self._epoch:
-            raise ValueError(
+            raise InputError(
                 f"epochs must not go backwards: the tracker is at epoch {self._epoch}, got {e}"
             )
         self._epoch = e
@@ -246,8 +230,6 @@ class Tracker:
         elif type(axis) is tuple and len(axis) == 1:
             axis = axis[0]  # the same reduction; an int takes the fast path of moments
         m = moments(x, axis, **moments_kwargs) if moments_kwargs else moments(x, axis)
-        if type(m) is Moments:
-            m.__class__ = _SharedMoments
         return self._feed(layer, m)
 
     def update_moments(self, layer: str, m: Moments) -> None:
@@ -258,27 +240,26 @@ class Tracker:
         if self._reduce is not None:
             m = self._reduce(m)
             if not isinstance(m, Moments):
-                raise TypeError(f"reduce must return a Moments, got {type(m).__name__}")
+                raise InputTypeError(f"reduce must return a Moments, got {type(m).__name__}")
         lay = self._layers.get(layer)  # type: ignore[arg-type]
+        st = m.state() if isinstance(m, Moments) else None
         if (
             lay is not None
+            and st is not None
             and lay.uniform
             and not lay.slow
-            and isinstance(m, Moments)
-            and not m._per_dim
-            and m._shape == lay.shape
-            and m._total > lay.need - 1
+            and not st.per_dim
+            and st.shape == lay.shape
+            and st.total > lay.need - 1
         ):
-            # the common case, kept short: every dimension with the same count
-            if type(m) is _SharedMoments:
-                lay.means.append(m._mean)
-                lay.m2s.append(m._m2)
-            else:
-                lay.means.append(m._mean.copy())
-                lay.m2s.append(m._m2.copy())
-            lay.counts.append(m._total)
+            # the common case, kept short: every dimension with the same count. The state's
+            # arrays are never changed after state() (Moments copies before changing), so they
+            # are kept by reference until the group is applied.
+            lay.means.append(st.mean if not st.lo.any() else st.mean + st.lo)
+            lay.m2s.append(st.m2)
+            lay.counts.append(st.total)
             lay.epochs.append(self._epoch)
-            if m._weighted:
+            if st.weighted:
                 lay.weighted = True
             if len(lay.epochs) == lay.cap:
                 lay.flush()
@@ -287,7 +268,7 @@ class Tracker:
 
     def _feed_general(self, layer: str, m: Moments, lay: _Layer | None) -> Moments:
         if not isinstance(layer, str):
-            raise TypeError(f"layer must be a str name, got {type(layer).__name__}")
+            raise InputTypeError(f"layer must be a str name, got {type(layer).__name__}")
         shape, n, mu, m2, cmin, weighted, uniform = unpack(m)
         if shape is None or n.size == 0:
             return m
@@ -296,7 +277,7 @@ class Tracker:
             ests = {k: copy.deepcopy(v) for k, v in self._protos.items()}
             lay = self._layers[layer] = _Layer(shape, ests, self._scratch)
         elif shape != lay.shape:
-            raise ValueError(
+            raise InputError(
                 f"dimension mismatch in layer {layer!r}: it has dimension shape {lay.shape}, the "
                 f"batch has {shape}; reduce over the axes that leave {lay.shape}"
             )
@@ -304,15 +285,7 @@ class Tracker:
             self._check_min(layer, shape, cmin, lay)
         for e in lay.slow:
             e.update(m, epoch=self._epoch)
-        owned = type(m) is _SharedMoments
-        lay.push(
-            cmin if uniform else n.copy(),
-            mu if owned else mu.copy(),
-            m2 if owned else m2.copy(),
-            self._epoch,
-            weighted,
-            uniform,
-        )
+        lay.push(cmin if uniform else n, mu, m2, self._epoch, weighted, uniform)
         return m
 
     def _check_min(
@@ -324,7 +297,7 @@ class Tracker:
                 try:
                     e.check_batch(shape, cmin)
                 except ValueError as err:
-                    raise ValueError(f"layer {layer!r}, estimator {name!r}: {err}") from None
+                    raise InputError(f"layer {layer!r}, estimator {name!r}: {err}") from None
 
     # ---------------------------------------------------------------- reading
     @property
@@ -369,7 +342,7 @@ class Tracker:
                         np.asarray(e.var, dtype=np.float64),
                     )
                 elif not hasattr(e, "running_var"):
-                    raise TypeError(
+                    raise InputTypeError(
                         f"estimator {name!r} ({type(e).__name__}) has no running_var(convention); "
                         "call estimates() without convention"
                     )
@@ -422,18 +395,21 @@ class Tracker:
     def from_dict(
         cls, d: Mapping[str, Any], *, reduce: Callable[[Moments], Moments] | None = None
     ) -> Tracker:
-        """Rebuild a tracker from :meth:`to_dict`'s output."""
-        for key in ("format", "version", "epoch", "layers", "estimators"):
-            if key not in d:
-                raise ValueError(f"not a streamnorm Tracker record: missing {key!r}")
-        if str(np.asarray(d["format"])) != FORMAT_NAME:
-            raise ValueError(f"not a streamnorm Tracker record: format {d['format']!r}")
-        version = int(np.asarray(d["version"]))
-        if version != FORMAT_VERSION:
-            raise ValueError(
-                f"Tracker format version {version} is not supported (this streamnorm reads "
-                f"version {FORMAT_VERSION}); upgrade streamnorm"
-            )
+        """Rebuild a tracker from :meth:`to_dict`'s output.
+
+        Raises
+        ------
+        ValueError
+            Not a Tracker record, an unsupported version, or a corrupt or impossible state
+            (:class:`~streamnorm._errors.RecordError`).
+        """
+        check_header(d, FORMAT_NAME, FORMAT_VERSION, "Tracker")
+        for key in ("epoch", "layers", "estimators"):
+            if key not in d.keys():
+                raise RecordError(f"not a streamnorm Tracker record: missing {key!r}")
+        epoch = record_scalar(d, "epoch", "Tracker")
+        if not isinstance(epoch, int) or epoch < 0:
+            raise RecordError(f"impossible Tracker record: epoch {epoch!r}")
         names = [str(s) for s in np.asarray(d["estimators"]).reshape(-1)]
         layers = [str(s) for s in np.asarray(d["layers"]).reshape(-1)]
         groups: dict[str, dict[str, Any]] = {}
@@ -445,7 +421,7 @@ class Tracker:
             name: estimator_from_dict(groups.get(f"proto.{j}", {})) for j, name in enumerate(names)
         }
         out = cls(protos, reduce=reduce)
-        out._epoch = check_epoch(int(np.asarray(d["epoch"])))
+        out._epoch = epoch
         for i, layer in enumerate(layers):
             ests = {
                 name: estimator_from_dict(groups.get(f"layer.{i}.{j}", {}))
@@ -453,12 +429,12 @@ class Tracker:
             }
             shapes = {e.shape for e in ests.values()}
             if len(shapes) != 1 or None in shapes:
-                raise ValueError(
+                raise RecordError(
                     f"corrupt Tracker record: layer {layer!r} has inconsistent estimators"
                 )
             shape = shapes.pop()
             if shape is None:  # pragma: no cover - excluded above
-                raise ValueError(f"corrupt Tracker record: layer {layer!r} is empty")
+                raise RecordError(f"corrupt Tracker record: layer {layer!r} is empty")
             out._layers[layer] = _Layer(shape, ests, out._scratch)
         return out
 
@@ -478,7 +454,7 @@ def _from_record(d: dict[str, Any], reduce: Callable[[Moments], Moments] | None)
 def _record(name: str, est: Any) -> dict[str, Any]:
     to_dict = getattr(est, "to_dict", None)
     if not isinstance(est, Estimator) or to_dict is None:
-        raise TypeError(
+        raise InputTypeError(
             f"estimator {name!r} ({type(est).__name__}) cannot be saved: only streamnorm "
             "estimators (subclasses of streamnorm.estimators.Estimator) can"
         )

@@ -8,6 +8,7 @@ one of the library's errors (:mod:`streamnorm._errors`), which subclass ``TypeEr
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -58,6 +59,15 @@ def check_optional_positive_int(name: str, value: Any) -> int | None:
     return None if value is None else check_positive_int(name, value)
 
 
+def check_size(name: str, value: Any) -> int:
+    """A positive int (a batch size): ``InputTypeError`` for a non-int, ``InputError`` for < 1."""
+    if not is_int(value):
+        raise InputTypeError(f"{name} must be a positive int, got {value!r}")
+    if value < 1:
+        raise InputError(f"{name} must be a positive int, got {value}")
+    return int(value)
+
+
 def check_bool(name: str, value: Any) -> bool:
     """``True`` or ``False`` (numpy bools too)."""
     if not isinstance(value, (bool, np.bool_)):
@@ -82,6 +92,17 @@ def check_fraction(
         left = "[" if closed in ("left", "both") else "("
         right = "]" if closed in ("right", "both") else ")"
         raise InputError(f"{name} must be in {left}{low:g}, {high:g}{right}, got {value!r}")
+    return v
+
+
+def check_nonnegative(name: str, value: Any, *, allow_inf: bool = False) -> float:
+    """A real number ``>= 0``, finite unless ``allow_inf`` (then ``math.inf`` is accepted)."""
+    if not is_number(value):
+        raise InputTypeError(f"{name} must be a number >= 0, got {value!r}")
+    v = float(value)
+    if math.isnan(v) or v < 0 or (math.isinf(v) and not allow_inf):
+        bound = "a number >= 0 (math.inf allowed)" if allow_inf else "a finite number >= 0"
+        raise InputError(f"{name} must be {bound}, got {value!r}")
     return v
 
 
@@ -145,6 +166,32 @@ def check_callable(name: str, value: Any, *, optional: bool = True) -> Any:
     if not callable(value):
         raise InputTypeError(f"{name} must be callable, got {type(value).__name__}")
     return value
+
+
+def renamed_keyword(
+    owner: str, old: str, new: str, old_value: Any, new_value: Any, *, default: Any
+) -> Any:
+    """The value of a renamed keyword: ``new_value``, or ``old_value`` with a warning.
+
+    ``old_value`` is ``None`` unless the caller used the old name; then a ``DeprecationWarning``
+    (pointing at the caller of ``owner``) says to use ``new``, and ``old_value`` is returned.
+    Passing both names, the new one with a value other than its ``default`` and the old one's,
+    raises :class:`InputTypeError`.
+    """
+    if old_value is None:
+        return new_value
+    if new_value != default and new_value != old_value:
+        raise InputTypeError(
+            f"{owner} got {old}={old_value!r} and {new}={new_value!r}; {old} is the old name "
+            f"of {new}: pass only {new}={old_value!r}"
+        )
+    warnings.warn(
+        f"{owner}({old}=...) is deprecated and will be removed in the next release; "
+        f"use {new}={old_value!r}",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return old_value
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,6 +337,7 @@ __all__ = [
     "check_optional_positive_int",
     "check_positive_int",
     "check_real_dtype",
+    "check_size",
     "check_state_arrays",
     "check_var_convention",
     "check_weights",
@@ -298,4 +346,5 @@ __all__ = [
     "is_torch_tensor",
     "nonfinite_message",
     "on_cuda_device",
+    "renamed_keyword",
 ]

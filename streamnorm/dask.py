@@ -9,13 +9,23 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
+from ._errors import InputError, InputTypeError
 from ._extras import require
-from ._moments import NAN_POLICIES, Axis, Moments, _check_dtype, _normalize_axes
+from ._moments import Moments
+from ._state import State, empty_state
+from ._validate import (
+    Axis,
+    check_axes,
+    check_nan_policy,
+    check_real_dtype,
+    check_weights,
+    nonfinite_message,
+)
 
 da = require("dask.array", "dask")
 dask = require("dask", "dask")
@@ -44,7 +54,7 @@ SLAB_BYTES = 4 * 1024 * 1024
 
 def _empty_state(kept: tuple[int, ...]) -> Moments:
     """A state with no samples over ``kept`` dimensions (merging it changes nothing)."""
-    return Moments.from_arrays(0, np.full(kept, np.nan), np.zeros(kept))
+    return Moments.from_state(empty_state(kept))
 
 
 def _chunk(
@@ -78,11 +88,10 @@ def _chunk(
 
 def _residual_missing(st: Moments) -> bool:
     """True if some mean sits far from zero (``|mean| > FAR * std``) without a residual."""
-    if st.shape is None:
+    s = st.state()
+    if s is None:
         return False
-    d = st.to_dict()
-    n, mean, m2 = d["count"], d["mean"], d["m2"]
-    lo = np.asarray(d.get("mean_lo", np.zeros_like(mean)))
+    n, mean, lo, m2 = s.n, s.mean, s.lo, s.m2
     with np.errstate(all="ignore"):
         ok = (n > 1) & np.isfinite(mean) & np.isfinite(m2) & (m2 > 0)
         far = ok & (np.abs(mean) > FAR * np.sqrt(m2 / np.where(n > 0, n, 1.0))) & (lo == 0.0)
@@ -115,16 +124,18 @@ def _shifted(
         sl = tuple(slice(i, i + step) if j == a0 else slice(None) for j in range(x.ndim))
         y = np.subtract(x[sl], ref, dtype=np.float64)
         acc.update(y, ax, weights=None if w is None else w[i : i + step], nan_policy=nan_policy)
-    d = acc.to_dict()
+    st = acc.state()
+    if st is None:  # cannot happen: x has samples
+        return _empty_state(tuple(s for i, s in enumerate(x.shape) if i not in axis))
     r = ref.reshape(-1)
-    s = d["mean"]
+    s = st.mean
     hi = r + s  # two-sum: hi + err == r + s exactly
     bb = hi - r
     err = (r - (hi - bb)) + (s - bb)
-    empty = d["count"] == 0
-    d["mean"] = np.where(empty, np.nan, hi)
-    d["mean_lo"] = np.where(empty | ~np.isfinite(hi), 0.0, err + d.get("mean_lo", 0.0))
-    return Moments.from_dict(d)
+    empty = st.n == 0
+    mean = np.where(empty, np.nan, hi)
+    lo = np.where(empty | ~np.isfinite(hi), 0.0, err + st.lo)
+    return Moments.from_state(replace(st, mean=mean, lo=lo))
 
 
 def _flatten(parts: Any) -> list[Moments]:
@@ -156,16 +167,15 @@ def _aggregate(
     """The merged state as a structured array of records, shape = the kept block's."""
     if computing_meta:
         return parts
-    st = _merge(parts)
+    st = _merge(parts).state()
+    if st is None:  # cannot happen (empty blocks carry their shape), kept for safety
+        raise RuntimeError("internal: a kept block received no state")
     shape = st.shape
-    if shape is None:  # cannot happen (empty blocks carry their shape), kept for safety
-        raise ValueError("internal: a kept block received no state")
-    d = st.to_dict()
     out = np.empty(shape, dtype=STATE_DTYPE)
-    out["n"] = d["count"].reshape(shape)
-    out["mean"] = d["mean"].reshape(shape)
-    out["lo"] = np.asarray(d.get("mean_lo", np.zeros(d["mean"].shape))).reshape(shape)
-    out["m2"] = d["m2"].reshape(shape)
+    out["n"] = st.n.reshape(shape)
+    out["mean"] = st.mean.reshape(shape)
+    out["lo"] = st.lo.reshape(shape)
+    out["m2"] = st.m2.reshape(shape)
     if keepdims:
         out = np.expand_dims(out, tuple(sorted(axis)))
     return out
@@ -177,25 +187,32 @@ def _aggregate(
 
 def _check_x(x: Any) -> Any:
     if not isinstance(x, da.Array):
-        raise TypeError(
+        raise InputTypeError(
             f"streamnorm.dask.moments takes a dask.array.Array, got {type(x).__module__}."
             f"{type(x).__name__}; use streamnorm.moments for in-memory arrays, or wrap the data "
             "with dask.array.from_array(x, chunks=...)"
         )
-    _check_dtype(np.empty(0, dtype=x.dtype))
+    check_real_dtype(np.empty(0, dtype=x.dtype))
     if x.ndim == 0:
-        raise ValueError("x is 0-d (a scalar); moments need at least a 1-D array of samples")
+        raise InputError(
+            "x is 0-d (a single number, shape ()); moments reduce over samples along an axis, "
+            "so pass at least a 1-D array of samples"
+        )
     if any(math.isnan(c) for cs in x.chunks for c in cs):
-        raise ValueError(
+        raise InputError(
             "x has unknown chunk sizes (NaN in x.chunks); call x.compute_chunk_sizes() first"
         )
     return x
 
 
-def _check_weights(weights: Any, x: Any, axes: tuple[int, ...]) -> tuple[Any, Any]:
-    """Weights as a 1-D dask array chunked like ``x`` along ``axes[0]``, and broadcast to ``x``."""
+def _dask_weights(weights: Any, x: Any, axes: tuple[int, ...]) -> tuple[Any, Any]:
+    """Weights as a 1-D dask array chunked like ``x`` along ``axes[0]``, and broadcast to ``x``.
+
+    In-memory weights get the full check (:func:`streamnorm._validate.check_weights`); a Dask
+    array of weights is checked for dtype and shape only (its values are not read here).
+    """
     if not axes:
-        raise ValueError("weights need at least one reduced axis; got axis=()")
+        raise InputError("weights need at least one reduced axis; got axis=()")
     a0 = axes[0]
     n0 = x.shape[a0]
     if "weights" not in inspect.signature(da.reduction).parameters:
@@ -204,23 +221,16 @@ def _check_weights(weights: Any, x: Any, axes: tuple[int, ...]) -> tuple[Any, An
             "lacks; upgrade dask (pip install -U 'dask[array]')"
         )
     if isinstance(weights, da.Array):
-        w = weights
+        if weights.dtype.kind not in "fiub":
+            raise InputTypeError(f"weights must be real numbers, got dtype {weights.dtype}")
+        if weights.ndim != 1 or weights.shape[0] != n0:
+            raise InputError(
+                f"weights must be 1-D with one weight per sample along axis {a0} "
+                f"(length {n0}), got shape {weights.shape}"
+            )
+        w = weights.astype(np.float64).rechunk((x.chunks[a0],))
     else:
-        w = np.asarray(weights)
-    if w.dtype.kind not in "fiub":
-        raise TypeError(f"weights must be real numbers, got dtype {w.dtype}")
-    if w.ndim != 1 or w.shape[0] != n0:
-        raise ValueError(
-            f"weights must be 1-D with one weight per sample along axis {a0} "
-            f"(length {n0}), got shape {w.shape}"
-        )
-    if isinstance(w, np.ndarray):
-        wf = w.astype(np.float64)
-        if not np.all(np.isfinite(wf)) or np.any(wf < 0):
-            raise ValueError("weights must be finite and non-negative")
-        w = da.from_array(wf, chunks=(x.chunks[a0],))
-    else:
-        w = w.astype(np.float64).rechunk((x.chunks[a0],))
+        w = da.from_array(check_weights(weights, n0, a0), chunks=(x.chunks[a0],))
     shape = [1] * x.ndim
     shape[a0] = n0
     wb = da.broadcast_to(w.reshape(tuple(shape)), x.shape, chunks=x.chunks)
@@ -231,9 +241,11 @@ def _check_split_every(split_every: Any) -> Any:
     if split_every is None or isinstance(split_every, dict):
         return split_every
     if isinstance(split_every, bool) or not isinstance(split_every, (int, np.integer)):
-        raise TypeError(f"split_every must be an int >= 2, a dict or None, got {split_every!r}")
+        raise InputTypeError(
+            f"split_every must be an int >= 2, a dict or None, got {split_every!r}"
+        )
     if split_every < 2:
-        raise ValueError(
+        raise InputError(
             f"split_every must be >= 2 (blocks merged per tree node), got {split_every}"
         )
     return int(split_every)
@@ -299,11 +311,10 @@ def moments(
     (6, [5.0, 6.0], [11.666666666666666, 11.666666666666666])
     """
     x = _check_x(x)
-    if nan_policy not in NAN_POLICIES:
-        raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
-    axes = _normalize_axes(axis, x.ndim)
+    nan_policy = check_nan_policy(nan_policy)
+    axes = check_axes(axis, x.ndim)
     split_every = _check_split_every(split_every)
-    w, wb = (None, None) if weights is None else _check_weights(weights, x, axes)
+    w, wb = (None, None) if weights is None else _dask_weights(weights, x, axes)
     nsamp = int(np.prod([x.shape[i] for i in axes], dtype=np.int64))
     kept = tuple(s for i, s in enumerate(x.shape) if i not in axes)
     if nsamp == 0 or int(np.prod(kept, dtype=np.int64)) == 0 or not axes:
@@ -334,22 +345,19 @@ def moments(
     st = np.asarray(st)
     n, mean, lo, m2 = (np.ascontiguousarray(st[k]).reshape(-1) for k in ("n", "mean", "lo", "m2"))
     if nan_policy == "raise" and (np.isnan(mean) & (n > 0)).any():
-        _raise_nonfinite(x, axes, kept)
-    return Moments.from_dict(
-        {
-            "format": "streamnorm.Moments",
-            "version": 1,
-            "empty": False,
-            "shape": np.asarray(kept, dtype=np.int64),
-            "count": n,
-            "mean": mean,
-            "mean_lo": lo,
-            "m2": m2,
-            "total": total,
-            "weighted": weights is not None,
-            "per_dim": nan_policy == "omit",
-        }
+        bad = np.asarray((~da.isfinite(x)).sum(axis=axes).compute())
+        raise InputError(nonfinite_message(bad, kept))
+    state = State(
+        n=n,
+        mean=mean,
+        lo=lo,
+        m2=m2,
+        shape=kept,
+        total=total,
+        weighted=weights is not None,
+        per_dim=nan_policy == "omit",
     )
+    return Moments.from_state(state)
 
 
 def _chunk_with(nan_policy: str) -> Any:
@@ -382,17 +390,3 @@ def _degenerate(x: Any, axes: tuple[int, ...], w: Any, nan_policy: str) -> Momen
     else:
         data = np.asarray(x.compute())
     return Moments().update(data, axes, weights=w1, nan_policy=nan_policy)
-
-
-def _raise_nonfinite(x: Any, axes: tuple[int, ...], kept: tuple[int, ...]) -> None:
-    bad = np.asarray((~da.isfinite(x)).sum(axis=axes).compute())
-    total = int(bad.sum())
-    where = np.argwhere(bad.reshape(kept) > 0) if kept else np.zeros((1, 0), int)
-    dims: Sequence[Any] = [
-        tuple(int(i) for i in r) if len(r) != 1 else int(r[0]) for r in where[:10]
-    ]
-    more = "" if len(where) <= 10 else f" and {len(where) - 10} more"
-    raise ValueError(
-        f"{total} non-finite value(s) (NaN/Inf) in dimension(s) {list(dims)}{more}; "
-        "use nan_policy='omit' to skip them or 'propagate' to get NaN for those dimensions"
-    )

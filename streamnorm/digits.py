@@ -10,18 +10,32 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
+from ._errors import InputError, InputTypeError
 from ._extras import require
+from ._validate import (
+    check_callable,
+    check_choice,
+    check_fraction,
+    check_positive_int,
+    is_int,
+    is_number,
+)
+
+#: optimizers and learning-rate schedules of :func:`train`
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("constant", "cosine")
 
 __all__ = ["accuracy", "load_digits_nchw", "make_cnn", "shift_domain", "train"]
 
 
 def _check_seed(seed: Any) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    if not is_int(seed) or seed < 0:
+        raise InputError(f"seed must be a non-negative int, got {seed!r}")
     return int(seed)
 
 
@@ -53,8 +67,7 @@ def load_digits_nchw(seed: int = 0, test_fraction: float = 0.25) -> tuple[Any, A
     datasets = require("sklearn.datasets", "bench")
     model_selection = require("sklearn.model_selection", "bench")
     seed = _check_seed(seed)
-    if not isinstance(test_fraction, (float, int)) or not 0.0 < float(test_fraction) < 1.0:
-        raise ValueError(f"test_fraction must be a number in (0, 1), got {test_fraction!r}")
+    test_fraction = check_fraction("test_fraction", test_fraction, closed="neither")
     data = datasets.load_digits()
     x = (np.asarray(data.data, dtype=np.float32) / np.float32(16.0)).reshape(-1, 1, 8, 8)
     y = np.asarray(data.target, dtype=np.int64)
@@ -100,9 +113,7 @@ def make_cnn(seed: int = 0, width: int = 16) -> Any:
     torch = require("torch")
     nn = torch.nn
     seed = _check_seed(seed)
-    if isinstance(width, bool) or not isinstance(width, (int, np.integer)) or width < 1:
-        raise ValueError(f"width must be a positive int, got {width!r}")
-    w = int(width)
+    w = check_positive_int("width", width)
     # the default initialization draws from the global RNG: restore its state afterwards
     with torch.random.fork_rng(devices=[]):
         model = nn.Sequential(
@@ -142,22 +153,97 @@ def _as_tensors(x: Any, y: Any) -> tuple[Any, Any]:
     xt = torch.as_tensor(x)
     yt = torch.as_tensor(y)
     if xt.ndim < 2:
-        raise ValueError(
+        raise InputError(
             f"x must have shape (N, ...) with a batch axis, got shape {tuple(xt.shape)}"
         )
     if yt.ndim != 1 or yt.shape[0] != xt.shape[0]:
-        raise ValueError(
+        raise InputError(
             f"y must have shape (N,) matching x's first axis {xt.shape[0]}, got {tuple(yt.shape)}"
         )
     if not xt.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got {xt.dtype}")
+        raise InputTypeError(f"x must be a floating-point tensor, got {xt.dtype}")
     return xt, yt.long()
 
 
-def _check_positive_int(name: str, v: Any) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-        raise ValueError(f"{name} must be a positive int, got {v!r}")
-    return int(v)
+@dataclass(frozen=True)
+class TrainConfig:
+    """How :func:`train` trains (see its parameters); checked by :meth:`checked`."""
+
+    epochs: int
+    batch_size: int
+    lr: float = 0.05
+    seed: int = 0
+    optimizer: str = "sgd"
+    schedule: str = "constant"
+    on_batch: Callable[[int, int, float], Any] | None = None
+    on_epoch: Callable[[int], Any] | None = None
+
+    def checked(self, n: int) -> TrainConfig:
+        """This configuration with its values checked for ``n`` training samples."""
+        batch_size = check_positive_int("batch_size", self.batch_size)
+        if batch_size < 2:
+            raise InputError(
+                "batch_size must be >= 2 (BatchNorm needs two samples per channel), "
+                f"got {batch_size}"
+            )
+        if batch_size > n:
+            raise InputError(f"batch_size {batch_size} is larger than the {n} training samples")
+        return replace(
+            self,
+            epochs=check_positive_int("epochs", self.epochs),
+            batch_size=batch_size,
+            lr=check_fraction("lr", self.lr, low=0.0, high=math.inf, closed="neither"),
+            seed=_check_seed(self.seed),
+            optimizer=check_choice("optimizer", self.optimizer, OPTIMIZERS),
+            schedule=check_choice("schedule", self.schedule, SCHEDULES),
+            on_batch=check_callable("on_batch", self.on_batch),
+            on_epoch=check_callable("on_epoch", self.on_epoch),
+        )
+
+
+def _optimizer(model: Any, cfg: TrainConfig) -> Any:
+    """SGD with momentum 0.9 and weight decay 5e-4, or Adam, over the trainable parameters."""
+    torch = require("torch")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=5e-4)
+    return torch.optim.Adam(params, lr=cfg.lr)
+
+
+def _set_lr(opt: Any, cfg: TrainConfig, t: int, total: int) -> None:
+    """The learning rate of step ``t`` of ``total`` under the schedule."""
+    if cfg.schedule == "cosine":
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * 0.5 * (1.0 + math.cos(math.pi * t / total))
+
+
+def _step(model: Any, opt: Any, x: Any, y: Any) -> float:
+    """One optimizer step on the batch ``(x, y)``; its loss."""
+    torch = require("torch")
+    opt.zero_grad(set_to_none=True)
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
+def _run_epochs(model: Any, xt: Any, yt: Any, cfg: TrainConfig) -> None:
+    """The training loop: a fresh permutation per epoch, full batches only, callbacks."""
+    torch = require("torch")
+    opt = _optimizer(model, cfg)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    n = int(xt.shape[0])
+    steps = n // cfg.batch_size
+    for epoch in range(cfg.epochs):
+        perm = torch.randperm(n, generator=gen)
+        for step in range(steps):
+            idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+            _set_lr(opt, cfg, epoch * steps + step, cfg.epochs * steps)
+            loss = _step(model, opt, xt[idx], yt[idx])
+            if cfg.on_batch is not None:
+                cfg.on_batch(epoch, step, loss)
+        if cfg.on_epoch is not None:
+            cfg.on_epoch(epoch)
 
 
 def train(
@@ -214,51 +300,21 @@ def train(
     and updates its running buffers); afterwards the mode it had on entry is restored, also on
     error. The thread count of PyTorch is not changed.
     """
-    torch = require("torch")
     xt, yt = _as_tensors(x, y)
-    epochs = _check_positive_int("epochs", epochs)
-    batch_size = _check_positive_int("batch_size", batch_size)
-    if batch_size < 2:
-        raise ValueError(
-            f"batch_size must be >= 2 (BatchNorm needs two samples per channel), got {batch_size}"
-        )
-    n = int(xt.shape[0])
-    if batch_size > n:
-        raise ValueError(f"batch_size {batch_size} is larger than the {n} training samples")
-    if not isinstance(lr, (int, float)) or not lr > 0 or not math.isfinite(lr):
-        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
-    seed = _check_seed(seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
-    elif optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=lr)
-    else:
-        raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
-    if schedule not in ("constant", "cosine"):
-        raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
-    gen = torch.Generator().manual_seed(seed)
-    steps = n // batch_size
-    total = epochs * steps
+    cfg = TrainConfig(
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        optimizer=optimizer,
+        schedule=schedule,
+        on_batch=on_batch,
+        on_epoch=on_epoch,
+    ).checked(int(xt.shape[0]))
     was_training = model.training
     try:
         model.train()
-        for epoch in range(epochs):
-            perm = torch.randperm(n, generator=gen)
-            for step in range(steps):
-                idx = perm[step * batch_size : (step + 1) * batch_size]
-                if schedule == "cosine":
-                    t = epoch * steps + step
-                    for group in opt.param_groups:
-                        group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * t / total))
-                opt.zero_grad(set_to_none=True)
-                loss = torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx])
-                loss.backward()
-                opt.step()
-                if on_batch is not None:
-                    on_batch(epoch, step, float(loss.detach()))
-            if on_epoch is not None:
-                on_epoch(epoch)
+        _run_epochs(model, xt, yt, cfg)
     finally:
         model.train(was_training)
     return model
@@ -287,10 +343,10 @@ def accuracy(model: Any, x: Any, y: Any, batch_size: int = 512) -> float:
     """
     torch = require("torch")
     xt, yt = _as_tensors(x, y)
-    batch_size = _check_positive_int("batch_size", batch_size)
+    batch_size = check_positive_int("batch_size", batch_size)
     n = int(xt.shape[0])
     if n == 0:
-        raise ValueError("x is empty; accuracy needs at least one sample")
+        raise InputError("x is empty; accuracy needs at least one sample")
     was_training = model.training
     correct = 0
     try:
@@ -335,10 +391,10 @@ def shift_domain(
     most of it.
     """
     for name, v in (("contrast", contrast), ("brightness", brightness), ("noise", noise)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise ValueError(f"{name} must be a finite number, got {v!r}")
+        if not is_number(v) or not math.isfinite(v):
+            raise InputError(f"{name} must be a finite number, got {v!r}")
     if contrast < 0 or noise < 0:
-        raise ValueError(f"contrast and noise must be >= 0, got {contrast!r} and {noise!r}")
+        raise InputError(f"contrast and noise must be >= 0, got {contrast!r} and {noise!r}")
     seed = _check_seed(seed)
     is_numpy = isinstance(x, np.ndarray)
     if is_numpy:
@@ -346,10 +402,12 @@ def shift_domain(
     else:
         torch = require("torch")
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor or a numpy array, got {type(x).__name__}")
+            raise InputTypeError(
+                f"x must be a torch.Tensor or a numpy array, got {type(x).__name__}"
+            )
         arr = x.detach().cpu().numpy()
     if arr.dtype.kind != "f":
-        raise TypeError(f"x must be floating point, got {arr.dtype}")
+        raise InputTypeError(f"x must be floating point, got {arr.dtype}")
     rng = np.random.default_rng(seed)
     eps = rng.standard_normal(arr.shape)
     out = (contrast * arr.astype(np.float64) + brightness + noise * eps).astype(arr.dtype)

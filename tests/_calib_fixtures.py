@@ -68,16 +68,22 @@ def onnx_cnn(
     nodes = [
         helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
         helper.make_node(
-            "BatchNormalization", ["c1", scale1, "be1", names["m1"], names["v1"]], ["n1"],
-            name="bn1", epsilon=1e-5,
+            "BatchNormalization",
+            ["c1", scale1, "be1", names["m1"], names["v1"]],
+            ["n1"],
+            name="bn1",
+            epsilon=1e-5,
         ),
         helper.make_node("Relu", ["n1"], ["r1"], name="relu1"),
         helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2"),
         helper.make_node(
-            "BatchNormalization", ["c2", "g2", "be2", names["m2"], names["v2"]], ["y"],
-            name="bn2", epsilon=1e-3,
+            "BatchNormalization",
+            ["c2", "g2", "be2", names["m2"], names["v2"]],
+            ["y"],
+            name="bn2",
+            epsilon=1e-3,
         ),
-    ]  # fmt: skip
+    ]
     graph = helper.make_graph(
         nodes,
         "cnn",

@@ -121,9 +121,13 @@ def test_external_data(tmp_path: pathlib.Path) -> None:
     folder.mkdir()
     src = folder / "m.onnx"
     onnx.save_model(
-        onnx_cnn(15), str(src), save_as_external_data=True, all_tensors_to_one_file=True,
-        location="w.onnx.data", size_threshold=0,
-    )  # fmt: skip
+        onnx_cnn(15),
+        str(src),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="w.onnx.data",
+        size_threshold=0,
+    )
     digests = {p: _digest(p) for p in folder.iterdir()}
     out = tmp_path / "out.onnx"
     x = _x()
@@ -146,9 +150,15 @@ def test_statistics_through_identity_nodes(tmp_path: pathlib.Path) -> None:
     m = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.BatchNorm2d(3)).eval()
     buf = io.BytesIO()
     torch.onnx.export(
-        m, (torch.zeros(2, 2, 6, 6),), buf, dynamo=False, input_names=["x"],
-        dynamic_axes={"x": {0: "N"}}, do_constant_folding=False, opset_version=15,
-    )  # fmt: skip
+        m,
+        (torch.zeros(2, 2, 6, 6),),
+        buf,
+        dynamo=False,
+        input_names=["x"],
+        dynamic_axes={"x": {0: "N"}},
+        do_constant_folding=False,
+        opset_version=15,
+    )
     src = tmp_path / "m.onnx"
     src.write_bytes(buf.getvalue())
     g = onnx.load(str(src)).graph
@@ -175,9 +185,16 @@ def test_exported_torch_model_matches_pytorch_sequential(tmp_path: pathlib.Path)
     model.eval()
     buf = io.BytesIO()
     torch.onnx.export(
-        model, (data[2][:4],), buf, dynamo=False, input_names=["x"], output_names=["y"],
-        dynamic_axes={"x": {0: "N"}, "y": {0: "N"}}, do_constant_folding=False, opset_version=15,
-    )  # fmt: skip
+        model,
+        (data[2][:4],),
+        buf,
+        dynamo=False,
+        input_names=["x"],
+        output_names=["y"],
+        dynamic_axes={"x": {0: "N"}, "y": {0: "N"}},
+        do_constant_folding=False,
+        opset_version=15,
+    )
     src = tmp_path / "digits.onnx"
     src.write_bytes(buf.getvalue())
     x = D.shift_domain(data[2], seed=3).numpy()
@@ -265,10 +282,11 @@ def _bad_models(tmp_path: pathlib.Path) -> dict[str, tuple[pathlib.Path, type, s
     p = _save(old, tmp_path / "opset7.onnx")
     out["opset 7"] = (p, ValueError, "opset")
     g = helper.make_graph(
-        [helper.make_node("Relu", ["x"], ["y"])], "g",
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 6, 6])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, 6, 6])],
-    )  # fmt: skip
+    )
     p = _save(
         helper.make_model(g, opset_imports=[helper.make_opsetid("", 15)]), tmp_path / "nobn.onnx"
     )
@@ -324,3 +342,23 @@ def test_bad_data_and_arguments(tmp_path: pathlib.Path) -> None:
         assert not out.exists(), kw
         assert _digest(src) == before
     assert sorted(os.listdir(tmp_path)) == ["m.onnx"]  # no temporary files left behind
+
+
+def test_out_that_is_a_data_file_is_refused_before_the_run(tmp_path: pathlib.Path) -> None:
+    from streamnorm._errors import OutputPathError
+
+    src = _save(onnx_cnn(15), tmp_path / "m.onnx")
+    (tmp_path / "shards").mkdir()
+    for i in range(2):
+        np.save(tmp_path / "shards" / f"p{i}.npy", _x(10, seed=i))
+    np.save(tmp_path / "x.npy", _x(10))
+    cases = [
+        (tmp_path / "x.npy", tmp_path / "x.npy"),
+        (tmp_path / "shards", tmp_path / "shards" / "p0.npy"),
+        (str(tmp_path / "shards" / "p*.npy"), tmp_path / "shards" / "p1.npy"),
+    ]
+    for data, out in cases:
+        before = _digest(out)
+        with pytest.raises(OutputPathError, match="one of the inputs"):
+            recalibrate(src, data, out, progress=False)
+        assert _digest(out) == before

@@ -247,9 +247,10 @@ def test_report_shifts_in_units_of_old_sigma() -> None:
 
 def test_layers_without_running_stats_are_skipped() -> None:
     m = torch.nn.Sequential(
-        torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4, track_running_stats=False),
+        torch.nn.Linear(5, 4),
+        torch.nn.BatchNorm1d(4, track_running_stats=False),
         torch.nn.BatchNorm1d(4),
-    )  # fmt: skip
+    )
     report = recalibrate(m, _data("1d", 20), progress=False)
     assert [r.name for r in report.layers] == ["2"]
 
@@ -381,7 +382,10 @@ def test_bad_models_and_data() -> None:
         recalibrate(m, _data("1d", 1), mode="sequential", progress=False)
     with pytest.raises(ValueError, match="single value"):
         recalibrate(
-            m, [torch.randn(4, 5), torch.randn(1, 5)], estimator="cumulative",
-            mode="sequential", progress=False,
-        )  # fmt: skip
+            m,
+            [torch.randn(4, 5), torch.randn(1, 5)],
+            estimator="cumulative",
+            mode="sequential",
+            progress=False,
+        )
     assert _no_hooks(m)

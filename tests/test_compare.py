@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -42,6 +43,27 @@ def test_layer_errors_against_hand_computed_values():
     assert dead["mean_err"] == pytest.approx(1.0) and dead["logvar"] == 0.0
 
 
+def test_layer_errors_equal_a_direct_numpy_computation():
+    rng = np.random.default_rng(7)
+    mean, var = rng.normal(size=6), rng.uniform(0.0, 3.0, size=6)
+    var[2] = 0.0  # a dead channel
+    mh, vh = mean + rng.normal(scale=0.3, size=6), var * rng.uniform(0.2, 5.0, size=6)
+    eps = 1e-3
+    me = [abs(a - b) / math.sqrt(v + eps) for a, b, v in zip(mh, mean, var, strict=True)]
+    lv = [math.log(a + eps) - math.log(b + eps) for a, b in zip(vh, var, strict=True)]
+    got = layer_errors(mh, vh, mean, var, eps=eps)
+    assert got == pytest.approx(
+        {
+            "mean_err": sum(me) / 6,
+            "mean_err_max": max(me),
+            "logvar": sum(lv) / 6,
+            "logvar_abs": sum(abs(v) for v in lv) / 6,
+            "logvar_abs_max": max(abs(v) for v in lv),
+        },
+        rel=1e-13,
+    )
+
+
 def test_layer_errors_bad_input():
     with pytest.raises(ValueError, match="same shape"):
         layer_errors([0.0, 1.0], [1.0], [0.0, 1.0], [1.0, 1.0])
@@ -75,6 +97,41 @@ def reference_truth(model, x):
     return out
 
 
+def sequential_truth_float32(model, x, batch_size):
+    """The truth as an eval-mode forward computes it: layer by layer on a float32 copy, each
+    layer's input pooled over all of x with float64 numpy, then rounded into the buffers."""
+    m = copy.deepcopy(model).eval()
+    out = {}
+    for name, bn in bn_layers(m):
+        seen: list = []
+        h = bn.register_forward_pre_hook(lambda mod, a, seen=seen: seen.append(a[0].detach()))
+        with torch.no_grad():
+            for i in range(0, len(x), batch_size):
+                m(x[i : i + batch_size])
+        h.remove()
+        z = np.concatenate([t.double().numpy() for t in seen])
+        z = np.moveaxis(z, 1, -1).reshape(-1, z.shape[1])
+        mu, var = z.mean(axis=0), z.var(axis=0, ddof=1)
+        out[name] = (len(z), mu, var)
+        bn.running_mean.copy_(torch.tensor(mu, dtype=torch.float32))
+        bn.running_var.copy_(torch.tensor(var, dtype=torch.float32))
+    return out
+
+
+@pytest.mark.slow
+def test_ground_truth_equals_the_sequential_eval_mode_statistics():
+    x, y, _, _ = load_digits_nchw()
+    model = make_cnn(seed=2, width=6)
+    train(model, x[:400], y[:400], epochs=1, batch_size=50, seed=2)
+    truth = ground_truth(model, x, batch_size=200)
+    ref = sequential_truth_float32(model, x, 200)
+    for name, (n, mu, var) in ref.items():
+        assert int(np.min(truth[name].count)) == n
+        np.testing.assert_allclose(truth[name].mean, mu, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(truth[name].var(ddof=1), var, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.slow
 def test_ground_truth_matches_reference_and_restores_the_model():
     x, y, _, _ = load_digits_nchw()
     x, y = x[:300], y[:300]
@@ -124,7 +181,35 @@ def short_run():
     return result
 
 
-def test_compare_short_run_numbers(short_run):
+def direct_errors(est, truth, eps=1e-5):
+    """mean err and log var of one layer, straight from the definitions, in numpy."""
+    mh, vh = np.asarray(est["mean"]), np.asarray(est["var"])
+    m, v = np.asarray(truth["mean"]), np.asarray(truth["var"])
+    me = np.abs(mh - m) / np.sqrt(v + eps)
+    lv = np.log(vh + eps) - np.log(v + eps)
+    return {"mean_err": me.mean(), "logvar": lv.mean(), "logvar_abs": np.abs(lv).mean()}
+
+
+def step_noise(run, est, layers):
+    """Mean over layers of the spread (ddof 1) of the mean error over the recorded steps."""
+    steps = run["steps_per_layer"]
+    return np.mean([np.std([st[est][n]["mean_err"] for st in steps], ddof=1) for n in layers])
+
+
+def evaluate(model, stats, x, y):
+    """Accuracy of a copy of ``model`` with ``stats`` ({layer: (mean, var)}) in its buffers."""
+    m = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for name, bn in bn_layers(m):
+            if stats is not None:
+                bn.running_mean.copy_(torch.tensor(stats[name][0], dtype=torch.float32))
+                bn.running_var.copy_(torch.tensor(stats[name][1], dtype=torch.float32))
+        pred = m(x).argmax(dim=1)
+    return int((pred == y).sum()) / len(y)
+
+
+@pytest.mark.slow
+def test_compare_short_run_scores_equal_direct_computations(short_run):
     r = short_run
     assert r.config["threads"] == 1
     assert r.layers == ["bn1", "bn2", "bn3", "bn4"]
@@ -136,20 +221,55 @@ def test_compare_short_run_numbers(short_run):
         assert len(run["epochs"]) == 3 and len(run["steps"]) == 1347 // 128
         for est in r.estimators:
             for name in r.layers:
-                e = run["final"][est][name]
-                assert np.isfinite(e["mean_err"]) and e["mean_err"] >= 0
-                assert np.isfinite(e["logvar"]) and e["logvar_abs"] >= abs(e["logvar"]) - 1e-12
-        assert all(0.0 <= a <= 1.0 for a in run["accuracy"].values())
-        # after 3 short epochs the truth statistics already give a working classifier
-        assert run["accuracy"]["truth"] > 0.6
+                want = direct_errors(run["estimates"][name][est], run["truth"][name])
+                got = run["final"][est][name]
+                for key, value in want.items():
+                    assert got[key] == pytest.approx(value, rel=1e-12, abs=1e-15)
+            over = run["final_overall"][est]
+            assert over["mean_err"] == pytest.approx(
+                np.mean([run["final"][est][n]["mean_err"] for n in r.layers]), rel=1e-14
+            )
     for est in r.estimators:
         s = r.summary[est]
-        assert s["mean_err_step_noise"] >= 0 and s["accuracy_seed_sd"] >= 0
+        finals = [run["final_overall"][est]["mean_err"] for run in r.runs]
+        assert s["mean_err"] == pytest.approx(np.mean(finals), rel=1e-14)
+        assert s["mean_err_seed_sd"] == pytest.approx(np.std(finals, ddof=1), rel=1e-12)
+        noise = [step_noise(run, est, r.layers) for run in r.runs]
+        assert s["mean_err_step_noise"] == pytest.approx(np.mean(noise), rel=1e-12, abs=1e-15)
+        accs = [run["accuracy"][est] for run in r.runs]
+        assert s["accuracy"] == pytest.approx(np.mean(accs), rel=1e-14)
+        assert s["accuracy_seed_sd"] == pytest.approx(np.std(accs, ddof=1), rel=1e-12, abs=1e-15)
     # the EMA forgets early epochs, the pooled average over all of training does not: its mean
     # error against the final weights' truth is larger (weights move during training)
     assert r.summary["population"]["mean_err"] > r.summary["ema"]["mean_err"]
 
 
+@pytest.mark.slow
+def test_compare_short_run_accuracy_and_truth_equal_an_independent_rerun(short_run):
+    # training is deterministic: the same seed and settings rebuild seed 0's final model
+    x, y, xt, yt = load_digits_nchw()
+    model = make_cnn(seed=0, width=4)
+    for _, bn in bn_layers(model):
+        bn.momentum = 0.1
+    train(model, x, y, epochs=3, batch_size=128, seed=0)
+    run = short_run.runs[0]
+    ref = reference_truth(model, x)  # float64 forward, so close but not bit-equal
+    for name, (mu, var) in ref.items():
+        np.testing.assert_allclose(run["truth"][name]["mean"], mu, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(run["truth"][name]["var"], var, rtol=1e-3, atol=1e-6)
+        per_image = {"bn1": 64, "bn2": 64, "bn3": 16, "bn4": 1}[name]  # 8x8, 8x8, 4x4, flat
+        assert run["truth"][name]["count"] == len(x) * per_image
+    truth = {n: (t["mean"], t["var"]) for n, t in run["truth"].items()}
+    assert run["accuracy"]["truth"] == evaluate(model, truth, xt, yt)
+    assert run["accuracy"]["pytorch_buffers"] == evaluate(model, None, xt, yt)
+    for est in short_run.estimators:
+        stats = {n: (e[est]["mean"], e[est]["var"]) for n, e in run["estimates"].items()}
+        assert run["accuracy"][est] == evaluate(model, stats, xt, yt), est
+    # after 3 short epochs the truth statistics already give a working classifier
+    assert run["accuracy"]["truth"] > 0.6
+
+
+@pytest.mark.slow
 def test_compare_windowed_uses_the_middle_epoch(short_run):
     # 3 epochs, drop 1 first and 1 last: the window is epoch 1, constant during the last epoch
     run = short_run.runs[0]
@@ -161,6 +281,7 @@ def test_compare_windowed_uses_the_middle_epoch(short_run):
     assert math.isnan(run["epochs"][0]["windowed"]["mean_err"])
 
 
+@pytest.mark.slow
 def test_compare_table_json_png(short_run, tmp_path):
     table = short_run.table()
     for name in short_run.estimators + ["truth", "pytorch buffers", "bn4"]:
@@ -208,6 +329,7 @@ def test_compare_bad_input():
 # the command line
 
 
+@pytest.mark.slow
 def test_cli_compare_writes_its_files(tmp_path, capsys):
     out = tmp_path / "cmp"
     rc = cli.main(
@@ -259,13 +381,64 @@ def test_cli_out_is_a_file(tmp_path, capsys):
     assert rc == 2 and "folder" in capsys.readouterr().err
 
 
+def _no_training(monkeypatch):
+    import streamnorm.compare
+
+    def fail(**kw):
+        raise AssertionError("the run started although --out cannot be written")
+
+    monkeypatch.setattr(streamnorm.compare, "compare", fail)
+
+
+def test_cli_out_below_a_file_fails_before_training(tmp_path, capsys, monkeypatch):
+    _no_training(monkeypatch)
+    f = tmp_path / "afile"
+    f.write_text("keep")
+    rc = cli.main(["compare", "--out", str(f / "sub"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert "is a file" in err and str(f) in err
+    assert f.read_text() == "keep"
+
+
+def test_cli_out_not_writable_fails_before_training(tmp_path, capsys, monkeypatch):
+    _no_training(monkeypatch)
+    real_access = os.access
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    # as root permissions are not enforced, so deny the check itself for this folder
+    monkeypatch.setattr(
+        os, "access", lambda p, mode: False if str(p) == str(locked) else real_access(p, mode)
+    )
+    rc = cli.main(["compare", "--out", str(locked / "new" / "sub"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "no permission" in err
+    assert list(locked.iterdir()) == []
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="needs a non-root POSIX user")
+def test_cli_out_read_only_folder(tmp_path, capsys, monkeypatch):
+    _no_training(monkeypatch)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        rc = cli.main(["compare", "--out", str(ro / "sub"), "--quiet"])
+    finally:
+        ro.chmod(0o700)
+    assert rc == 2 and "no permission" in capsys.readouterr().err
+
+
+@pytest.mark.slow
 def test_cli_compare_subprocess(tmp_path):
     out = tmp_path / "sub"
     proc = subprocess.run(
-        [sys.executable, "-m", "streamnorm.cli", "compare", "--epochs", "2", "--seeds", "1",
-         "--batch-size", "256", "--out", str(out)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [sys.executable, "-m", "streamnorm.cli", "compare", "--epochs", "2", "--seeds", "1"]
+        + ["--batch-size", "256", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "population" in proc.stdout
     assert (out / "compare.json").is_file() and (out / "compare.png").is_file()
@@ -293,6 +466,7 @@ def test_digits_split_is_fixed_stratified_and_scaled():
         load_digits_nchw(seed=-1)
 
 
+@pytest.mark.slow
 def test_training_is_deterministic_and_leaves_global_rng_alone():
     x, y, xt, yt = load_digits_nchw()
     state = torch.random.get_rng_state()
@@ -302,9 +476,16 @@ def test_training_is_deterministic_and_leaves_global_rng_alone():
     for _ in range(2):
         m = make_cnn(seed=4, width=4)
         train(
-            m, x[:256], y[:256], epochs=2, batch_size=50, seed=4, schedule="cosine",
-            on_batch=lambda e, s, loss: seen.append((e, s, loss)), on_epoch=seen.append,
-        )  # fmt: skip
+            m,
+            x[:256],
+            y[:256],
+            epochs=2,
+            batch_size=50,
+            seed=4,
+            schedule="cosine",
+            on_batch=lambda e, s, loss: seen.append((e, s, loss)),
+            on_epoch=seen.append,
+        )
         models.append(m)
     assert torch.equal(torch.random.get_rng_state(), state)
     assert torch.get_num_threads() == threads
@@ -327,7 +508,7 @@ def test_accuracy_restores_mode_and_shift_domain():
     m = make_cnn(width=4)
     m.train()
     acc = accuracy(m, xt, yt, batch_size=64)
-    assert m.training and 0.0 <= acc <= 1.0
+    assert m.training and acc == evaluate(m, None, xt, yt)
     assert accuracy(m, xt, yt, batch_size=7) == acc  # eval mode: batching does not matter
     m.eval()
     accuracy(m, xt, yt)
@@ -352,6 +533,7 @@ def test_accuracy_restores_mode_and_shift_domain():
         train(m, x, y[:-1], epochs=1, batch_size=8)
 
 
+@pytest.mark.slow
 def test_compare_with_estimator_objects_and_an_empty_window():
     import streamnorm as sn
 
@@ -364,7 +546,12 @@ def test_compare_with_estimator_objects_and_an_empty_window():
     )
     assert r.estimators == ["never", "ema_fast"]
     assert math.isnan(r.summary["never"]["accuracy"]) and math.isnan(r.summary["never"]["mean_err"])
-    assert 0.0 <= r.summary["ema_fast"]["accuracy"] <= 1.0
+    x, y, xt, yt = load_digits_nchw()
+    model = make_cnn(seed=0, width=4)
+    train(model, x, y, epochs=2, batch_size=256, seed=0)
+    est = r.runs[0]["estimates"]
+    stats = {n: (e["ema_fast"]["mean"], e["ema_fast"]["var"]) for n, e in est.items()}
+    assert r.summary["ema_fast"]["accuracy"] == evaluate(model, stats, xt, yt)
     assert "nan" in r.table()
     assert json.loads(json.dumps(r.to_dict(), allow_nan=True))["estimators"] == r.estimators
 
@@ -375,9 +562,8 @@ def test_cli_compare_parses_drops_and_seeds(capsys):
     assert a.drop_first == 2 and isinstance(a.drop_first, int)
     assert a.drop_last == 0.1 and a.seeds == [4, 7]
     a = p.parse_args(["compare"])
-    assert (a.epochs, a.batch_size, a.momentum, a.seeds, a.out) == (
-        12, 32, 0.1, 3, "./streamnorm-compare",
-    )  # fmt: skip
+    defaults = (a.epochs, a.batch_size, a.momentum, a.seeds, a.out)
+    assert defaults == (12, 32, 0.1, 3, "./streamnorm-compare")
     with pytest.raises(SystemExit):
         p.parse_args(["compare", "--seeds", "a,b"])
     assert "comma-separated" in capsys.readouterr().err

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 SCRIPT = r"""
 import hashlib, numpy as np, streamnorm as sn
 rng = np.random.default_rng(0)
@@ -31,6 +33,7 @@ print(h.hexdigest())
 """
 
 
+@pytest.mark.slow
 def test_bits_identical_for_1_2_4_threads():
     # a first run fills Numba's cache, so that every thread count below runs the same machine code
     # (a channels-first kernel compiled afresh can vectorize its sums differently from the cached

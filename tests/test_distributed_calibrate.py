@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import logging
 import os
 import socket
 import subprocess
@@ -31,16 +30,10 @@ from streamnorm.calibrate._distributed import (  # noqa: E402
 TOL = 1e-10
 
 
-@pytest.fixture(scope="module")
-def client():
-    logger = logging.getLogger("distributed")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        with get_client(workers=2) as c:
-            yield c
-    finally:
-        logger.setLevel(level)
+@pytest.fixture
+def client(dask_client):
+    """The session's two-worker cluster (tests/conftest.py)."""
+    return dask_client
 
 
 # --------------------------------------------------------------------------------------------
@@ -59,6 +52,7 @@ def _shards(seed: int = 0) -> list[np.ndarray]:
     return [rng.normal(1e6 * (i % 3), 1.0 + i, size=(5 + i, 4)) for i in range(19)]
 
 
+@pytest.mark.slow
 def test_map_merge_equals_one_pass_and_same_bits_everywhere(client):
     shards = _shards()
     fn = functools.partial(_shard_fn, offset=2.0)
@@ -81,6 +75,7 @@ def test_map_merge_equals_one_pass_and_same_bits_everywhere(client):
     np.testing.assert_array_equal(again["x"].m2, got.m2)
 
 
+@pytest.mark.slow
 def test_map_merge_edge_cases_and_errors(client):
     assert map_merge(client, [], _shard_fn) == {}
     one = map_merge(client, [np.ones((3, 4))], _shard_fn)
@@ -160,6 +155,7 @@ def test_get_client_bad_arguments(kwargs, exc, match):
             pass
 
 
+@pytest.mark.slow
 def test_get_client_to_running_scheduler(client):
     with get_client(client.scheduler.address, timeout=5) as c:
         assert c.submit(lambda: 41 + 1).result() == 42
@@ -184,6 +180,7 @@ def _torch_setup():
     "estimator, mode",
     [("population", "one-pass"), ("population", "sequential"), ("cumulative", "one-pass")],
 )
+@pytest.mark.slow
 def test_torch_distributed_equals_local(client, estimator, mode):
     torch, model, x = _torch_setup()
     from streamnorm.torch import recalibrate
@@ -209,6 +206,7 @@ def test_torch_distributed_equals_local(client, estimator, mode):
     assert any(not np.allclose(b[k].numpy(), 0.0) for k in b if k.endswith("running_mean"))
 
 
+@pytest.mark.slow
 def test_torch_population_is_the_exact_pooled_statistic(client):
     """The distributed population estimate of the first BN equals numpy on its full input."""
     torch, model, x = _torch_setup()
@@ -229,6 +227,7 @@ def test_torch_population_is_the_exact_pooled_statistic(client):
     np.testing.assert_allclose(first_bn.running_var.numpy(), a.var(axis=axes, ddof=1), rtol=TOL)
 
 
+@pytest.mark.slow
 def test_torch_client_restores_on_failure(client):
     torch, model, x = _torch_setup()
     from streamnorm.torch import recalibrate
@@ -302,6 +301,7 @@ def _stored(path: str) -> dict[str, np.ndarray]:
     return {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["sequential", "one-pass"])
 def test_onnx_distributed_equals_local(client, tmp_path, mode):
     pytest.importorskip("onnxruntime")
@@ -325,6 +325,7 @@ def test_onnx_distributed_equals_local(client, tmp_path, mode):
     np.testing.assert_allclose(b["v1"], inp.var(axis=(0, 2, 3)), rtol=TOL)
 
 
+@pytest.mark.slow
 def test_cli_calibrate_on_a_scheduler(client, tmp_path):
     pytest.importorskip("onnxruntime")
     from streamnorm.cli import main
@@ -339,16 +340,26 @@ def test_cli_calibrate_on_a_scheduler(client, tmp_path):
     out = str(tmp_path / "cli.onnx")
     rc = main(
         [
-            "calibrate", src, "--data", str(tmp_path / "x.npy"), "--out", out,
-            "--batch-size", "32", "--scheduler", client.scheduler.address, "--no-progress",
+            "calibrate",
+            src,
+            "--data",
+            str(tmp_path / "x.npy"),
+            "--out",
+            out,
+            "--batch-size",
+            "32",
+            "--scheduler",
+            client.scheduler.address,
+            "--no-progress",
         ]
-    )  # fmt: skip
+    )
     assert rc == 0
     a, b = _stored(str(tmp_path / "ref.onnx")), _stored(out)
     for k in ("m1", "v1", "m2", "v2"):
         np.testing.assert_allclose(b[k], a[k], rtol=TOL, atol=TOL, err_msg=k)
 
 
+@pytest.mark.slow
 def test_cli_unreachable_scheduler_exit_code(tmp_path):
     pytest.importorskip("onnxruntime")
     src = str(tmp_path / "m.onnx")
@@ -358,11 +369,23 @@ def test_cli_unreachable_scheduler_exit_code(tmp_path):
     t = time.monotonic()
     proc = subprocess.run(
         [
-            sys.executable, "-m", "streamnorm.cli", "calibrate", src, "--data",
-            str(tmp_path / "x.npy"), "--out", str(tmp_path / "o.onnx"), "--scheduler", addr,
+            sys.executable,
+            "-m",
+            "streamnorm.cli",
+            "calibrate",
+            src,
+            "--data",
+            str(tmp_path / "x.npy"),
+            "--out",
+            str(tmp_path / "o.onnx"),
+            "--scheduler",
+            addr,
         ],
-        capture_output=True, text=True, timeout=60, env={**os.environ, "NUMBA_NUM_THREADS": "1"},
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "NUMBA_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 2, proc.stderr
     assert "no Dask scheduler reachable" in proc.stderr and "Traceback" not in proc.stderr
     assert time.monotonic() - t < 60

@@ -79,3 +79,16 @@ def test_bad_ddof_and_merge_types():
         m + 1
     with pytest.raises(TypeError, match="merge_all"):
         Moments.merge_all([m, 3])
+
+
+def test_missing_extra_is_an_import_error_with_the_install_hint():
+    from streamnorm._errors import MissingExtraError, StreamnormError
+    from streamnorm._extras import require
+
+    with pytest.raises(MissingExtraError) as info:
+        require("streamnorm_no_such_module", "torch")
+    e = info.value
+    assert isinstance(e, ImportError) and isinstance(e, StreamnormError)
+    assert "pip install 'streamnorm[torch]'" in str(e)
+    assert isinstance(e.__cause__, ModuleNotFoundError)
+    assert require("math").sqrt(4.0) == 2.0

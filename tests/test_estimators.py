@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-import io
-import pickle
-
 import numpy as np
 import pytest
 
@@ -84,7 +80,7 @@ def test_ema_channels_last_input_matches_torch():
     np.testing.assert_allclose(ema.var, bn.running_var.numpy(), rtol=2e-6, atol=1e-6)
 
 
-# ---- EMA conventions
+# ---- EMA styles
 
 
 def _ema_reference(batches, decay, unbiased, start_var=1.0):
@@ -97,7 +93,7 @@ def _ema_reference(batches, decay, unbiased, start_var=1.0):
 
 
 @pytest.mark.parametrize("p", [0.99, 0.9, 0.0])
-def test_ema_keras_convention(p):
+def test_ema_keras_style(p):
     xs = _batches((10, 3), 20, seed=4, dtype=np.float64)
     ema = _fill(EMA(p, "keras", unbiased=False), xs)
     m, v = _ema_reference(xs, p, unbiased=False)
@@ -117,10 +113,10 @@ def test_ema_torch_and_keras_are_the_same_average():
     np.testing.assert_allclose(a.var, b.var, rtol=1e-13)
 
 
-@pytest.mark.parametrize("convention, p", [("torch", 0.1), ("keras", 0.99), ("torch", 1.0)])
-def test_bias_correction_first_batch_equals_batch_statistics(convention, p):
+@pytest.mark.parametrize("style, p", [("torch", 0.1), ("keras", 0.99), ("torch", 1.0)])
+def test_bias_correction_first_batch_equals_batch_statistics(style, p):
     x = _batches((9, 4), 1, seed=6, dtype=np.float64)[0]
-    ema = EMA(p, convention, bias_correction=True).update(moments(x))
+    ema = EMA(p, style, bias_correction=True).update(moments(x))
     np.testing.assert_allclose(ema.mean, x.mean(0), rtol=1e-12)
     np.testing.assert_allclose(ema.var, x.var(0, ddof=1), rtol=1e-12)
     np.testing.assert_allclose(ema.running_var("biased"), x.var(0), rtol=1e-12)
@@ -313,26 +309,6 @@ def test_windowed_epochs_must_not_go_backwards():
 # ---- merging
 
 
-def test_merge_equals_feeding_everything():
-    xs, epochs = _epoch_data(6, seed=15)
-    for make in (
-        Population,
-        CumulativeAverage,
-        lambda: CumulativeAverage(var_mode="pooled"),
-        WindowedAverage,
-        lambda: WindowedAverage(1, 1, "mean_of_batch"),
-    ):
-        full = _fill(make(), xs, epochs=epochs)
-        a = _fill(make(), xs[0::2], epochs=epochs[0::2])  # two workers, same epochs
-        b = _fill(make(), xs[1::2], epochs=epochs[1::2])
-        merged = a.merge(b)
-        assert merged.batches == full.batches and merged.count == full.count
-        np.testing.assert_allclose(merged.mean, full.mean, rtol=1e-12)
-        np.testing.assert_allclose(merged.var, full.var, rtol=1e-12)
-        np.testing.assert_allclose((a + b).var, merged.var, rtol=0)
-        assert _fill(make(), xs[:1]).merge(make()).batches == 1  # empty side
-
-
 def test_cumulative_merge_with_equal_batch_weights():
     xs = _batches((4, 3), 10, seed=16, dtype=np.float64)
     full = _fill(CumulativeAverage(var_mode="pooled"), xs)
@@ -372,30 +348,6 @@ ALL = [
     lambda: WindowedAverage(),
     lambda: WindowedAverage(2, 0.1, "mean_of_batch", unbiased=False),
 ]
-
-
-@pytest.mark.parametrize("make", ALL)
-def test_to_dict_round_trip_through_npz_is_exact(make):
-    xs, epochs = _epoch_data(5, seed=17)
-    est = _fill(make(), xs, epochs=epochs)
-    buf = io.BytesIO()
-    np.savez(buf, **est.to_dict())
-    buf.seek(0)
-    with np.load(buf, allow_pickle=False) as z:
-        back = E.from_dict({k: z[k] for k in z.files})
-    assert type(back) is type(est) and repr(back) == repr(est)
-    for attr in ("mean", "var"):
-        np.testing.assert_array_equal(getattr(back, attr), getattr(est, attr))
-    assert back.count == est.count and back.batches == est.batches
-    # it continues exactly like the original
-    more = moments(xs[0] + 1.0)
-    est.update(more, epoch=7)
-    back.update(more, epoch=7)
-    np.testing.assert_array_equal(back.var, est.var)
-    for clone in (copy.deepcopy(est), pickle.loads(pickle.dumps(est)), est.copy()):
-        np.testing.assert_array_equal(clone.var, est.var)
-    empty = E.from_dict(make().to_dict())
-    assert empty.shape is None and empty.count == 0
 
 
 def test_from_dict_rejects_foreign_records():
@@ -491,14 +443,14 @@ def test_bad_parameters():
         EMA("0.1")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="momentum"):
         EMA(True)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="convention"):
+    with pytest.raises(ValueError, match="style"):
         EMA(0.1, "caffe")
     with pytest.raises(TypeError, match="unbiased"):
         EMA(unbiased="yes")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="var_mode"):
         CumulativeAverage(var_mode="total")
-    with pytest.raises(ValueError, match="mode"):
-        WindowedAverage(mode="mean")
+    with pytest.raises(ValueError, match="var_mode"):
+        WindowedAverage(var_mode="mean")
     with pytest.raises(ValueError, match="convention"):
         Population().update(moments(np.ones((3, 1)))).running_var("ddof1")
 
@@ -524,7 +476,7 @@ def test_not_moments_is_a_type_error():
 
 def test_batches_too_small_for_unbiased_variance():
     one = moments(np.ones((1, 3)))
-    for est in (EMA(), CumulativeAverage(), WindowedAverage(mode="mean_of_batch")):
+    for est in (EMA(), CumulativeAverage(), WindowedAverage(var_mode="mean_of_batch")):
         with pytest.raises(ValueError, match="more than 1 sample"):
             est.update(one)
         assert est.batches == 0
@@ -540,3 +492,55 @@ def test_batches_too_small_for_unbiased_variance():
 def test_empty_moments_are_ignored():
     est = Population().update(Moments())
     assert est.batches == 0 and est.shape is None
+
+
+# ---- renamed keywords (deprecated for one release)
+
+
+def test_ema_convention_keyword_is_deprecated_for_style():
+    xs = _batches((6, 3), 4, seed=20, dtype=np.float64)
+    with pytest.warns(DeprecationWarning, match="style='keras'") as rec:
+        old = EMA(0.9, convention="keras", unbiased=False)
+    assert rec[0].filename == __file__  # the warning points at the caller
+    new = EMA(0.9, style="keras", unbiased=False)
+    assert old.style == "keras" and repr(old) == repr(new)
+    np.testing.assert_array_equal(_fill(old, xs).var, _fill(new, xs).var)
+    with pytest.warns(DeprecationWarning, match="EMA.style"):
+        assert new.convention == "keras"
+    with pytest.raises(TypeError, match="pass only style"):
+        EMA(0.9, "keras", convention="torch")
+    with pytest.raises(ValueError, match="style"), pytest.warns(DeprecationWarning):
+        EMA(0.9, convention="caffe")
+
+
+def test_windowed_mode_keyword_is_deprecated_for_var_mode():
+    xs, epochs = _epoch_data(4, seed=21)
+    with pytest.warns(DeprecationWarning, match="var_mode='mean_of_batch'"):
+        old = WindowedAverage(1, 1, mode="mean_of_batch")
+    new = WindowedAverage(1, 1, var_mode="mean_of_batch")
+    assert old.var_mode == "mean_of_batch" and repr(old) == repr(new)
+    np.testing.assert_array_equal(
+        _fill(old, xs, epochs=epochs).var, _fill(new, xs, epochs=epochs).var
+    )
+    with pytest.warns(DeprecationWarning, match="WindowedAverage.var_mode"):
+        assert new.mode == "mean_of_batch"
+    with pytest.raises(TypeError, match="pass only var_mode"):
+        WindowedAverage(var_mode="mean_of_batch", mode="pooled")
+
+
+@pytest.mark.parametrize(
+    "est, old, new",
+    [
+        (EMA(0.9, "keras", unbiased=False), "param_convention", "param_style"),
+        (WindowedAverage(0, 0, "mean_of_batch"), "param_mode", "param_var_mode"),
+    ],
+)
+def test_records_with_the_old_parameter_names_still_load(est, old, new, recwarn):
+    xs = _batches((5, 2), 3, seed=22, dtype=np.float64)
+    rec = _fill(est, xs).to_dict()
+    assert new in rec and old not in rec
+    legacy = {(old if k == new else k): v for k, v in rec.items()}
+    back = E.from_dict(legacy)
+    assert not [w for w in recwarn if issubclass(w.category, DeprecationWarning)]
+    assert repr(back) == repr(est)
+    np.testing.assert_array_equal(back.var, est.var)

@@ -301,7 +301,7 @@ def test_load_population_writes_unbiased_variance_and_keeps_dtype():
 
 def test_load_keras_ema_is_converted_to_the_unbiased_convention():
     model = small_net()
-    proto = streamnorm.EMA(0.9, convention="keras", unbiased=False)
+    proto = streamnorm.EMA(0.9, style="keras", unbiased=False)
     tracker = streamnorm.Tracker({"keras": proto})
     with track(model, tracker):
         for x in batches(4, n=2):

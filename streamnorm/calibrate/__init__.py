@@ -1,5 +1,82 @@
 """Framework-free calibration core: data streaming, per-layer estimators, scheduling, reports.
 
-Adapters (``streamnorm.torch``, ``streamnorm.onnx``, ...) find their norm layers, run batches and
-write results back; everything else about recalibration lives here and imports no framework.
+Recalibration re-estimates the statistics of a model's normalization layers from data. Everything
+about it that does not depend on a framework lives here, and nothing here imports one:
+
+- :class:`Stream` (``_data.py``): the batches of a calibration, from arrays, tensors, files
+  (:func:`open_data`: ``.npy``, ``.npz``, folders and globs of shards, read batch by batch) or
+  any iterable of batches, cut to ``num_samples``; the same batches on every pass, locally or
+  shard by shard on a cluster;
+- :class:`LayerStats` (``_stats.py``): a layer's statistics, which are an estimator of
+  :mod:`streamnorm.estimators` (``"population"`` -> ``Population``, ``"cumulative"`` ->
+  ``CumulativeAverage``, ``"ema"`` -> ``EMA`` continued from the stored statistics), plus the
+  samples and batches seen; merged exactly across shards;
+- :func:`calibrate` (``_run.py``): one-pass or sequential scheduling, local or on Dask
+  (``_distributed.py``: :func:`map_merge`, :func:`get_client`);
+- :class:`CalibrationReport` / :class:`LayerReport` (``_report.py``) and the progress bar.
+
+Writing an adapter
+------------------
+A framework adapter implements the :class:`Adapter` protocol and nothing else:
+
+``layers() -> list[NormLayer]``
+    Find the norm layers. A :class:`NormLayer` says its ``name``, ``channels``, ``eps``, its
+    variance convention (``"unbiased"`` for PyTorch's ``running_var``, ``"biased"`` for ONNX and
+    Keras) and its ``channel_axis`` (every other axis of its input is reduced).
+``run(batch, targets, emit)``
+    Run the model on one batch and hand each target layer's input, as a numpy array, to the core
+    with ``emit(name, x)``. Converting the batch (to a tensor, to the model's dtype) is the
+    adapter's business.
+``read(layer) -> Stats`` / ``write(layer, result: LayerResult)``
+    Read a layer's stored ``(mean, var)`` (float64, its own convention), and store new ones
+    (``result.continued`` says an EMA continued the stored statistics, so a batch counter adds
+    up). Later batches must use what was written: sequential passes rely on it.
+``sequential_passes(layers, first) -> list[list[NormLayer]]``
+    The groups of layers for ``mode="sequential"``, in the order they must be calibrated (a
+    layer after everything upstream of it): PyTorch runs ``first()`` (the first batch) with
+    hooks to find the forward order; ONNX groups nodes by depth in the graph.
+``remote() -> callable``
+    A picklable factory that rebuilds the adapter, with the statistics written so far, on a Dask
+    worker (used only with ``client=``).
+
+The adapter validates its own arguments, builds a :class:`Stream` (``Stream.of``) and
+:class:`Settings` (``Settings.checked``), calls :func:`calibrate` and restores the model if it
+raises. Two adapters never import each other; what they share belongs here.
 """
+
+from ._data import Dataset, FileShard, Stream, input_of, iter_batches, open_data, shards
+from ._distributed import get_client, map_merge, merge_results
+from ._progress import progress_bar
+from ._report import CalibrationReport, LayerReport, Stats, layer_report
+from ._run import MODES, Adapter, Emit, LayerResult, Settings, ShardJob, calibrate, shard_pass
+from ._stats import ESTIMATORS, LayerStats, NormLayer, StatsSpec
+
+__all__ = [
+    "ESTIMATORS",
+    "MODES",
+    "Adapter",
+    "CalibrationReport",
+    "Dataset",
+    "Emit",
+    "FileShard",
+    "LayerReport",
+    "LayerResult",
+    "LayerStats",
+    "NormLayer",
+    "Settings",
+    "ShardJob",
+    "Stats",
+    "Stream",
+    "StatsSpec",
+    "calibrate",
+    "get_client",
+    "input_of",
+    "iter_batches",
+    "layer_report",
+    "map_merge",
+    "merge_results",
+    "open_data",
+    "progress_bar",
+    "shards",
+    "shard_pass",
+]

@@ -14,12 +14,28 @@ import glob
 import os
 import struct
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
 
-__all__ = ["Dataset", "FileShard", "iter_batches", "limit", "open_data", "shards"]
+from .._errors import InputError, InputNotFoundError, InputTypeError
+from .._validate import check_optional_positive_int, check_size
+
+__all__ = [
+    "INPUT_KEYS",
+    "Dataset",
+    "FileShard",
+    "Stream",
+    "check_data",
+    "input_of",
+    "iter_batches",
+    "limit",
+    "open_data",
+    "shards",
+    "take",
+]
 
 _GLOB_CHARS = set("*?[")
 
@@ -94,9 +110,9 @@ class Dataset:
 
 def _check_array_meta(what: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
     if len(shape) < 1:
-        raise ValueError(f"{what} holds a 0-d array (a scalar); calibration data needs (N, ...)")
+        raise InputError(f"{what} holds a 0-d array (a scalar); calibration data needs (N, ...)")
     if dtype.kind not in "fiub" or dtype.fields is not None:
-        raise TypeError(
+        raise InputTypeError(
             f"{what} has dtype {dtype}; calibration data must be real numbers "
             "(float, int, unsigned or bool)"
         )
@@ -108,9 +124,9 @@ def _npy_meta(path: str) -> tuple[tuple[int, ...], np.dtype]:
     except FileNotFoundError:
         raise
     except (ValueError, OSError, EOFError) as e:
-        raise ValueError(f"{path!r} is not a readable .npy file: {e}") from e
+        raise InputError(f"{path!r} is not a readable .npy file: {e}") from e
     if not isinstance(arr, np.ndarray):
-        raise ValueError(f"{path!r} is not a .npy array file")
+        raise InputError(f"{path!r} is not a .npy array file")
     _check_array_meta(repr(path), arr.shape, arr.dtype)
     return arr.shape, arr.dtype
 
@@ -118,23 +134,30 @@ def _npy_meta(path: str) -> tuple[tuple[int, ...], np.dtype]:
 def _member_name(zf: zipfile.ZipFile, path: str, key: str | None) -> str:
     names = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
     if not names:
-        raise ValueError(f"{path!r} holds no arrays")
+        raise InputError(f"{path!r} holds no arrays")
     if key is None:
         if len(names) > 1:
-            raise ValueError(
+            raise InputError(
                 f"{path!r} holds several arrays {names}; choose one with key= (--key NAME)"
             )
         return names[0]
     if key not in names:
-        raise ValueError(f"{path!r} has no array {key!r}; it holds {names}")
+        raise InputError(f"{path!r} has no array {key!r}; it holds {names}")
     return key
 
 
 def _read_npy_header(f: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
-    version = np.lib.format.read_magic(f)
+    """``(shape, fortran_order, dtype)`` of the ``.npy`` stream ``f``, left at the data."""
+    fmt = np.lib.format
+    version = fmt.read_magic(f)
     if version == (1, 0):
-        return np.lib.format.read_array_header_1_0(f)  # type: ignore[no-any-return]
-    return np.lib.format._read_array_header(f, version)  # type: ignore[no-any-return,attr-defined]
+        header = fmt.read_array_header_1_0(f)
+    elif version == (2, 0):
+        header = fmt.read_array_header_2_0(f)
+    else:  # version 3.0 (utf-8 field names) has no public reader
+        header = fmt._read_array_header(f, version)  # type: ignore[attr-defined]
+    shape, fortran, dtype = header
+    return tuple(int(n) for n in shape), bool(fortran), np.dtype(dtype)
 
 
 def _npz_meta(path: str, key: str | None) -> tuple[str, tuple[int, ...], np.dtype]:
@@ -144,11 +167,11 @@ def _npz_meta(path: str, key: str | None) -> tuple[str, tuple[int, ...], np.dtyp
             with zf.open(name + ".npy") as f:
                 shape, _fortran, dtype = _read_npy_header(f)
     except zipfile.BadZipFile as e:
-        raise ValueError(f"{path!r} is not a readable .npz file: {e}") from e
+        raise InputError(f"{path!r} is not a readable .npz file: {e}") from e
     except (OSError, EOFError) as e:
         if isinstance(e, FileNotFoundError):
             raise
-        raise ValueError(f"{path!r} is not a readable .npz file: {e}") from e
+        raise InputError(f"{path!r} is not a readable .npz file: {e}") from e
     _check_array_meta(f"{path!r}[{name!r}]", shape, dtype)
     return name, shape, dtype
 
@@ -157,10 +180,10 @@ def _expand(path: str) -> list[str]:
     if any(c in _GLOB_CHARS for c in path):
         files = sorted(glob.glob(path))
         if not files:
-            raise FileNotFoundError(f"no files match {path!r}")
+            raise InputNotFoundError(f"no files match {path!r}")
         bad = [f for f in files if not f.endswith(".npy") or not os.path.isfile(f)]
         if bad:
-            raise ValueError(
+            raise InputError(
                 f"a glob of shards must match only .npy files; it also matched {bad[:3]}"
             )
         return files
@@ -171,10 +194,10 @@ def _expand(path: str) -> list[str]:
             if f.endswith(".npy") and os.path.isfile(os.path.join(path, f))
         )
         if not files:
-            raise ValueError(f"folder {path!r} holds no .npy shards")
+            raise InputError(f"folder {path!r} holds no .npy shards")
         return files
     if not os.path.exists(path):
-        raise FileNotFoundError(f"data file {path!r} does not exist")
+        raise InputNotFoundError(f"data file {path!r} does not exist")
     return [path]
 
 
@@ -202,7 +225,7 @@ def open_data(path: str | os.PathLike[str], key: str | None = None) -> Dataset:
     Object arrays are refused (they would need pickle).
     """
     if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a str or path-like, got {type(path).__name__}")
+        raise InputTypeError(f"path must be a str or path-like, got {type(path).__name__}")
     p = os.fspath(path)
     files = _expand(p)
     if len(files) == 1 and files[0].endswith(".npz"):
@@ -211,13 +234,13 @@ def open_data(path: str | os.PathLike[str], key: str | None = None) -> Dataset:
         ds = Dataset(parts, shape[1:], dtype)
     else:
         if key is not None:
-            raise ValueError(f"key={key!r} selects an array of a .npz archive; {p!r} is not one")
+            raise InputError(f"key={key!r} selects an array of a .npz archive; {p!r} is not one")
         parts = []
         sample: tuple[int, ...] | None = None
         dtype0: np.dtype | None = None
         for f in files:
             if not f.endswith(".npy"):
-                raise ValueError(
+                raise InputError(
                     f"unsupported data file {f!r}: expected .npy, .npz, a folder or a glob of "
                     ".npy shards"
                 )
@@ -225,14 +248,14 @@ def open_data(path: str | os.PathLike[str], key: str | None = None) -> Dataset:
             if sample is None:
                 sample, dtype0 = shape[1:], dtype
             elif shape[1:] != sample or dtype != dtype0:
-                raise ValueError(
+                raise InputError(
                     f"shard {f!r} has samples of shape {shape[1:]} and dtype {dtype}; the first "
                     f"shard has {sample} and {dtype0}; all shards must agree"
                 )
             parts.append(_Part(f, None, shape[0]))
         ds = Dataset(parts, sample or (), dtype0 if dtype0 is not None else np.dtype("f8"))
     if len(ds) == 0:
-        raise ValueError(f"data {p!r} is empty (0 samples); calibration needs at least one")
+        raise InputError(f"data {p!r} is empty (0 samples); calibration needs at least one")
     return ds
 
 
@@ -252,7 +275,7 @@ class _ZipRows:
             shape, fortran, dtype = _read_npy_header(f)
             self._data_start = f.tell()
         if fortran and len(shape) > 1:
-            raise ValueError(
+            raise InputError(
                 f"{path!r}[{key!r}] is a Fortran-ordered compressed array, which cannot be "
                 "streamed by rows; save it C-ordered or with np.savez (uncompressed)"
             )
@@ -275,7 +298,7 @@ class _ZipRows:
         n = stop - start
         buf = self._f.read(n * self._row_bytes)
         if len(buf) != n * self._row_bytes:
-            raise ValueError(f"{self.path!r}[{self.key!r}] is truncated")
+            raise InputError(f"{self.path!r}[{self.key!r}] is truncated")
         self._pos = stop
         return np.frombuffer(buf, dtype=self.dtype).reshape((n, *self.shape[1:])).copy()
 
@@ -297,7 +320,7 @@ def _stored_member(path: str, key: str) -> np.ndarray | None:
             raw.seek(info.header_offset)
             header = raw.read(30)
             if len(header) != 30 or header[:4] != b"PK\x03\x04":
-                raise ValueError(f"{path!r} has a corrupt entry for {key!r}")
+                raise InputError(f"{path!r} has a corrupt entry for {key!r}")
             name_len, extra_len = struct.unpack("<HH", header[26:30])
             raw.seek(info.header_offset + 30 + name_len + extra_len)
             shape, fortran, dtype = _read_npy_header(raw)
@@ -317,14 +340,6 @@ def _rows(path: str, key: str | None) -> Any:
 
 # --------------------------------------------------------------------------------------------
 # shards and batches
-
-
-def _check_batch_size(batch_size: Any) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
-        raise TypeError(f"batch_size must be a positive int, got {batch_size!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size}")
-    return int(batch_size)
 
 
 def limit(data: Any, n: int | None) -> Any:
@@ -359,11 +374,11 @@ def shards(data: Any, batch_size: int, rows_per_shard: int | None = None) -> lis
     shards one after the other with :func:`iter_batches` gives the same batches as any other
     split of the same data, so per-batch statistics do not depend on how the work is spread.
     """
-    bs = _check_batch_size(batch_size)
+    bs = check_size("batch_size", batch_size)
 
     def per(n: int) -> int:
         if rows_per_shard is not None:
-            r = _check_batch_size(rows_per_shard)
+            r = check_size("rows_per_shard", rows_per_shard)
             return -(-r // bs) * bs
         nb = max(1, -(-n // bs))
         return bs * max(1, -(-nb // 8))
@@ -396,7 +411,7 @@ def iter_batches(shard: Any, batch_size: int) -> Iterator[Any]:
         ``b = batch_size`` except for a last short batch; arrays read from files are ordinary
         in-memory arrays.
     """
-    bs = _check_batch_size(batch_size)
+    bs = check_size("batch_size", batch_size)
     if isinstance(shard, FileShard):
         rows = _rows(shard.path, shard.key)
         try:
@@ -412,3 +427,175 @@ def iter_batches(shard: Any, batch_size: int) -> Iterator[Any]:
         return
     for s in range(0, len(shard), bs):
         yield shard[s : s + bs]
+
+
+# --------------------------------------------------------------------------------------------
+# batches of any form, and the one stream every calibration reads
+
+#: dict keys tried, in order, for the input of a dict batch
+INPUT_KEYS = ("input", "inputs", "x", "image", "images", "data")
+
+
+def _is_array(x: Any) -> bool:
+    """An array or a tensor: something with a shape that can be sliced along axis 0."""
+    return hasattr(x, "shape") and hasattr(x, "__getitem__") and hasattr(x, "__len__")
+
+
+def input_of(batch: Any, input_key: str | None = None) -> Any:
+    """The model input of a batch: the batch itself (an array or tensor), the first item of a
+    tuple or list, or the ``input_key`` entry of a dict (by default the first of
+    :data:`INPUT_KEYS` present)."""
+    if _is_array(batch):
+        return batch
+    if isinstance(batch, (tuple, list)):
+        if not batch:
+            raise InputError("got an empty tuple/list as a batch; expected (input, ...)")
+        return batch[0]
+    if isinstance(batch, Mapping):
+        if input_key is not None:
+            if input_key not in batch:
+                raise InputError(f"batch has no key {input_key!r}; its keys are {list(batch)}")
+            return batch[input_key]
+        for k in INPUT_KEYS:
+            if k in batch:
+                return batch[k]
+        raise InputError(
+            f"cannot tell which entry of a dict batch is the input (keys {list(batch)}); "
+            "pass input_key=NAME or forward_fn"
+        )
+    raise InputTypeError(
+        f"cannot find the input in a batch of type {type(batch).__name__}; batches must be "
+        "tensors, arrays, (input, ...) tuples or dicts, or pass forward_fn(model, batch)"
+    )
+
+
+def _batch_len(batch: Any, input_key: str | None) -> int:
+    try:
+        return int(input_of(batch, input_key).shape[0])
+    except (TypeError, ValueError, AttributeError, IndexError):
+        raise InputTypeError(
+            "num_samples needs batches whose input has a batch axis; "
+            f"cannot size a batch of type {type(batch).__name__}"
+        ) from None
+
+
+def take(batch: Any, n: int, size: int) -> Any:
+    """The first ``n`` samples of every per-sample item of ``batch`` (batch size ``size``)."""
+    if _is_array(batch) and len(batch.shape) > 0:
+        return batch[:n] if batch.shape[0] == size else batch
+    if isinstance(batch, tuple):
+        items = [take(b, n, size) for b in batch]
+        return type(batch)(*items) if hasattr(batch, "_fields") else tuple(items)
+    if isinstance(batch, list):
+        return [take(b, n, size) for b in batch]
+    if isinstance(batch, Mapping):
+        return {k: take(v, n, size) for k, v in batch.items()}
+    return batch
+
+
+def check_data(data: Any) -> Any:
+    """Calibration data as given, a path opened with :func:`open_data`, or a clear error.
+
+    Arrays and tensors must be non-empty with a batch axis; any other iterable is taken as an
+    iterable of batches.
+    """
+    if isinstance(data, (str, bytes)) or hasattr(data, "__fspath__"):
+        return open_data(data if not isinstance(data, bytes) else data.decode())
+    if isinstance(data, Dataset):
+        return data
+    if _is_array(data):
+        shape = tuple(data.shape)
+        if len(shape) < 1 or shape[0] == 0:
+            raise InputError(f"data is empty (shape {shape}); give at least one sample")
+        if isinstance(data, np.ndarray) and data.dtype.kind not in "fiub":
+            raise InputTypeError(f"data must be real numbers, got dtype {data.dtype}")
+        return data
+    if not isinstance(data, Iterable):
+        raise InputTypeError(
+            f"data must be an array, a tensor, a path or an iterable of batches, got "
+            f"{type(data).__name__}"
+        )
+    return data
+
+
+@dataclass(frozen=True)
+class Stream:
+    """The batches of one calibration, the same on every pass.
+
+    Attributes
+    ----------
+    data : array, tensor, Dataset or iterable of batches
+        Checked with :func:`check_data`. Arrays, tensors and datasets (``arraylike``) are cut
+        into batches of ``batch_size``, along shard boundaries (:func:`shards`), so that a
+        local run and a distributed one see the same batches; any other iterable yields the
+        batches itself and is re-iterated on every pass.
+    batch_size : int
+    num_samples : int, optional
+        Only the first ``num_samples`` samples; the batch that crosses the limit is cut.
+    input_key : str, optional
+        The input of dict batches (see :func:`input_of`); used to size and cut batches.
+    """
+
+    data: Any
+    batch_size: int
+    num_samples: int | None = None
+    input_key: str | None = None
+
+    @property
+    def arraylike(self) -> bool:
+        return isinstance(self.data, Dataset) or _is_array(self.data)
+
+    @classmethod
+    def of(
+        cls,
+        data: Any,
+        batch_size: Any,
+        num_samples: Any = None,
+        input_key: str | None = None,
+    ) -> Stream:
+        """Check the arguments once; arrays are cut to ``num_samples`` here (metadata only)."""
+        bs = check_size("batch_size", batch_size)
+        n = check_optional_positive_int("num_samples", num_samples)
+        data = check_data(data)
+        if isinstance(data, Dataset) or _is_array(data):
+            return cls(limit(data, n), bs, None, input_key)
+        return cls(data, bs, n, input_key)
+
+    def shards(self) -> list[Any]:
+        """Picklable pieces of array-like data (see :func:`shards`)."""
+        return shards(self.data, self.batch_size)
+
+    def batches_per_pass(self) -> int | None:
+        """Batches one pass yields (``None`` when an iterable does not say)."""
+        if not self.arraylike:
+            return None
+        return sum(
+            -(-(s.stop - s.start if isinstance(s, FileShard) else len(s)) // self.batch_size)
+            for s in self.shards()
+        )
+
+    def batches(self) -> Iterator[Any]:
+        """One pass over the data."""
+        if self.arraylike:
+            for s in self.shards():
+                yield from iter_batches(s, self.batch_size)
+            return
+        if self.num_samples is None:
+            yield from self.data
+            return
+        seen = 0
+        for batch in self.data:
+            size = _batch_len(batch, self.input_key)
+            if seen >= self.num_samples:
+                return
+            if seen + size > self.num_samples:
+                batch = take(batch, self.num_samples - seen, size)
+                size = self.num_samples - seen
+            seen += size
+            yield batch
+
+    def first(self) -> Any:
+        """The first batch (``InputError`` when there is none)."""
+        for batch in self.batches():
+            return batch
+        raise InputError("data is empty: it yields no batch")

@@ -1,8 +1,9 @@
 """Distributed plumbing on Dask (extra ``dask``): a client to a cluster, and map-then-tree-merge.
 
 Every distributed computation in streamnorm has the same shape: a function turns one shard of
-the data into per-name :class:`~streamnorm.Moments` (e.g. one state per BatchNorm layer), and the
-shard results are Chan-merged in a tree whose shape depends only on the number of shards.
+the data into per-name mergeable statistics (a :class:`~streamnorm.Moments`, or an object with an
+exact ``merge``, such as the per-layer estimators of a calibration), and the shard results are
+merged in a tree whose shape depends only on the number of shards.
 """
 
 from __future__ import annotations
@@ -15,40 +16,43 @@ import socket
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from .._errors import InputError, InputTypeError, SchedulerUnreachableError
 from .._extras import require
 from .._moments import Moments
+from .._validate import check_int, check_optional_positive_int, is_number
 
-__all__ = ["SchedulerUnreachableError", "get_client", "map_merge"]
+__all__ = ["SchedulerUnreachableError", "get_client", "map_merge", "merge_results"]
 
 #: Shard results merged per node of the merge tree.
 MERGE_FAN_IN = 8
 
-ShardResult = dict[str, Moments]
+ShardResult = dict[str, Any]
 
 _SCHEMES = ("tcp", "tls", "ws", "wss", "inproc", "ucx")
-
-
-class SchedulerUnreachableError(ConnectionError, ValueError):
-    """No Dask scheduler answers at an address (both a ``ConnectionError`` and a ``ValueError``)."""
 
 
 # --------------------------------------------------------------------------------------------
 # map and merge
 
 
+def _mergeable(v: Any) -> bool:
+    return isinstance(v, Moments) or callable(getattr(v, "merge", None))
+
+
 def _run_shard(fn: Callable[[Any], ShardResult], shard: Any, index: int) -> ShardResult:
-    """Run ``fn`` on one shard and check that it returned ``{name: Moments}``."""
+    """Run ``fn`` on one shard and check that it returned ``{name: mergeable statistics}``."""
     out = fn(shard)
     if not isinstance(out, dict):
-        raise TypeError(
+        raise InputTypeError(
             f"the shard function must return a dict of name -> streamnorm.Moments; for shard "
             f"{index} it returned {type(out).__name__}"
         )
     for k, v in out.items():
-        if not isinstance(k, str) or not isinstance(v, Moments):
-            raise TypeError(
-                f"the shard function must return a dict of str -> streamnorm.Moments; for shard "
-                f"{index} it returned {k!r}: {type(v).__name__}"
+        if not isinstance(k, str) or not _mergeable(v):
+            raise InputTypeError(
+                f"the shard function must return a dict of str -> streamnorm.Moments (or objects "
+                f"with an exact merge()); for shard {index} it returned {k!r}: "
+                f"{type(v).__name__}"
             )
     return out
 
@@ -56,15 +60,18 @@ def _run_shard(fn: Callable[[Any], ShardResult], shard: Any, index: int) -> Shar
 def merge_results(*parts: ShardResult) -> ShardResult:
     """Merge shard results in the order given (names in order of first appearance).
 
+    ``Moments`` are Chan-merged; other values with ``a.merge(b)``, which returns a new object.
     A name missing from some shards is merged from the shards that have it. Inputs are unchanged.
     """
     out: ShardResult = {}
     for part in parts:
         for name, m in part.items():
-            if name in out:
+            if name not in out:
+                out[name] = m.copy() if isinstance(m, Moments) else m
+            elif isinstance(m, Moments):
                 out[name] += m
             else:
-                out[name] = m.copy()
+                out[name] = out[name].merge(m)
     return out
 
 
@@ -93,15 +100,17 @@ def map_merge(
     shards : iterable, length S
         The pieces of work: data, file names, index ranges... anything picklable. Each is sent
         with its task, so a shard lost with a worker is simply recomputed elsewhere.
-    fn : callable ``fn(shard) -> dict[str, Moments]``
+    fn : callable ``fn(shard) -> dict[str, Moments or mergeable]``
         Picklable (a module-level function or a ``functools.partial`` of one; cloudpickle also
-        takes closures). It runs on the workers.
+        takes closures). It runs on the workers. A value other than ``Moments`` must have an
+        exact ``merge(other)`` that returns a new object (the estimators of
+        :mod:`streamnorm.estimators` but ``EMA``, a calibration's per-layer statistics).
     fan_in : int, default 8
         Shard results merged per node of the tree.
 
     Returns
     -------
-    dict of str to Moments
+    dict of str to Moments (or the mergeable values)
         Per name, the merge of all shards' states (an empty dict for no shards).
 
     Notes
@@ -112,17 +121,17 @@ def map_merge(
     workers finish: the same shards give the same bits on any cluster, and with ``client=None``.
     """
     if not callable(fn):
-        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
-    if isinstance(fan_in, bool) or not isinstance(fan_in, int) or fan_in < 2:
-        raise ValueError(f"fan_in must be an int >= 2, got {fan_in!r}")
+        raise InputTypeError(f"fn must be callable, got {type(fn).__name__}")
+    fan_in = check_int("fan_in", fan_in, minimum=2)
     items = list(shards)
     if not items:
         return {}
     if client is None:
         leaves = [_run_shard(fn, s, i) for i, s in enumerate(items)]
-        return _tree(leaves, merge_results, fan_in)  # type: ignore[no-any-return]
+        result: ShardResult = _tree(leaves, merge_results, fan_in)
+        return result
     if not callable(getattr(client, "submit", None)):
-        raise TypeError(
+        raise InputTypeError(
             "client must be a distributed.Client (or None to run in this process), "
             f"got {type(client).__name__}"
         )
@@ -132,7 +141,8 @@ def map_merge(
         return client.submit(merge_results, *parts, pure=False)
 
     top = _tree(futures, submit_merge, fan_in)
-    return top.result()  # type: ignore[no-any-return]
+    merged: ShardResult = top.result()
+    return merged
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,12 +155,12 @@ def _check_reachable(address: str, timeout: float) -> None:
     try:
         scheme, loc = comm.parse_address(address)
     except (ValueError, TypeError) as e:
-        raise ValueError(
+        raise InputError(
             f"scheduler address {address!r} is not a Dask address: {e}; expected e.g. "
             "'tcp://10.0.0.5:8786'"
         ) from e
     if scheme not in _SCHEMES:
-        raise ValueError(
+        raise InputError(
             f"scheduler address {address!r} has an unknown scheme {scheme!r}; expected one of "
             f"{sorted(_SCHEMES)}, e.g. 'tcp://10.0.0.5:8786'"
         )
@@ -159,7 +169,7 @@ def _check_reachable(address: str, timeout: float) -> None:
     try:
         host, port = comm.parse_host_port(loc)
     except (ValueError, TypeError) as e:
-        raise ValueError(
+        raise InputError(
             f"scheduler address {address!r} has no port: {e}; expected e.g. 'tcp://10.0.0.5:8786'"
         ) from e
     try:
@@ -219,21 +229,18 @@ def _check_is_scheduler(address: str, timeout: float) -> None:
 
 def _check_args(scheduler: Any, workers: Any, timeout: Any) -> None:
     if scheduler is not None and workers is not None:
-        raise ValueError(
+        raise InputError(
             "give either scheduler (the address of a running cluster) or workers (the size of a "
             f"new local cluster), not both; got scheduler={scheduler!r}, workers={workers!r}"
         )
     if scheduler is not None and not isinstance(scheduler, str):
-        raise TypeError(
+        raise InputTypeError(
             f"scheduler must be an address string such as 'tcp://10.0.0.5:8786', "
             f"got {type(scheduler).__name__}"
         )
-    if workers is not None and (
-        isinstance(workers, bool) or not isinstance(workers, int) or workers < 1
-    ):
-        raise ValueError(f"workers must be a positive int, got {workers!r}")
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    check_optional_positive_int("workers", workers)
+    if not is_number(timeout) or not timeout > 0:
+        raise InputError(f"timeout must be a positive number of seconds, got {timeout!r}")
 
 
 @contextlib.contextmanager

@@ -1,17 +1,24 @@
 """The ``streamnorm`` command line: ``streamnorm compare | calibrate | bench``.
 
 Each subcommand lives in its own module, imported only when that subcommand runs. A module
-provides ``add_arguments(parser)`` and ``run(args) -> int``. Errors the user can fix
-(``ValueError``, ``TypeError``, ``FileNotFoundError``, a missing optional extra) are printed as one
-line on stderr with exit code 2, without a traceback.
+provides ``add_arguments(parser)`` and ``run(args) -> int``.
+
+Errors the user can fix are printed as one line on stderr with exit code 2, without a
+traceback: the library's own errors (:class:`streamnorm._errors.StreamnormError`: bad input,
+unreadable records, unwritable outputs, a missing optional extra) and an ``OSError`` about the
+user's files (a missing, unreadable or unwritable path, a full disk). Anything else is a bug and
+shows its traceback. Ctrl-C prints one line and exits with 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 from collections.abc import Sequence
+
+from .._errors import InputError, StreamnormError
 
 #: subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -29,9 +36,20 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     ),
 }
 
+#: exit codes
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
 
-class UsageError(Exception):
-    """A problem with the user's input, reported as one line with exit code 2."""
+#: errno values that say a file of the user's cannot be written, whatever the path
+_FILE_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in ("ENOSPC", "EFBIG", "EDQUOT", "EROFS", "EACCES", "EPERM", "ENAMETOOLONG")
+    if hasattr(errno, name)
+)
+
+
+class UsageError(InputError):
+    """A problem with the command-line input, reported as one line with exit code 2."""
 
 
 def build_parser(load: str | None = None) -> argparse.ArgumentParser:
@@ -51,7 +69,35 @@ def build_parser(load: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def is_user_file_error(e: BaseException) -> bool:
+    """An ``OSError`` about a file the user named: it carries a file name, or says the disk is
+    full, the file too large, or the user lacks permission."""
+    if not isinstance(e, OSError) or isinstance(e, ConnectionError):
+        return False
+    return e.filename is not None or e.errno in _FILE_ERRNOS
+
+
+def is_interrupt(e: BaseException) -> bool:
+    """A ``KeyboardInterrupt``, also one that reached us wrapped (a ``SystemError`` raised by a
+    compiled kernel with the interrupt in its cause chain)."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, KeyboardInterrupt):
+            return True
+        if not isinstance(cur, SystemError) and cur is not e:
+            return False
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``streamnorm`` with ``argv`` (default: ``sys.argv[1:]``); the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     # only the chosen subcommand's module is imported
     name = next((a for a in argv if not a.startswith("-")), None)
@@ -59,16 +105,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
-        return 2
-    module = importlib.import_module(args._module)
+        return EXIT_USER_ERROR
+    prefix = f"streamnorm {args.command}"
     try:
+        module = importlib.import_module(args._module)
         return int(module.run(args) or 0)
-    except (UsageError, ValueError, TypeError, FileNotFoundError, ImportError) as e:
-        print(f"streamnorm {args.command}: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print(f"streamnorm {args.command}: interrupted", file=sys.stderr)
-        return 130
+        print(f"{prefix}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except StreamnormError as e:
+        print(f"{prefix}: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except Exception as e:
+        if is_interrupt(e):
+            print(f"{prefix}: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        if is_user_file_error(e):
+            print(f"{prefix}: error: {_one_line(e)}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        raise
+
+
+__all__ = [
+    "EXIT_INTERRUPTED",
+    "EXIT_USER_ERROR",
+    "SUBCOMMANDS",
+    "UsageError",
+    "build_parser",
+    "is_interrupt",
+    "is_user_file_error",
+    "main",
+]
 
 
 if __name__ == "__main__":  # pragma: no cover

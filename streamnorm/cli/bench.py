@@ -11,18 +11,46 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from numba import njit, prange
 
 from .. import _kernels as K
-from .._moments import Moments, atomic_write, moments
+from .._io import atomic_write
+from .._moments import Moments, moments
+from . import UsageError
+
+
+@njit(nogil=True, cache=True, fastmath=True)
+def _sum(x):  # type: ignore[no-untyped-def]
+    acc = 0.0
+    for i in range(x.shape[0]):
+        acc += x[i]
+    return acc
+
+
+@njit(nogil=True, cache=True, fastmath=True, parallel=True)
+def parallel_sum(x):  # type: ignore[no-untyped-def]
+    """Plain parallel sum of a contiguous 1-D array: the memory-read limit for benchmarks.
+
+    Float64 accumulation as in the moments kernels, every fastmath flag on; the vectorized loop
+    is the jitted function ``_sum`` of its own, one call per chunk of the array.
+    """
+    n = x.shape[0]
+    nchunks = max(1, min(1024, n // 65536))
+    step = (n + nchunks - 1) // nchunks
+    part = np.zeros(nchunks)
+    for k in prange(nchunks):
+        part[k] = _sum(x[k * step : min(n, (k + 1) * step)])
+    return part.sum()
 
 
 @dataclass
@@ -123,26 +151,74 @@ def make(case: Case, rng: np.random.Generator, scale: float = 1.0) -> np.ndarray
     return rng.standard_normal(shape, dtype=np.float32)
 
 
+def _torch_sum(flat: np.ndarray) -> Callable[[], Any] | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    t = torch.from_numpy(flat)
+    return lambda: t.sum()
+
+
+def _set_threads(n: int) -> None:
+    """Numba's and (if imported) torch's thread counts."""
+    import numba
+
+    numba.set_num_threads(n)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(n)
+
+
+def _torch_time(flat: np.ndarray, repeat: int) -> float:
+    """Best seconds of ``torch.sum`` over ``flat`` (inf without torch)."""
+    f = _torch_sum(flat)
+    if f is None:
+        return float("inf")
+    t = best_time(f, repeat)
+    # torch's OpenMP threads (a runtime of their own, not Numba's) spin a while after a call and
+    # would slow the next Numba kernel: let them fall asleep
+    time.sleep(0.2)
+    return t
+
+
 def run_speed(cases: list[Case], repeat: int, others: bool) -> list[dict[str, Any]]:
+    """Each case: the read limit and streamnorm, with all threads and with one, interleaved."""
+    import numba
+
     rng = np.random.default_rng(0)
     rows: list[dict[str, Any]] = []
+    threads = numba.get_num_threads()
     for case in cases:
         x = make(case, rng)
         flat = x.reshape(-1)
         gb = x.nbytes / 1e9
 
-        def read(flat: np.ndarray = flat) -> Any:
-            return K.parallel_sum(flat)
-
         def ours(x: np.ndarray = x, axis: Any = case.axis) -> Any:
             return moments(x, axis)
 
-        # the read limit is timed before and after ours, on the same array
-        t_sum = best_time(read, repeat)
-        t_sn = best_time(ours, repeat)
-        t_sum = min(t_sum, best_time(read, repeat))
-        row = {"case": case.name, "GB": gb, "sum GB/s": gb / t_sum, "streamnorm GB/s": gb / t_sn}
-        row["ratio"] = t_sum / t_sn
+        def read(flat: np.ndarray = flat) -> Any:
+            return parallel_sum(flat)
+
+        row: dict[str, Any] = {"case": case.name, "GB": gb}
+        for label, n in (("", threads), (" 1 thread", 1)):
+            _set_threads(n)
+            try:
+                # the Numba sum and ours alternate three times on the same array, best of each;
+                # torch.sum after them (its threads would disturb the next timing)
+                t_num = t_sn = float("inf")
+                for _ in range(3):
+                    t_num = min(t_num, best_time(read, repeat))
+                    t_sn = min(t_sn, best_time(ours, repeat))
+                t_tor = _torch_time(flat, repeat)
+            finally:
+                _set_threads(threads)
+            t_lim = min(t_num, t_tor)
+            row[f"numba sum GB/s{label}"] = gb / t_num
+            row[f"torch.sum GB/s{label}"] = gb / t_tor if t_tor < float("inf") else float("nan")
+            row[f"read limit GB/s{label}"] = gb / t_lim
+            row[f"streamnorm GB/s{label}"] = gb / t_sn
+            row[f"ratio{label}"] = t_lim / t_sn
         if others:
             for name, (f, part) in _competitors(x, case.axis).items():
                 nbytes = (part if part is not None else x).nbytes / 1e9
@@ -154,9 +230,115 @@ def run_speed(cases: list[Case], repeat: int, others: bool) -> list[dict[str, An
 
 def _speed_line(row: dict[str, Any]) -> str:
     return (
-        f"{row['case']:<26} sum {row['sum GB/s']:6.1f} GB/s  "
-        f"streamnorm {row['streamnorm GB/s']:6.1f} GB/s  ratio {row['ratio']:.2f}"
+        f"{row['case']:<26} read limit {row['read limit GB/s']:6.1f} GB/s  "
+        f"streamnorm {row['streamnorm GB/s']:6.1f} GB/s  ratio {row['ratio']:.2f}  "
+        f"(1 thread: {row['read limit GB/s 1 thread']:5.1f}, "
+        f"{row['streamnorm GB/s 1 thread']:5.1f}, {row['ratio 1 thread']:.2f})"
     )
+
+
+def simd_width() -> tuple[str, int]:
+    """LLVM's target CPU name and the widest SIMD register of its feature set, in bits."""
+    import llvmlite.binding as ll
+    from numba.core import config
+
+    cpu_name = getattr(config, "CPU_NAME", None)  # NUMBA_CPU_NAME, set at import
+    name = cpu_name or ll.get_host_cpu_name()
+    if cpu_name:  # a named target: ask LLVM nothing about the host
+        feats = {"haswell": 256, "skylake-avx512": 512, "generic": 128}
+        return name, feats.get(name, 0)
+    f = ll.get_host_cpu_features()
+    bits = 512 if f.get("avx512f") else 256 if f.get("avx2") or f.get("avx") else 128
+    return name, bits
+
+
+_VEC_OP = re.compile(r"\n\s+v(?:add|sub|mul|fmadd\w*|fmsub\w*|cvtps2pd)\w*pd\s+[^\n]*%([xyz])mm")
+
+
+def _leaf_args(name: str) -> tuple[Any, ...]:
+    D, r = 64, np.zeros(64)
+    if name.startswith("rows, two"):
+        return (np.zeros((16, D), np.float32), 0, 16, r, r.copy(), r.copy())
+    if name.startswith("rows"):
+        return (np.zeros((16, D), np.float32), 0, 16, r, r.copy(), r.copy(), r.copy())
+    if "rows" in name:
+        return (np.zeros((2, D, 49), np.float32), 0, 2, r, r.copy(), r.copy(), r.copy())
+    return (np.zeros((2, D, 49), np.float32), 0, 0, 2, 0, 49, 0.0)
+
+
+def vector_report() -> list[dict[str, Any]]:
+    """Which leaf loops vectorize, at which width: a ``cache=False`` copy of each, its asm read.
+
+    Counts packed double-precision arithmetic instructions (``v...pd``) by register: ``zmm``
+    (512 bits, 8 float64), ``ymm`` (256, 4), ``xmm`` (128, 2).
+    """
+    out = []
+    for name, (disp, opts, work) in K.LEAF_LOOPS.items():
+        f = njit(**{**opts, "cache": False})(disp.py_func)
+        f(*_leaf_args(name))
+        asm = "\n".join(f.inspect_asm().values())
+        regs = _VEC_OP.findall(asm)
+        counts = {r: regs.count(r) for r in "zyx"}
+        widest = next((r for r in "zyx" if counts[r]), None)
+        width = {"z": "512-bit (8 x f64)", "y": "256-bit (4 x f64)", "x": "128-bit (2 x f64)"}
+        out.append(
+            {
+                "loop": name,
+                "work per element": work,
+                "vectorized": width[widest] if widest else "no (scalar)",
+                "packed ops zmm/ymm/xmm": f"{counts['z']}/{counts['y']}/{counts['x']}",
+            }
+        )
+    return out
+
+
+def core_rates(repeat: int, read_1t: float) -> list[dict[str, Any]]:
+    """Each serial kernel on cache-resident float32 data, one thread: G elements/s.
+
+    Against the one-thread read limit (``read_1t`` G elements/s of float32 from memory): a kernel
+    whose in-cache rate is below it is bound by the core, else by memory.
+    """
+    rng = np.random.default_rng(3)
+    kernels: list[tuple[str, np.ndarray, Callable[[np.ndarray], Any]]] = [
+        (
+            "rows (256, 256)",
+            rng.standard_normal((256, 256), dtype=np.float32),
+            lambda a: K.rows_moments_serial(a, 256, 1),
+        ),
+        (
+            "rows (64, 1024)",
+            rng.standard_normal((64, 1024), dtype=np.float32),
+            lambda a: K.rows_moments_serial(a, 64, 1),
+        ),
+        (
+            "channels-first (2, 16, 3136)",
+            rng.standard_normal((2, 16, 3136), dtype=np.float32),
+            lambda a: K.cf_rows_moments_serial(a, 1),
+        ),
+        (
+            "channels-first (8, 256, 49)",
+            rng.standard_normal((8, 256, 49), dtype=np.float32),
+            lambda a: K.cf_rows_moments_serial(a, 1),
+        ),
+    ]
+    out = []
+    for name, a, f in kernels:
+        loops = 50
+
+        def many(a: np.ndarray = a, f: Callable[[np.ndarray], Any] = f, loops: int = loops) -> None:
+            for _ in range(loops):
+                f(a)
+
+        rate = a.size * loops / best_time(many, repeat) / 1e9
+        out.append(
+            {
+                "kernel (serial, in cache)": name,
+                "G elem/s": rate,
+                "read limit G elem/s (1 thread)": read_1t,
+                "bound": "memory" if rate >= read_1t else "core",
+            }
+        )
+    return out
 
 
 def run_stream(repeat: int) -> dict[str, float]:
@@ -252,6 +434,7 @@ def run_startup() -> dict[str, float]:
 
 
 def machine() -> str:
+    """CPU model, cores, SIMD width, threads and library versions, on one line."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -263,52 +446,107 @@ def machine() -> str:
         pass
     import numba
 
+    target, bits = simd_width()
+    layer: str
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel kernel has run yet
+        layer = "not yet chosen"
     return (
-        f"{cpu}, {os.cpu_count()} cores, numba {numba.__version__} "
-        f"({numba.get_num_threads()} threads), numpy {np.__version__}, "
-        f"Python {platform.python_version()}"
+        f"{cpu}, {os.cpu_count()} cores, LLVM target {target} ({bits}-bit SIMD), "
+        f"numba {numba.__version__} ({numba.get_num_threads()} threads, {layer} layer), "
+        f"numpy {np.__version__}, Python {platform.python_version()}"
     )
 
 
-def report(speed: list[dict[str, Any]], stream: dict[str, float], acc: list[dict[str, Any]],
-           startup: dict[str, float], command: str) -> str:  # fmt: skip
-    lines = [f"Machine: {machine()}", f"Command: `{command}`", ""]
-    others = sorted(
-        {k for r in speed for k in r} - {"case", "GB", "sum GB/s", "streamnorm GB/s", "ratio"}
-    )
-    head = ["case", "sum GB/s (read limit)", "streamnorm GB/s", "ratio to sum", *others]
+@dataclass
+class Results:
+    """Everything one ``streamnorm bench`` run measured."""
+
+    command: str
+    speed: list[dict[str, Any]]
+    stream: dict[str, float]
+    acc: list[dict[str, Any]] = field(default_factory=list)
+    startup: dict[str, float] = field(default_factory=dict)
+    vectors: list[dict[str, Any]] = field(default_factory=list)
+    cores: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _table(rows: list[dict[str, Any]]) -> list[str]:
+    """A markdown table of dicts with the same keys; floats with 3 significant digits."""
+    if not rows:
+        return []
+    keys = list(rows[0])
+
+    def fmt(v: Any) -> str:
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    return lines + ["| " + " | ".join(fmt(r.get(k, "-")) for k in keys) + " |" for r in rows]
+
+
+_SPEED_KEYS = [
+    "read limit GB/s",
+    "streamnorm GB/s",
+    "ratio",
+    "read limit GB/s 1 thread",
+    "streamnorm GB/s 1 thread",
+    "ratio 1 thread",
+    "numba sum GB/s",
+    "torch.sum GB/s",
+]
+
+
+def report(res: Results) -> str:
+    lines = [f"Machine: {machine()}", f"Command: `{res.command}`", ""]
+    lines += [
+        "Read limit: the faster of a fastmath parallel Numba sum and torch.sum over the same "
+        "memory; ratio: read limit time / streamnorm time (1 = at the limit).",
+        "",
+    ]
+    fixed = {"case", "GB", *_SPEED_KEYS} | {k + " 1 thread" for k in _SPEED_KEYS}
+    others = sorted({k for r in res.speed for k in r} - fixed)
+    head = ["case", *_SPEED_KEYS, *others]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in speed:
-        vals = [
-            r["case"],
-            f"{r['sum GB/s']:.1f}",
-            f"{r['streamnorm GB/s']:.1f}",
-            f"**{r['ratio']:.2f}**",
-        ]
-        vals += [f"{r[k]:.3g}" if k in r else "-" for k in others]
+    for r in res.speed:
+        vals = [r["case"]]
+        for k in head[1:]:
+            v = r.get(k)
+            if v is None:
+                vals.append("-")
+            elif k.startswith("ratio"):
+                vals.append(f"**{v:.2f}**")
+            else:
+                vals.append(f"{v:.3g}")
         lines.append("| " + " | ".join(vals) + " |")
+    if res.vectors:
+        lines += ["", "Leaf loops, machine code of this build (LLVM's choice of width):", ""]
+        lines += _table(res.vectors)
+    if res.cores:
+        lines += ["", "Serial kernels on cache-resident data against one thread's read limit:", ""]
+        lines += _table(res.cores)
     lines += [
         "",
         "Stream of (256, 512) float32 batches, microseconds per update (Python included):",
         "",
     ]
     lines += ["| method | us / update |", "|---|---|"]
-    lines += [f"| {k} | {v:.1f} |" for k, v in stream.items()]
-    lines += [
-        "",
-        "Accuracy: max relative error of the variance against a long-double two-pass:",
-        "",
-    ]
-    if acc:
-        keys = list(acc[0])
+    lines += [f"| {k} | {v:.1f} |" for k, v in res.stream.items()]
+    if res.acc:
+        lines += [
+            "",
+            "Accuracy: max relative error of the variance against a long-double two-pass:",
+            "",
+        ]
+        keys = list(res.acc[0])
         lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-        for a in acc:
+        for a in res.acc:
             lines.append(
                 "| " + " | ".join(a[k] if k == "data" else f"{a[k]:.1e}" for k in keys) + " |"
             )
-    if startup:
+    if res.startup:
         lines += ["", "Start-up (seconds, fresh processes):", "", "| what | s |", "|---|---|"]
-        lines += [f"| {k} | {v:.3f} |" for k, v in startup.items()]
+        lines += [f"| {k} | {v:.3f} |" for k, v in res.startup.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -322,15 +560,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     repeat = args.repeat if args.repeat is not None else (3 if args.quick else 7)
     if repeat < 1:
-        raise ValueError(f"--repeat must be >= 1, got {repeat}")
+        raise UsageError(f"--repeat must be >= 1, got {repeat}")
     cases = QUICK if args.quick else FULL
     command = "streamnorm bench" + (" --quick" if args.quick else "")
     print(f"streamnorm bench on {machine()}", flush=True)
     speed = run_speed(cases, repeat, not args.no_others)
-    stream = run_stream(repeat)
-    acc = [] if args.quick else run_accuracy()
-    startup = {} if args.quick else run_startup()
-    text = report(speed, stream, acc, startup, command)
+    read_1t = max(r["read limit GB/s 1 thread"] for r in speed) / 4  # float32 elements
+    res = Results(command, speed, run_stream(repeat))
+    res.vectors = vector_report()
+    res.cores = core_rates(repeat, read_1t)
+    if not args.quick:
+        res.acc = run_accuracy()
+        res.startup = run_startup()
+    text = report(res)
     print()
     print(text)
     if args.out:

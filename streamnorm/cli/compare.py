@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -91,6 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: Any) -> int:
     """Train, compare, print the table, write the files."""
+    from .._extras import require
+    from .._io import check_output_dir
     from ..compare import compare
 
     if args.epochs < 1:
@@ -99,14 +102,11 @@ def run(args: Any) -> int:
         raise UsageError(
             f"--batch-size must be >= 2 (BatchNorm needs two samples), got {args.batch_size}"
         )
-    from pathlib import Path
-
-    if Path(args.out).exists() and not Path(args.out).is_dir():
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"--out must be a folder, but {args.out!r} is a file")
+    check_output_dir(args.out)  # fail before training, not after
     if not args.no_plot:
-        from .._extras import require
-
-        require("matplotlib")  # fail before training, not after
+        require("matplotlib")
     result = compare(
         epochs=args.epochs,
         batch_size=args.batch_size,

@@ -24,8 +24,11 @@ from .._extras import require
 
 require("numba.cuda", "cuda")
 
-from .._moments import Axis, Moments  # noqa: E402
-from ._accumulator import BFloat16Bits, DeviceMoments  # noqa: E402
+from .._compute import compute  # noqa: E402
+from .._moments import Moments  # noqa: E402
+from .._state import State  # noqa: E402
+from .._validate import Axis, on_cuda_device  # noqa: E402
+from ._accumulator import BFloat16Bits, DeviceMoments, describe_input, host_weights  # noqa: E402
 from ._intake import simulated  # noqa: E402
 
 __all__ = ["BFloat16Bits", "DeviceMoments", "is_device_array", "moments", "simulated"]
@@ -33,9 +36,7 @@ __all__ = ["BFloat16Bits", "DeviceMoments", "is_device_array", "moments", "simul
 
 def is_device_array(x: Any) -> bool:
     """True if ``x`` is CUDA memory that :func:`streamnorm.moments` reduces on the GPU."""
-    from .._moments import _on_cuda_device
-
-    return _on_cuda_device(x)
+    return on_cuda_device(x)
 
 
 def moments(
@@ -51,7 +52,7 @@ def moments(
     ``DeviceMoments(x, axis, ...).to_host()``. See :meth:`DeviceMoments.update` for the
     parameters.
     """
-    return DeviceMoments(x, axis, weights=weights, nan_policy=nan_policy).to_host()
+    return Moments.from_state(host_state(x, axis, weights, nan_policy))
 
 
 _LOCAL = threading.local()
@@ -71,14 +72,57 @@ def _workspace() -> dict[Any, Any]:
     return work  # type: ignore[no-any-return]
 
 
-def _host_batch(
-    x: Any, axis: Axis, weights: Any, nan_policy: str
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, ...], float, bool, bool] | None:
-    """One device batch for :func:`streamnorm._moments._compute`: flat float64 host arrays."""
+def host_state(x: Any, axis: Axis, weights: Any, nan_policy: str) -> State | None:
+    """One device batch reduced on the GPU, as a host :class:`~streamnorm._state.State`.
+
+    This is the adapter interface :func:`streamnorm.moments` uses for device arrays (the core
+    loads this package lazily and calls only this). The state carries the means' rounding
+    residuals; ``None`` for a batch without samples.
+
+    Notes
+    -----
+    A dimension whose result is NaN/Inf (a NaN or Inf in the data, or float64 sums that
+    overflowed on data spread wider than about ``1e154``) is settled on the host: the batch is
+    copied there and reduced by the CPU path, which redoes overflowed dimensions with an exact
+    scaling and, for ``nan_policy="raise"``, counts the non-finite values for the message.
+    Batches without such dimensions never leave the device.
+    """
+    gpu_policy = "propagate" if nan_policy == "raise" else nan_policy
     dm = DeviceMoments()
     dm._work = _workspace()
-    dm.update(x, axis, weights=weights, nan_policy=nan_policy)
-    if dm.shape is None:
+    dm.update(x, axis, weights=weights, nan_policy=gpu_policy)
+    st = dm.host_state()
+    if st is None:
         return None
-    h = dm.to_host()
-    return h._n, h._mean, h._m2, dm.shape, dm._total, dm._weighted, dm._per_dim
+    with np.errstate(invalid="ignore"):
+        bad = (st.n > 0) & ~(np.isfinite(st.mean) & np.isfinite(st.m2))
+    if not bad.any():
+        return st
+    wide = describe_input(x).dtype.itemsize >= 8  # only float64 sums can overflow
+    if nan_policy != "raise" and not wide:
+        return st  # NaN/Inf in the data: the GPU's answer is the answer
+    host = _copy_to_host(x)
+    if host is None:  # a producer we cannot copy from: keep the GPU's answer (and its check)
+        if nan_policy == "raise":
+            DeviceMoments().update(x, axis, weights=weights, nan_policy="raise")
+        return st
+    w = None if weights is None else host_weights(weights)
+    return compute(host, axis, w, nan_policy)
+
+
+def _copy_to_host(x: Any) -> Any:
+    """A host copy of a device array, or ``None`` if the producer offers no way to make one."""
+    if isinstance(x, BFloat16Bits):
+        return None
+    if getattr(x, "is_cuda", False) is True and hasattr(x, "cpu"):  # torch
+        return x.detach().cpu()
+    try:
+        has_cai = hasattr(x, "__cuda_array_interface__")
+    except (TypeError, RuntimeError):
+        has_cai = False
+    if has_cai:
+        from numba import cuda
+
+        as_array = getattr(cuda, "as_cuda_array", None)  # not in the simulator
+        return None if as_array is None else as_array(x).copy_to_host()
+    return None

@@ -8,8 +8,11 @@ from typing import Any
 
 import numpy as np
 
+from .._errors import InputError
 from .._extras import require
-from .._moments import NAN_POLICIES, Axis, Moments, _check_weights, _normalize_axes
+from .._moments import Moments
+from .._state import State
+from .._validate import Axis, check_axes, check_nan_policy, check_weights, nonfinite_message
 from . import _config as C
 from . import _kernels as K
 from ._intake import DeviceInput, describe, flat_view, simulated, stream_for
@@ -59,8 +62,11 @@ def _geometry_cached(
     shape: tuple[int, ...], axis: int | tuple[int, ...] | None
 ) -> tuple[tuple[int, ...], int, tuple[int, ...], int]:
     if len(shape) == 0:
-        raise ValueError("x is 0-d (a scalar); moments need at least a 1-D array of samples")
-    axes = _normalize_axes(axis, len(shape))
+        raise InputError(
+            "x is 0-d (a single number, shape ()); moments reduce over samples along an axis, "
+            "so pass at least a 1-D array of samples"
+        )
+    axes = check_axes(axis, len(shape))
     nsamp = int(np.prod([shape[a] for a in axes], dtype=np.int64))
     kept = tuple(s for i, s in enumerate(shape) if i not in axes)
     return axes, nsamp, kept, int(np.prod(kept, dtype=np.int64))
@@ -148,7 +154,7 @@ class DeviceMoments:
         nan_policy: str = "propagate",
     ) -> None:
         self._shape: tuple[int, ...] | None = None
-        self._state: Any = None  # float64 (3, D): count, mean, M2
+        self._state: Any = None  # float64 (4, D): count, mean, M2, mean residual
         self._fresh = False  # the state holds no batch yet (the next one is written, not merged)
         self._total = 0.0
         self._weighted = False
@@ -184,15 +190,30 @@ class DeviceMoments:
 
     def to_host(self) -> Moments:
         """Copy the state to the host (one synchronization) as a :class:`streamnorm.Moments`."""
-        out = Moments()
+        return Moments.from_state(self.host_state())
+
+    def host_state(self) -> State | None:
+        """The state copied to the host (one synchronization); ``None`` before the first batch.
+
+        Flat float64 arrays with the means' rounding residuals: the internal state type that
+        :meth:`streamnorm.Moments.from_state` takes.
+        """
         if self._shape is None:
-            return out
+            return None
         self._settle()
         st = self._stream
         h = self._state.copy_to_host(stream=st)
         st.synchronize()
-        out._merge_in(h[0], h[1], h[2], self._shape, self._total, self._weighted, self._per_dim)
-        return out
+        return State(
+            n=h[0].copy(),
+            mean=h[1].copy(),
+            lo=h[3].copy(),
+            m2=h[2].copy(),
+            shape=self._shape,
+            total=self._total,
+            weighted=self._weighted,
+            per_dim=self._per_dim,
+        )
 
     def __repr__(self) -> str:
         if self._shape is None:
@@ -229,9 +250,8 @@ class DeviceMoments:
         -------
         self
         """
-        if nan_policy not in NAN_POLICIES:
-            raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
-        d = x if isinstance(x, DeviceInput) else _describe(x)
+        nan_policy = check_nan_policy(nan_policy)
+        d = x if isinstance(x, DeviceInput) else describe_input(x)
         if nan_policy == "raise":
             tmp = DeviceMoments()
             tmp._order(d)
@@ -265,8 +285,9 @@ class DeviceMoments:
         axes, nsamp, kept, D = _geometry(d.shape, axis)
         w = None
         if weights is not None:
-            fake = np.broadcast_to(np.empty((), dtype=np.uint8), d.shape)
-            w = _check_weights(_host(weights), fake, axes)
+            if not axes:
+                raise InputError("weights need at least one reduced axis; got axis=()")
+            w = check_weights(host_weights(weights), d.shape[axes[0]], axes[0])
         if nsamp == 0:
             return
         if w is None:
@@ -284,10 +305,10 @@ class DeviceMoments:
     def _ensure_state(self, kept: tuple[int, ...], D: int) -> None:
         if self._shape is None:
             self._shape = kept
-            self._state = cuda.device_array((3, D), np.float64, stream=self._stream)
+            self._state = cuda.device_array((4, D), np.float64, stream=self._stream)
             self._fresh = True  # the first batch writes it: no initialization needed
         elif kept != self._shape:
-            raise ValueError(
+            raise InputError(
                 f"dimension mismatch: this DeviceMoments has dimension shape {self._shape}, "
                 f"the batch has {kept}; reduce over the axes that leave {self._shape}"
             )
@@ -296,7 +317,7 @@ class DeviceMoments:
         """Give a state that has seen no batch yet its empty values (count 0, mean NaN)."""
         if self._fresh:
             D = self._state.shape[1]
-            init = np.zeros((3, D))
+            init = np.zeros((4, D))
             init[1] = np.nan
             self._state.copy_to_device(init, stream=self._stream)
             self._fresh = False
@@ -394,7 +415,8 @@ class DeviceMoments:
         return self
 
 
-def _describe(x: Any) -> DeviceInput:
+def describe_input(x: Any) -> DeviceInput:
+    """The :class:`DeviceInput` of a device array or of :class:`BFloat16Bits`."""
     if isinstance(x, BFloat16Bits):
         from ._intake import from_bits
 
@@ -402,7 +424,7 @@ def _describe(x: Any) -> DeviceInput:
     return describe(x)
 
 
-def _host(weights: Any) -> Any:
+def host_weights(weights: Any) -> Any:
     """Weights as a host array: device arrays are copied (they are short)."""
     if hasattr(weights, "copy_to_host"):
         return weights.copy_to_host()
@@ -414,25 +436,22 @@ def _host(weights: Any) -> Any:
 
 
 def _raise_if_nonfinite(tmp: DeviceMoments, d: DeviceInput, axis: Axis) -> None:
-    h = tmp.to_host()
-    n = np.asarray(h._n)
-    m = np.asarray(h._mean)
-    bad = np.isnan(m) & (n > 0)
-    if not bad.any():
+    """``nan_policy="raise"``: count the batch's non-finite values per dimension, if it has any.
+
+    A NaN mean whose dimension holds no NaN/Inf comes from float64 overflow, not from the data,
+    and raises nothing here.
+    """
+    h = tmp.host_state()
+    if h is None or not (np.isnan(h.mean) & (h.n > 0)).any():
         return
     cnt = DeviceMoments()
     cnt._order(d)
     cnt._add(d, axis, None, omit=True)
-    ok = cnt.to_host()._n
-    axes = _normalize_axes(axis, len(d.shape))
+    ok = cnt.host_state()
+    if ok is None:  # pragma: no cover - tmp has a state, so cnt has one
+        return
+    axes = check_axes(axis, len(d.shape))
     nsamp = int(np.prod([d.shape[a] for a in axes], dtype=np.int64))
-    per = (nsamp - np.asarray(ok)).astype(np.int64)
-    total = int(per.sum())
-    shape = tmp._shape or ()
-    where = np.argwhere(per.reshape(shape) > 0) if shape else np.zeros((1, 0), int)
-    dims = [tuple(int(i) for i in r) if len(r) != 1 else int(r[0]) for r in where[:10]]
-    more = "" if len(where) <= 10 else f" and {len(where) - 10} more"
-    raise ValueError(
-        f"{total} non-finite value(s) (NaN/Inf) in dimension(s) {dims}{more}; "
-        "use nan_policy='omit' to skip them or 'propagate' to get NaN for those dimensions"
-    )
+    per = (nsamp - ok.n).astype(np.int64)
+    if per.any():
+        raise InputError(nonfinite_message(per, h.shape))

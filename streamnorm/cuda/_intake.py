@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from .._extras import require
-from .._moments import _check_dtype
+from .._validate import check_real_dtype
 
 cuda = require("numba.cuda", "cuda")
 
@@ -84,7 +84,7 @@ def _storage_dtype(dt: np.dtype[Any], bf16: bool) -> np.dtype[Any]:
         return np.dtype(np.uint8)
     if dt.kind == "f" and dt.itemsize not in (2, 4, 8):
         raise TypeError(f"unsupported float dtype {dt} on the GPU: use float16/32/64 or bfloat16")
-    _check_dtype(np.empty(0, dtype=dt))  # same messages as the CPU for complex, object, ...
+    check_real_dtype(np.empty(0, dtype=dt))  # same messages as the CPU for complex, object, ...
     if not dt.isnative:
         raise TypeError(f"non-native byte order {dt} is not supported on the GPU")
     return dt
@@ -202,7 +202,7 @@ def _from_dlpack(x: Any) -> DeviceInput:
     if lanes != 1:
         raise TypeError(f"DLPack vector dtypes (lanes={lanes}) are not supported")
     if code == _DL_COMPLEX:
-        _check_dtype(np.empty(0, dtype=np.complex128))
+        check_real_dtype(np.empty(0, dtype=np.complex128))
     typestr = _DL_TYPES.get((code, bits))
     if typestr is None:
         raise TypeError(f"unsupported DLPack dtype (code {code}, {bits} bits) for moments")

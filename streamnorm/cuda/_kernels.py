@@ -61,6 +61,23 @@ def chan(na, ma, qa, nb, mb, qb):  # type: ignore[no-untyped-def]
 
 
 @cuda.jit(device=True)
+def chan_dd(na, ma, la, qa, nb, mb, lb, qb):  # type: ignore[no-untyped-def]
+    """Chan merge with double-double means ``m + l`` (as the CPU's ``chan_merge_dd``)."""
+    if nb == 0.0:
+        return na, ma, la, qa
+    if na == 0.0:
+        return nb, mb, lb, qb
+    n = na + nb
+    delta = (mb - ma) + (lb - la)
+    f = nb / n
+    t = delta * f
+    hi = ma + t
+    bb = hi - ma
+    err = (ma - (hi - bb)) + (t - bb)
+    return n, hi, la + err, qa + qb + delta * delta * (na * f)
+
+
+@cuda.jit(device=True)
 def dec_plain(raw):  # type: ignore[no-untyped-def]
     """A stored element as float64 (float16/32/64, ints).
 
@@ -413,7 +430,9 @@ def finalize_kernel() -> Any:
     Launch: one block of ``FINAL_THREADS`` (or fewer, a power of two) threads per dimension.
     Thread ``t`` merges partials ``t, t + nth, ...`` in order, then the block tree merges the
     threads. The batch then follows the CPU's rule (empty: NaN mean and 0 M2; NaN/Inf: NaN mean
-    and M2) and is Chan-merged into ``state[:, d]`` (or written there when ``init``).
+    and M2) and is Chan-merged into ``state[:, d]`` (or written there when ``init``). The state
+    is float64 ``(4, D)``: count, mean, M2 and the mean's rounding residual (the exact mean is
+    ``mean + residual``; adding the reference back gives it exactly, by a two-sum).
     """
     NT = C.FINAL_THREADS
     key = ("final", NT)
@@ -443,32 +462,41 @@ def finalize_kernel() -> Any:
         block_tree(sh_n, sh_m, sh_q, t, t, nth, 1)
         if t == 0:
             n = sh_n[0]
-            m = sh_m[0]
+            s = sh_m[0]
             q = sh_q[0]
+            lo = 0.0
             if n == 0.0:
                 m = math.nan
                 q = 0.0
             else:
-                m = m + ref[d]
+                r = ref[d]
+                m = r + s  # two-sum: m + lo == r + s exactly
+                bb = m - r
+                lo = (r - (m - bb)) + (s - bb)
                 if not (is_finite(m) and is_finite(q)):
                     m = math.nan
                     q = math.nan
+                    lo = 0.0
             if init:
                 state[0, d] = n
                 state[1, d] = m
                 state[2, d] = q
+                state[3, d] = lo
             else:
-                n2, m2, q2 = chan(state[0, d], state[1, d], state[2, d], n, m, q)
+                n2, m2, l2, q2 = chan_dd(
+                    state[0, d], state[1, d], state[3, d], state[2, d], n, m, lo, q
+                )
                 state[0, d] = n2
                 state[1, d] = m2
                 state[2, d] = q2
+                state[3, d] = l2
 
     _CACHE[key] = kern
     return kern
 
 
 def merge_kernel() -> Any:
-    """Chan-merge state ``b`` into state ``a`` (each float64 of shape (3, D)), one thread a dim."""
+    """Chan-merge state ``b`` into state ``a`` (each float64 of shape (4, D)), one thread a dim."""
     key = ("merge",)
     if key in _CACHE:
         return _CACHE[key]
@@ -477,10 +505,13 @@ def merge_kernel() -> Any:
     def kern(a, b):  # type: ignore[no-untyped-def]
         d = cuda.grid(1)
         if d < a.shape[1]:
-            n, m, q = chan(a[0, d], a[1, d], a[2, d], b[0, d], b[1, d], b[2, d])
+            n, m, lo, q = chan_dd(
+                a[0, d], a[1, d], a[3, d], a[2, d], b[0, d], b[1, d], b[3, d], b[2, d]
+            )
             a[0, d] = n
             a[1, d] = m
             a[2, d] = q
+            a[3, d] = lo
 
     _CACHE[key] = kern
     return kern

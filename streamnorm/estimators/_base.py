@@ -13,7 +13,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from .._errors import RecordError
+from .._io import check_header
 from .._moments import Moments
+from .._validate import is_int
 from . import _kernels as EK
 
 FORMAT_NAME = "streamnorm.Estimator"
@@ -21,7 +24,7 @@ FORMAT_VERSION = 1
 CONVENTIONS = ("biased", "unbiased")
 
 
-class _Owner:
+class Owner:
     """Something that may hold batches not yet applied to an estimator (a Tracker layer)."""
 
     def flush(self) -> None:  # pragma: no cover - interface
@@ -30,31 +33,27 @@ class _Owner:
 
 Unpacked = tuple[tuple[int, ...] | None, np.ndarray, np.ndarray, np.ndarray, float, bool, bool]
 
+_NOTHING = np.zeros(0)
+
 
 def unpack(batch: Any) -> Unpacked:
     """``(shape, n, mean, m2, min_count, weighted, uniform)`` of a batch, zero-copy.
 
-    ``n``, ``mean``, ``m2`` are flat float64 arrays; ``uniform`` says every dimension has the
-    same count (no per-dimension counts from ``nan_policy="omit"``). ``shape`` is ``None`` for
-    an empty ``Moments``. Reads the state of :class:`Moments` directly
-    (one package, one layout): the public properties build read-only views per call, which costs
-    more than the estimators' arithmetic when many small layers are tracked.
+    ``n``, ``mean``, ``m2`` are flat float64 arrays (read-only by contract: they are the batch
+    state's own, see :meth:`Moments.state`); ``uniform`` says every dimension has the same count
+    (no per-dimension counts from ``nan_policy="omit"``). ``shape`` is ``None`` for an empty
+    ``Moments``. ``mean`` is the double-double mean rounded to float64.
     """
     if not isinstance(batch, Moments):
         raise TypeError(
             f"estimators are fed streamnorm.Moments, got {type(batch).__name__}; wrap an array "
             "with streamnorm.moments(x, axis=...) or use streamnorm.Tracker.update"
         )
-    shape = batch._shape
-    if shape is None:
-        return None, batch._n, batch._mean, batch._m2, 0.0, False, True
-    n = batch._n
-    per_dim = bool(batch._per_dim)
-    if per_dim:
-        cmin = float(n.min()) if n.size else 0.0
-    else:
-        cmin = float(batch._total)
-    return shape, n, batch._mean, batch._m2, cmin, bool(batch._weighted), not per_dim
+    st = batch.state()
+    if st is None:
+        return None, _NOTHING, _NOTHING, _NOTHING, 0.0, False, True
+    mean = st.mean if not st.lo.any() else st.mean + st.lo
+    return st.shape, st.n, mean, st.m2, st.min_count, st.weighted, not st.per_dim
 
 
 def check_epoch(epoch: Any) -> int:
@@ -84,8 +83,17 @@ def check_convention(convention: Any) -> str:
 def _scalar(v: Any) -> Any:
     a = np.asarray(v)
     if a.shape != ():
-        raise ValueError(f"expected a scalar in the estimator record, got shape {a.shape}")
+        raise RecordError(f"expected a scalar in the estimator record, got shape {a.shape}")
     return a.item()
+
+
+#: state entries that are counts or sums of squares (variances are recognised by their name):
+#: negative values are impossible
+_NON_NEGATIVE = frozenset({"n", "m2", "batches", "pooled_sum", "epochs", "epoch_batches"})
+
+
+def _non_negative(key: str) -> bool:
+    return key in _NON_NEGATIVE or "var" in key.split("_")
 
 
 class Estimator(abc.ABC):
@@ -104,13 +112,15 @@ class Estimator(abc.ABC):
     """
 
     _registry: ClassVar[dict[str, type[Estimator]]] = {}
+    #: Renamed parameters, ``{old name: new name}``: records written under the old name still load.
+    _renamed_params: ClassVar[dict[str, str]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         Estimator._registry[cls.__name__] = cls
 
     def __init__(self) -> None:
-        self._owner: _Owner | None = None
+        self._owner: Owner | None = None
         self._clear()
 
     # ------------------------------------------------------------------ hooks
@@ -397,19 +407,10 @@ class Estimator(abc.ABC):
     @classmethod
     def from_dict(cls, d: Any) -> Estimator:
         """Rebuild an estimator from :meth:`to_dict`'s output (also read back from ``.npz``)."""
-        if not hasattr(d, "keys") or not hasattr(d, "__getitem__"):
-            raise TypeError(f"from_dict takes a mapping, got {type(d).__name__}")
-        for key in ("format", "version", "estimator", "empty", "shape", "count", "batches"):
-            if key not in d:
-                raise ValueError(f"not a streamnorm estimator record: missing {key!r}")
-        if str(_scalar(d["format"])) != FORMAT_NAME:
-            raise ValueError(f"not a streamnorm estimator record: format {d['format']!r}")
-        version = int(_scalar(d["version"]))
-        if version != FORMAT_VERSION:
-            raise ValueError(
-                f"estimator format version {version} is not supported (this streamnorm reads "
-                f"version {FORMAT_VERSION}); upgrade streamnorm"
-            )
+        check_header(d, FORMAT_NAME, FORMAT_VERSION, "estimator")
+        for key in ("estimator", "empty", "shape", "count", "batches"):
+            if key not in d.keys():
+                raise RecordError(f"not a streamnorm estimator record: missing {key!r}")
         name = str(_scalar(d["estimator"]))
         klass = Estimator._registry.get(name)
         if klass is None:
@@ -419,7 +420,11 @@ class Estimator(abc.ABC):
             )
         if cls is not Estimator and not issubclass(klass, cls):
             raise ValueError(f"the record holds a {name}, not a {cls.__name__}")
-        params = {k[6:]: _scalar(d[k]) for k in d.keys() if str(k).startswith("param_")}
+        params = {
+            klass._renamed_params.get(str(k)[6:], str(k)[6:]): _scalar(d[k])
+            for k in d.keys()
+            if str(k).startswith("param_")
+        }
         obj = klass(**params)
         if bool(_scalar(d["empty"])):
             return obj
@@ -427,10 +432,15 @@ class Estimator(abc.ABC):
         D = int(np.prod(shape, dtype=np.int64))
         count = np.asarray(d["count"], dtype=np.float64).reshape(-1)
         if count.shape != (D,):
-            raise ValueError(f"corrupt estimator record: count does not match shape {shape}")
+            raise RecordError(f"corrupt estimator record: count does not match shape {shape}")
+        if not np.all(np.isfinite(count)) or np.any(count < 0):
+            raise RecordError("impossible estimator record: counts must be finite and >= 0")
+        batches = _scalar(d["batches"])
+        if not is_int(batches) or batches < 0:
+            raise RecordError(f"impossible estimator record: batches {batches!r}")
         obj._shape = shape
         obj._count = count.copy()
-        obj._batches = int(_scalar(d["batches"]))
+        obj._batches = int(batches)
         obj._weighted = bool(_scalar(d.get("weighted", False)))
         obj._uniform = bool(_scalar(d.get("uniform", False))) and (
             count.size == 0 or bool(np.all(count == count[0]))
@@ -438,6 +448,9 @@ class Estimator(abc.ABC):
         obj._init_state(D)
         state = {k[6:]: d[k] for k in d.keys() if str(k).startswith("state_")}
         obj._set_state(state, D)
+        for key, v in obj._state().items():
+            if _non_negative(key) and np.any(np.asarray(v) < 0):
+                raise RecordError(f"impossible estimator record: negative {key!r}")
         return obj
 
     def __repr__(self) -> str:

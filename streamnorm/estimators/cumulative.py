@@ -6,8 +6,9 @@ from typing import Any, cast
 
 import numpy as np
 
+from .._validate import check_bool, check_choice
 from . import _kernels as EK
-from ._base import Estimator, check_bool, state_array
+from ._base import Estimator, state_array
 
 VAR_MODES = ("mean_of_batch", "pooled")
 
@@ -59,9 +60,7 @@ class CumulativeAverage(Estimator):
 
     def __init__(self, unbiased: bool = True, var_mode: str = "mean_of_batch") -> None:
         self.unbiased = check_bool("unbiased", unbiased)
-        if var_mode not in VAR_MODES:
-            raise ValueError(f"var_mode must be one of {VAR_MODES}, got {var_mode!r}")
-        self.var_mode = str(var_mode)
+        self.var_mode = check_choice("var_mode", var_mode, VAR_MODES)
         super().__init__()
 
     @property

@@ -1,16 +1,17 @@
-"""EMA: exponential moving average of batch statistics (PyTorch, Keras, ONNX conventions)."""
+"""EMA: exponential moving average of batch statistics (PyTorch, Keras and ONNX styles)."""
 
 from __future__ import annotations
 
-import math
-from typing import Any
+import warnings
+from typing import Any, ClassVar
 
 import numpy as np
 
+from .._validate import check_bool, check_choice, check_fraction, check_momentum, renamed_keyword
 from . import _kernels as EK
-from ._base import Estimator, check_bool, state_array
+from ._base import Estimator, state_array
 
-CONVENTIONS = ("torch", "keras")
+STYLES = ("torch", "keras")
 
 
 class EMA(Estimator):
@@ -19,11 +20,12 @@ class EMA(Estimator):
     Parameters
     ----------
     momentum : float, default 0.1
-        ``convention="torch"``: the weight of the new batch, ``s <- (1 - p) s + p x``, in
-        ``(0, 1]`` (PyTorch default 0.1). ``convention="keras"``: the weight of the old state,
+        ``style="torch"``: the weight of the new batch, ``s <- (1 - p) s + p x``, in
+        ``(0, 1]`` (PyTorch default 0.1). ``style="keras"``: the weight of the old state,
         ``s <- p s + (1 - p) x``, in ``[0, 1)`` (Keras default 0.99, ONNX 0.9).
-    convention : {"torch", "keras"}, default "torch"
-        Which of the two parametrizations ``momentum`` follows.
+    style : {"torch", "keras"}, default "torch"
+        Which of the two parametrizations ``momentum`` follows. (Called ``convention`` before;
+        that keyword still works, with a ``DeprecationWarning``, for one release.)
     unbiased : bool, default True
         Average the unbiased batch variances ``M2 / (n - 1)`` (PyTorch) rather than the biased
         ones ``M2 / n`` (Keras, ONNX: pass ``unbiased=False``).
@@ -35,7 +37,7 @@ class EMA(Estimator):
     Notes
     -----
     The state starts at mean 0 and variance 1, as a freshly built BatchNorm layer. With
-    ``convention="torch"`` and ``unbiased=True`` the state is exactly what
+    ``style="torch"`` and ``unbiased=True`` the state is exactly what
     ``torch.nn.BatchNorm{1,2,3}d`` stores in ``running_mean`` / ``running_var`` after the same
     batches (computed in float64, so it matches PyTorch's float32 buffers to float32 rounding),
     and :attr:`var` returns that stored value. ``var_convention`` is ``"unbiased"`` when
@@ -58,39 +60,45 @@ class EMA(Estimator):
     ([1.0], [1.5])
     """
 
+    _renamed_params: ClassVar[dict[str, str]] = {"convention": "style"}
+
     def __init__(
         self,
         momentum: float = 0.1,
-        convention: str = "torch",
+        style: str = "torch",
         unbiased: bool = True,
         bias_correction: bool = False,
+        *,
+        convention: str | None = None,
     ) -> None:
-        if isinstance(momentum, (bool, np.bool_)) or not isinstance(
-            momentum, (int, float, np.integer, np.floating)
-        ):
-            raise TypeError(f"momentum must be a number, got {momentum!r}")
-        p = float(momentum)
-        if convention not in CONVENTIONS:
-            raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
-        if convention == "torch" and not (math.isfinite(p) and 0.0 < p <= 1.0):
-            raise ValueError(
-                f"momentum must be in (0, 1] for convention='torch' (the new batch's weight, "
-                f"PyTorch default 0.1), got {momentum!r}"
+        style = renamed_keyword("EMA", "convention", "style", convention, style, default="torch")
+        self.style = check_choice("style", style, STYLES)
+        if self.style == "torch":
+            p = check_momentum(
+                momentum, "momentum of style='torch' (the new batch's weight, PyTorch 0.1)"
             )
-        if convention == "keras" and not (math.isfinite(p) and 0.0 <= p < 1.0):
-            raise ValueError(
-                f"momentum must be in [0, 1) for convention='keras' (the old state's weight, "
-                f"Keras default 0.99), got {momentum!r}"
-            )
-        self.momentum = p
-        self.convention = str(convention)
-        self.unbiased = check_bool("unbiased", unbiased)
-        self.bias_correction = check_bool("bias_correction", bias_correction)
-        if convention == "torch":
             self._decay, self._rate = 1.0 - p, p
         else:
+            p = check_fraction(
+                "momentum of style='keras' (the old state's weight, Keras 0.99)",
+                momentum,
+                closed="left",
+            )
             self._decay, self._rate = p, 1.0 - p
+        self.momentum = p
+        self.unbiased = check_bool("unbiased", unbiased)
+        self.bias_correction = check_bool("bias_correction", bias_correction)
         super().__init__()
+
+    @property
+    def convention(self) -> str:
+        """Deprecated name of :attr:`style` (``"torch"`` or ``"keras"``)."""
+        warnings.warn(
+            "EMA.convention is deprecated and will be removed in the next release; use EMA.style",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.style
 
     @property
     def var_convention(self) -> str:
@@ -103,7 +111,7 @@ class EMA(Estimator):
     def _params(self) -> dict[str, Any]:
         return {
             "momentum": self.momentum,
-            "convention": self.convention,
+            "style": self.style,
             "unbiased": self.unbiased,
             "bias_correction": self.bias_correction,
         }

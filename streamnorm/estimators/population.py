@@ -43,9 +43,6 @@ class Population(Estimator):
     ([5.0, 6.0], [11.666666666666666, 11.666666666666666], 6)
     """
 
-    def __init__(self) -> None:
-        super().__init__()
-
     @property
     def var_convention(self) -> str:
         return "biased"

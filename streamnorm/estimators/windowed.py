@@ -2,50 +2,26 @@
 
 from __future__ import annotations
 
-import math
+import warnings
 from fractions import Fraction
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import numpy as np
 
 from .._kernels import chan_merge_into
+from .._validate import check_bool, check_choice, check_drop, renamed_keyword
 from . import _kernels as EK
-from ._base import Estimator, check_bool, state_array
+from ._base import Estimator, state_array
 
-MODES = ("pooled", "mean_of_batch")
-
-
-def _check_drop(name: str, value: Any) -> int | float:
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be an int (epochs) or a float fraction, got {value!r}")
-    if isinstance(value, (int, np.integer)):
-        if value < 0:
-            raise ValueError(f"{name} must be >= 0 epochs, got {value}")
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        v = float(value)
-        if not (math.isfinite(v) and 0.0 <= v < 0.5):
-            raise ValueError(
-                f"{name} as a fraction of the epochs must be in [0, 0.5), got {value!r}; "
-                "pass an int to drop a number of epochs"
-            )
-        return v
-    raise TypeError(f"{name} must be an int (epochs) or a float fraction, got {value!r}")
-
-
-def dropped(drop: int | float, epochs: int) -> int:
-    """How many of ``epochs`` epochs ``drop`` removes: an int as is, a fraction rounded down.
-
-    The fraction is read as the decimal it prints as (``0.29`` of 100 epochs drops 29, although
-    ``0.29 * 100`` is ``28.999999999999996`` in binary floating point).
-    """
-    if isinstance(drop, int):
-        return drop
-    f = Fraction(repr(drop))
-    return (f.numerator * epochs) // f.denominator
+VAR_MODES = ("pooled", "mean_of_batch")
 
 
 def _as_ratio(drop: int | float) -> tuple[int, int] | int:
+    """An int drop as is; a fraction as the exact ratio of the decimal it prints as.
+
+    ``0.29`` of 100 epochs drops 29, although ``0.29 * 100`` is ``28.999999999999996`` in binary
+    floating point.
+    """
     if isinstance(drop, int):
         return drop
     f = Fraction(repr(drop))
@@ -56,19 +32,21 @@ class WindowedAverage(Estimator):
     """Average of the batch statistics over the middle epochs of training.
 
     Keeps one pooled state per epoch (``O(epochs x D)`` memory) and combines the epochs left
-    after dropping the first ``drop_first`` and the last ``drop_last`` epochs seen: early
-    statistics come from immature weights, and the lecture averages the middle of training as a
-    compromise between bias and noise.
+    after dropping the first ``drop_first`` and the last ``drop_last`` epochs seen. Early
+    statistics come from immature weights and differ from the final ones (bias), while a single
+    late epoch is noisy; averaging the middle of training is a compromise between the two.
 
     Parameters
     ----------
     drop_first, drop_last : int or float, default 0.25
         An int drops that many epochs; a float in ``[0, 0.5)`` drops that fraction of the epochs
         seen, rounded down (10 epochs, 0.25: drops 2). Epochs are those that received batches.
-    mode : {"pooled", "mean_of_batch"}, default "pooled"
+    var_mode : {"pooled", "mean_of_batch"}, default "pooled"
         ``"pooled"``: the exact mean and variance of all the samples of the kept epochs (law of
         total variance, count-weighted). ``"mean_of_batch"`` (Ioffe & Szegedy): the mean of the
         batch means and the mean of the batch variances of the kept epochs, one weight per batch.
+        The same choice as :class:`CumulativeAverage`'s ``var_mode``. (Called ``mode`` before;
+        that keyword still works, with a ``DeprecationWarning``, for one release.)
     unbiased : bool, default True
         Report the variance in PyTorch's convention: ``pooled`` divides the pooled ``M2`` by
         ``N - 1`` instead of ``N``; ``mean_of_batch`` averages ``M2_b / (n_b - 1)`` instead of
@@ -98,21 +76,37 @@ class WindowedAverage(Estimator):
     ([1, 2], [1.5])
     """
 
+    _renamed_params: ClassVar[dict[str, str]] = {"mode": "var_mode"}
+
     def __init__(
         self,
         drop_first: int | float = 0.25,
         drop_last: int | float = 0.25,
-        mode: str = "pooled",
+        var_mode: str = "pooled",
         unbiased: bool = True,
+        *,
+        mode: str | None = None,
     ) -> None:
-        self.drop_first = _check_drop("drop_first", drop_first)
-        self.drop_last = _check_drop("drop_last", drop_last)
+        self.drop_first = check_drop("drop_first", drop_first)
+        self.drop_last = check_drop("drop_last", drop_last)
         self._drops = (_as_ratio(self.drop_first), _as_ratio(self.drop_last))
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        self.mode = str(mode)
+        var_mode = renamed_keyword(
+            "WindowedAverage", "mode", "var_mode", mode, var_mode, default="pooled"
+        )
+        self.var_mode = check_choice("var_mode", var_mode, VAR_MODES)
         self.unbiased = check_bool("unbiased", unbiased)
         super().__init__()
+
+    @property
+    def mode(self) -> str:
+        """Deprecated name of :attr:`var_mode` (``"pooled"`` or ``"mean_of_batch"``)."""
+        warnings.warn(
+            "WindowedAverage.mode is deprecated and will be removed in the next release; use "
+            "WindowedAverage.var_mode",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.var_mode
 
     @property
     def var_convention(self) -> str:
@@ -120,7 +114,7 @@ class WindowedAverage(Estimator):
 
     @property
     def min_batch_count(self) -> int:
-        if self.mode == "pooled":
+        if self.var_mode == "pooled":
             return 0
         return 2 if self.unbiased else 1
 
@@ -128,7 +122,7 @@ class WindowedAverage(Estimator):
         return {
             "drop_first": self.drop_first,
             "drop_last": self.drop_last,
-            "mode": self.mode,
+            "var_mode": self.var_mode,
             "unbiased": self.unbiased,
         }
 
@@ -168,7 +162,7 @@ class WindowedAverage(Estimator):
             if not self._epochs or self._epochs[-1] != e:
                 self._new_row(e)
             a, b, c = self._rows[-1]
-            if self.mode == "pooled":
+            if self.var_mode == "pooled":
                 EK.chan_rows(n[i:j], mu[i:j], m2[i:j], a, b, c, uniform)
             else:
                 EK.sums_rows(n[i:j], mu[i:j], m2[i:j], a, b, c, uniform)
@@ -205,7 +199,7 @@ class WindowedAverage(Estimator):
                 f"drop_last={self.drop_last!r} leave none; feed more epochs or drop fewer"
             )
         D = self._D
-        if self.mode == "pooled":
+        if self.var_mode == "pooled":
             n, m, q = np.zeros(D), np.zeros(D), np.zeros(D)
             for i in w:
                 chan_merge_into(n, m, q, *self._rows[i])
@@ -222,13 +216,13 @@ class WindowedAverage(Estimator):
 
     def _mean_flat(self) -> np.ndarray:
         a, b, _, _ = self._combine()
-        if self.mode == "pooled":
+        if self.var_mode == "pooled":
             return np.where(a > 0, b, np.nan)
         return a
 
     def _var_flat(self, convention: str) -> np.ndarray:
         a, b, c, _ = self._combine()
-        if self.mode == "mean_of_batch":
+        if self.var_mode == "mean_of_batch":
             return b if convention == "unbiased" else c
         den = a - (1.0 if convention == "unbiased" else 0.0)
         out = np.full(a.shape, np.nan)
@@ -237,7 +231,7 @@ class WindowedAverage(Estimator):
 
     # ---- serialization and merging
     def _row_names(self) -> tuple[str, str, str]:
-        if self.mode == "pooled":
+        if self.var_mode == "pooled":
             return ("count", "mean", "m2")
         return ("sum_mean", "sum_var_unbiased", "sum_var_biased")
 
@@ -292,7 +286,7 @@ class WindowedAverage(Estimator):
                 i = by_epoch[e][0]
                 out._nb[i] += nb
                 a, b, c = out._rows[i]
-                if self.mode == "pooled":
+                if self.var_mode == "pooled":
                     chan_merge_into(a, b, c, *row)
                 else:
                     a += row[0]

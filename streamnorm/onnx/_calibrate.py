@@ -1,29 +1,32 @@
-"""ONNX adapter (extra ``onnx``): recalibrate the BatchNorm statistics stored in an ONNX file.
+"""Recalibrate the BatchNorm statistics stored in an ONNX file (the ONNX side of
+:mod:`streamnorm.calibrate`).
 
-:func:`recalibrate` reads a model, runs it with onnxruntime over calibration data in batches,
-computes the per-channel moments of every ``BatchNormalization`` input with streamnorm's kernels
-and writes a new file whose ``mean`` / ``var`` initializers hold them. The input file is never
+:class:`_OnnxAdapter` runs the model with onnxruntime, the statistics fed as inputs of a session
+made once (:func:`~streamnorm.onnx._graph.calibration_model`), hands every
+``BatchNormalization`` input to the core and keeps the new statistics; :func:`recalibrate` loads
+the model, checks the paths and the data, and writes a new file. The input file is never
 modified.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from .. import calibrate as core
+from .._errors import InputError, InputNotFoundError, InputTypeError, OutputPathError
 from .._extras import require
-from .._moments import Moments, atomic_write
-from ..calibrate import _data
-from ..torch._calibrate import CalibrationReport, _LayerStats, layer_report, progress_bar
-from ._graph import calibration_model, prepare
+from .._io import atomic_write, check_output
+from .._validate import check_size, is_torch_tensor
+from ._graph import BNNode, calibration_model, prepare
 
 __all__ = ["recalibrate"]
 
-MODES = ("sequential", "one-pass")
 _MAX_PROTO = 2**31 - 2**20  # protobuf's 2 GiB limit, with room to spare
 
 
@@ -31,18 +34,34 @@ _MAX_PROTO = 2**31 - 2**20  # protobuf's 2 GiB limit, with room to spare
 # loading
 
 
-def _load(path: str) -> tuple[Any, set[str], set[str]]:
-    """The model with its external data loaded, the real paths of every file it came from, and
-    the names of the tensors stored as external data."""
+@dataclass
+class _Loaded:
+    """A model with its external data loaded.
+
+    Attributes
+    ----------
+    model : onnx.ModelProto
+    files : set of str
+        Real paths of every file it came from (the model and its external data).
+    external : set of str
+        Names of the tensors stored as external data.
+    """
+
+    model: Any
+    files: set[str]
+    external: set[str]
+
+
+def _load(path: str) -> _Loaded:
     onnx = require("onnx")
     from onnx import external_data_helper as ext
 
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"model file {path!r} does not exist")
     try:
         model = onnx.load(path, load_external_data=False)
+    except OSError:
+        raise
     except Exception as e:  # protobuf DecodeError and friends
-        raise ValueError(f"{path!r} is not a readable ONNX model: {e}") from e
+        raise InputError(f"{path!r} is not a readable ONNX model: {e}") from e
     files = {os.path.realpath(path)}
     base = os.path.dirname(os.path.abspath(path))
     external: set[str] = set()
@@ -57,26 +76,35 @@ def _load(path: str) -> tuple[Any, set[str], set[str]]:
         except FileNotFoundError:
             raise
         except Exception as e:
-            raise ValueError(f"cannot read the external data of {path!r}: {e}") from e
+            raise InputError(f"cannot read the external data of {path!r}: {e}") from e
     try:
         onnx.checker.check_model(model)
     except Exception as e:
-        raise ValueError(f"{path!r} is not a valid ONNX model: {e}") from e
-    return model, files, external
+        raise InputError(f"{path!r} is not a valid ONNX model: {e}") from e
+    return _Loaded(model, files, external)
 
 
-def _np_dtype(elem_type: int) -> np.dtype:
+@dataclass(frozen=True)
+class _Input:
+    """The graph input recalibration feeds: name, dims (``None`` where dynamic), dtype."""
+
+    name: str
+    dims: list[int | None]
+    dtype: np.dtype
+
+    @property
+    def fixed_batch(self) -> int | None:
+        return self.dims[0] if self.dims and self.dims[0] is not None else None
+
+
+def _model_input(model: Any, input_name: str | None) -> _Input:
     onnx = require("onnx")
-    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
-
-
-def _model_input(model: Any, input_name: str | None) -> tuple[str, list[int | None], np.dtype]:
     g = model.graph
     inits = {t.name for t in g.initializer}
     real = [i for i in g.input if i.name not in inits]
     if input_name is None:
         if len(real) != 1:
-            raise ValueError(
+            raise InputError(
                 f"the model has {len(real)} inputs {[i.name for i in real]}; recalibration feeds "
                 "one array: name it with input_name="
             )
@@ -84,12 +112,12 @@ def _model_input(model: Any, input_name: str | None) -> tuple[str, list[int | No
     else:
         found = [i for i in real if i.name == input_name]
         if not found:
-            raise ValueError(
+            raise InputError(
                 f"the model has no input {input_name!r}; its inputs are {[i.name for i in real]}"
             )
         others = [i.name for i in real if i.name != input_name]
         if others:
-            raise ValueError(
+            raise InputError(
                 f"the model also needs inputs {others}, which recalibration cannot feed"
             )
         vi = found[0]
@@ -97,121 +125,185 @@ def _model_input(model: Any, input_name: str | None) -> tuple[str, list[int | No
     dims: list[int | None] = [
         d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim
     ]
-    return vi.name, dims, _np_dtype(tt.elem_type)
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
+    return _Input(vi.name, dims, dtype)
 
 
-def _check_fit(shape: tuple[int, ...], dtype: np.dtype, name: str, dims: list[int | None],
-               want: np.dtype) -> None:  # fmt: skip
+def _check_fit(shape: tuple[int, ...], dtype: np.dtype, want: _Input) -> None:
+    """The data fit the model input: rank, fixed dimensions, dtype."""
+    name, dims = want.name, want.dims
     if dims and len(shape) != len(dims):
-        raise ValueError(
+        raise InputError(
             f"data has samples of shape {shape[1:]} (rank {len(shape)} with the batch axis) but "
             f"the model input {name!r} has rank {len(dims)} (shape {dims})"
         )
     for k, (have, need) in enumerate(zip(shape[1:], dims[1:], strict=False), start=1):
         if need is not None and have != need:
-            raise ValueError(
+            raise InputError(
                 f"data has samples of shape {shape[1:]}; the model input {name!r} expects "
                 f"{['N' if d is None else d for d in dims]} (axis {k}: {have} != {need})"
             )
     if dtype.kind not in "fiub":
-        raise TypeError(f"data dtype {dtype} is not numeric; the model input needs {want}")
-    if want.kind == "f" and dtype.kind in "fiub":
+        raise InputTypeError(
+            f"data dtype {dtype} is not numeric; the model input needs {want.dtype}"
+        )
+    if want.dtype.kind == "f":
         return
-    if not np.can_cast(dtype, want, casting="same_kind"):
-        raise TypeError(
-            f"data dtype {dtype} does not fit the model input {name!r} of dtype {want}; "
-            f"convert it first, e.g. x.astype('{want}')"
+    if not np.can_cast(dtype, want.dtype, casting="same_kind"):
+        raise InputTypeError(
+            f"data dtype {dtype} does not fit the model input {name!r} of dtype {want.dtype}; "
+            f"convert it first, e.g. x.astype('{want.dtype}')"
         )
 
 
 # --------------------------------------------------------------------------------------------
-# running
+# the adapter
 
 
 def _session(source: Any, providers: list[str] | None) -> Any:
     ort = require("onnxruntime")
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    return ort.InferenceSession(source, opts, providers=providers or ["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(source, opts, providers=providers or ["CPUExecutionProvider"])
+    except Exception as e:
+        raise InputError(f"onnxruntime cannot run the model: {e}") from e
 
 
-def _run_shard(
-    session: Any,
-    shard: Any,
-    *,
-    input_name: str,
-    targets: list[tuple[str, str, bool]],
-    feeds: dict[str, np.ndarray],
-    batch_size: int,
-    fixed_batch: int | None,
-    dtype: np.dtype,
-    bar: Any = None,
-) -> dict[str, _LayerStats]:
-    """Moments of the inputs of ``targets`` ((node name, X name, X is the graph input))."""
-    stats = {name: _LayerStats(0.0, None) for name, _, _ in targets}
-    out_names = sorted({x for _, x, is_in in targets if not is_in})
-    bs = fixed_batch or batch_size
-    for batch in _data.iter_batches(shard, bs):
-        arr = np.ascontiguousarray(np.asarray(batch), dtype=dtype)
+@dataclass
+class _OnnxAdapter:
+    """:class:`streamnorm.calibrate.Adapter` for a calibration model (statistics as inputs).
+
+    Attributes
+    ----------
+    model_bytes : bytes
+        The serialized :func:`calibration_model`.
+    bns : list of BNNode
+    feeds : dict of str to numpy.ndarray
+        The current statistics, fed to every run; :meth:`write` replaces them.
+    source : _Input
+    providers : list of str, optional
+    """
+
+    model_bytes: bytes
+    bns: list[BNNode]
+    feeds: dict[str, np.ndarray]
+    source: _Input
+    providers: list[str] | None = None
+    session: Any = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._by_name = {b.name: b for b in self.bns}
+
+    def layers(self) -> list[core.NormLayer]:
+        return [core.NormLayer(b.name, b.channels, b.eps, "biased") for b in self.bns]
+
+    def read(self, layer: core.NormLayer) -> core.Stats:
+        b = self._by_name[layer.name]
+        return core.Stats(
+            self.feeds[b.mean].astype(np.float64), self.feeds[b.var].astype(np.float64)
+        )
+
+    def write(self, layer: core.NormLayer, result: core.LayerResult) -> None:
+        """Keep the statistics in the initializers' dtype (``var`` biased, ONNX's convention)."""
+        b = self._by_name[layer.name]
+        self.feeds[b.mean] = result.mean.astype(self.feeds[b.mean].dtype)
+        self.feeds[b.var] = result.var.astype(self.feeds[b.var].dtype)
+
+    def run(self, batch: Any, targets: Sequence[core.NormLayer], emit: core.Emit) -> None:
+        """A model with a fixed batch dimension gets short batches padded (rows are
+        independent in inference mode) and the padding dropped again."""
+        if self.session is None:
+            self.session = _session(self.model_bytes, self.providers)
+        arr = np.ascontiguousarray(np.asarray(batch), dtype=self.source.dtype)
         n = arr.shape[0]
-        if fixed_batch is not None and n < fixed_batch:  # rows are independent in eval mode
-            arr = np.concatenate([arr, np.repeat(arr[:1], fixed_batch - n, axis=0)])
-        res = session.run(out_names, {input_name: arr, **feeds}) if out_names else []
+        fixed = self.source.fixed_batch
+        if fixed is not None and n < fixed:
+            arr = np.concatenate([arr, np.repeat(arr[:1], fixed - n, axis=0)])
+        nodes = [self._by_name[x.name] for x in targets]
+        out_names = sorted({b.x for b in nodes if not b.x_is_input})
+        try:
+            res = (
+                self.session.run(out_names, {self.source.name: arr, **self.feeds})
+                if out_names
+                else []
+            )
+        except Exception as e:
+            if type(e).__module__.startswith("onnxruntime"):
+                raise InputError(f"onnxruntime failed on the data: {e}") from e
+            raise
         got = dict(zip(out_names, res, strict=True))
-        for name, x, is_in in targets:
-            a = arr if is_in else got[x]
-            stats[name].add(np.asarray(a)[:n])
-        if bar is not None:
-            bar.update(1)
-    return stats
+        for b in nodes:
+            emit(b.name, np.asarray(arr if b.x_is_input else got[b.x])[:n])
+
+    def sequential_passes(
+        self, layers: list[core.NormLayer], first: Callable[[], Any]
+    ) -> list[list[core.NormLayer]]:
+        """One pass per depth: nodes of one depth do not depend on each other's statistics."""
+        depth = {b.name: b.depth for b in self.bns}
+        return [
+            [x for x in layers if depth[x.name] == d]
+            for d in sorted({depth[x.name] for x in layers})
+        ]
+
+    def remote(self) -> Callable[[], _OnnxAdapter]:
+        return _Remote(self.model_bytes, self.bns, dict(self.feeds), self.source, self.providers)
 
 
-def _shard_pass(
-    shard: Any,
-    *,
-    model_bytes: bytes,
-    input_name: str,
-    targets: list[tuple[str, str, bool]],
-    feeds: dict[str, np.ndarray],
-    batch_size: int,
-    fixed_batch: int | None,
-    dtype: str,
-    providers: list[str] | None,
-) -> dict[str, Moments]:
-    """Per-node moments of one shard; a session of its own (runs on a Dask worker)."""
-    session = _session(model_bytes, providers)
-    stats = _run_shard(
-        session, shard, input_name=input_name, targets=targets, feeds=feeds,
-        batch_size=batch_size, fixed_batch=fixed_batch, dtype=np.dtype(dtype),
-    )  # fmt: skip
-    out: dict[str, Moments] = {}
-    for name, st in stats.items():
-        out.update(st.to_moments(name))
-    return out
+@dataclass(frozen=True)
+class _Remote:
+    """Rebuilds the adapter, with the statistics written so far, on a Dask worker."""
+
+    model_bytes: bytes
+    bns: list[BNNode]
+    feeds: dict[str, np.ndarray]
+    source: _Input
+    providers: list[str] | None
+
+    def __call__(self) -> _OnnxAdapter:
+        return _OnnxAdapter(
+            self.model_bytes, self.bns, dict(self.feeds), self.source, self.providers
+        )
 
 
 # --------------------------------------------------------------------------------------------
 # writing
 
 
-def _save(model: Any, out_path: str, external: set[str], inputs: set[str]) -> None:
+def _data_path(out_path: str) -> str:
+    """Where tensors stored as external data go: ``out_path + ".data"``, next to it."""
+    return os.path.join(
+        os.path.dirname(os.path.abspath(out_path)), os.path.basename(out_path) + ".data"
+    )
+
+
+def _save(loaded: _Loaded, out_path: str) -> None:
+    """Write atomically; an ``OSError`` (full disk, no permission) becomes ``OutputPathError``."""
+    try:
+        _write(loaded, out_path)
+    except OSError as e:
+        raise OutputPathError(f"cannot write {out_path!r}: {e.strerror or e}") from e
+
+
+def _write(loaded: _Loaded, out_path: str) -> None:
     """Write atomically; tensors that were external data in the input stay external."""
     onnx = require("onnx")
     from onnx import external_data_helper as ext
 
+    model, external = loaded.model, loaded.external
     if not external and model.ByteSize() < _MAX_PROTO:
         try:
             onnx.checker.check_model(model)
         except Exception as e:
-            raise ValueError(f"the recalibrated model does not pass onnx.checker: {e}") from e
+            raise InputError(f"the recalibrated model does not pass onnx.checker: {e}") from e
         data = model.SerializeToString()
         atomic_write(out_path, lambda f: f.write(data))
         return
-    folder = os.path.dirname(os.path.abspath(out_path))
-    location = os.path.basename(out_path) + ".data"
-    data_path = os.path.join(folder, location)
-    if os.path.realpath(data_path) in inputs:
-        raise ValueError(
+    data_path = _data_path(out_path)
+    folder = os.path.dirname(data_path)
+    location = os.path.basename(data_path)
+    if os.path.realpath(data_path) in loaded.files:
+        raise OutputPathError(
             f"writing {out_path!r} would overwrite {data_path!r}, which the input model reads "
             "its weights from; choose another output name"
         )
@@ -230,7 +322,7 @@ def _save(model: Any, out_path: str, external: set[str], inputs: set[str]) -> No
         try:
             onnx.checker.check_model(tmp_model)
         except Exception as e:
-            raise ValueError(f"the recalibrated model does not pass onnx.checker: {e}") from e
+            raise InputError(f"the recalibrated model does not pass onnx.checker: {e}") from e
         for p in (os.path.join(tmp, location), tmp_model):
             if os.path.exists(p):
                 with open(p, "rb+") as f:
@@ -247,36 +339,46 @@ def _save(model: Any, out_path: str, external: set[str], inputs: set[str]) -> No
 def _check_paths(model_path: Any, out_path: Any) -> tuple[str, str]:
     for what, p in (("model_path", model_path), ("out_path", out_path)):
         if not isinstance(p, (str, os.PathLike)):
-            raise TypeError(f"{what} must be a str or path-like, got {type(p).__name__}")
+            raise InputTypeError(f"{what} must be a str or path-like, got {type(p).__name__}")
     mp, op = os.fspath(model_path), os.fspath(out_path)
+    if os.path.isdir(mp):
+        raise InputError(f"model {mp!r} is a directory; give the .onnx file inside it")
     if not os.path.isfile(mp):
-        raise FileNotFoundError(f"model file {mp!r} does not exist")
+        raise InputNotFoundError(f"model file {mp!r} does not exist")
     if os.path.realpath(mp) == os.path.realpath(op):
-        raise ValueError(
+        raise OutputPathError(
             f"out_path {op!r} is the input model; the input file is never modified, write to "
             "another path"
         )
     folder = os.path.dirname(os.path.abspath(op))
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"the output folder {folder!r} does not exist")
+        raise InputNotFoundError(f"the output folder {folder!r} does not exist")
     return mp, op
 
 
 def _open(data: Any, key: str | None) -> Any:
     if isinstance(data, (str, os.PathLike)):
-        return _data.open_data(data, key)
-    if isinstance(data, _data.Dataset):
+        return core.open_data(data, key)
+    if isinstance(data, core.Dataset):
         return data
-    if hasattr(data, "detach") and hasattr(data, "cpu"):
+    if is_torch_tensor(data):
         data = data.detach().cpu().numpy()
     if isinstance(data, np.ndarray):
         if data.ndim < 1 or len(data) == 0:
-            raise ValueError(f"data is empty (shape {data.shape}); give at least one sample")
+            raise InputError(f"data is empty (shape {data.shape}); give at least one sample")
         return data
-    raise TypeError(
+    raise InputTypeError(
         "data must be a numpy array, a tensor, a path (.npy, .npz, folder or glob of .npy) or a "
         f"streamnorm Dataset, got {type(data).__name__}"
     )
+
+
+def _inputs(loaded: _Loaded, data: Any) -> list[str]:
+    """Every file the run reads: the model, its external data, the data files."""
+    files = list(loaded.files)
+    if isinstance(data, core.Dataset):
+        files += [p.path for p in data.parts]
+    return files
 
 
 def recalibrate(
@@ -292,7 +394,7 @@ def recalibrate(
     progress: bool = True,
     client: Any = None,
     providers: list[str] | None = None,
-) -> CalibrationReport:
+) -> core.CalibrationReport:
     """Write a copy of an ONNX model whose BatchNorm statistics are re-estimated from data.
 
     Parameters
@@ -301,11 +403,11 @@ def recalibrate(
         An ONNX model (opset 9 or later, external data allowed). Never modified.
     data : numpy.ndarray, torch.Tensor, path or streamnorm Dataset, shape (N, ...)
         Samples for the model input; a path is opened with
-        :func:`streamnorm._data.open_data` (``.npy``, ``.npz`` with ``key``, a folder or glob of
-        ``.npy`` shards) and read batch by batch.
+        :func:`streamnorm.calibrate.open_data` (``.npy``, ``.npz`` with ``key``, a folder or glob
+        of ``.npy`` shards) and read batch by batch.
     out_path : str or path-like
         The recalibrated model, written atomically; with external data in the input, its
-        tensors go to ``out_path + ".data"`` next to it.
+        tensors go to ``out_path + ".data"`` next to it. It may be none of the files read.
     mode : {"sequential", "one-pass"}
         ``sequential``: one pass per group of BatchNorm nodes of the same depth, in topological
         order, each computed with all upstream nodes already recalibrated, which reaches the
@@ -333,130 +435,47 @@ def recalibrate(
 
     Notes
     -----
-    The ONNX graph always normalizes with its stored statistics, so the moments of a node's input
-    depend on the statistics of every node upstream; ``sequential`` recomputes depth by depth so
-    that, afterwards, every node's input has exactly the stored mean and variance on the data.
-    ``var`` is written biased (``M2 / n``, the convention of the ONNX operator), in the
-    initializer's dtype; ``epsilon``, the scale and the bias are untouched. An initializer
-    shared by several nodes (or with other operators, or reached through ``Identity`` /
-    ``Constant``) is copied so that each BatchNorm node gets its own. Statistics fed as graph
-    inputs are refused with ``ValueError``: the file stores nothing to rewrite.
+    The per-node statistics are :class:`~streamnorm.Population` estimators (see
+    :mod:`streamnorm.calibrate`). The ONNX graph always normalizes with its stored statistics, so
+    the moments of a node's input depend on the statistics of every node upstream;
+    ``sequential`` recomputes depth by depth so that, afterwards, every node's input has exactly
+    the stored mean and variance on the data. ``var`` is written biased (``M2 / n``, the
+    convention of the ONNX operator), in the initializer's dtype; ``epsilon``, the scale and the
+    bias are untouched. An initializer shared by several nodes (or with other operators, or
+    reached through ``Identity`` / ``Constant``) is copied so that each BatchNorm node gets its
+    own. Statistics fed as graph inputs are refused with ``ValueError``: the file stores nothing
+    to rewrite.
     """
     require("onnxruntime", "onnx")
-    mp, op = _check_paths(model_path, out_path)
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if num_samples is not None and (
-        isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer))
-        or num_samples < 1
-    ):  # fmt: skip
-        raise ValueError(f"num_samples must be a positive int or None, got {num_samples!r}")
-    bs = _data._check_batch_size(batch_size)
-    model, inputs, external = _load(mp)
-    bns = prepare(model)
-    ds = _data.limit(_open(data, key), num_samples)
-    in_name, dims, in_dtype = _model_input(model, input_name)
-    _check_fit(tuple(ds.shape), np.dtype(ds.dtype), in_name, dims, in_dtype)
-    fixed = dims[0] if dims and dims[0] is not None else None
-
-    inits = {t.name: t for t in model.graph.initializer}
     onnx = require("onnx")
+    mp, op = _check_paths(model_path, out_path)
+    settings = core.Settings.checked(core.StatsSpec("population"), mode, progress, client)
+    bs = check_size("batch_size", batch_size)
+    loaded = _load(mp)
+    bns = prepare(loaded.model)
+    opened = _open(data, key)
+    source = _model_input(loaded.model, input_name)
+    _check_fit(tuple(opened.shape), np.dtype(opened.dtype), source)
+    stream = core.Stream.of(opened, source.fixed_batch or bs, num_samples)
+    check_output(op, _inputs(loaded, opened))
+    if loaded.external and os.path.realpath(_data_path(op)) in loaded.files:
+        raise OutputPathError(
+            f"writing {op!r} would overwrite {_data_path(op)!r}, which the input model reads "
+            "its weights from; choose another output name"
+        )
+
+    inits = {t.name: t for t in loaded.model.graph.initializer}
     feeds = {n: onnx.numpy_helper.to_array(inits[n]) for b in bns for n in (b.mean, b.var)}
-    old = {b.name: (feeds[b.mean].astype(np.float64), feeds[b.var].astype(np.float64)) for b in bns}
-    cal = calibration_model(model, bns)
+    cal = calibration_model(loaded.model, bns)
     if cal.ByteSize() >= _MAX_PROTO:
-        raise ValueError(
+        raise InputError(
             "the model is larger than 2 GiB once loaded; recalibration of such models through "
             "onnxruntime sessions from memory is not supported"
         )
-    cal_bytes = cal.SerializeToString()
-    groups = (
-        [[b for b in bns if b.depth == d] for d in sorted({b.depth for b in bns})]
-        if mode == "sequential"
-        else [bns]
-    )
-    shard_list = _data.shards(ds, fixed or bs)
-    per_pass = sum(-(-(s.stop - s.start if isinstance(s, _data.FileShard) else len(s)) //
-                     (fixed or bs)) for s in shard_list)  # fmt: skip
-    try:
-        session = None if client is not None else _session(cal_bytes, providers)
-    except Exception as e:
-        raise ValueError(f"onnxruntime cannot run the model: {e}") from e
-    bar = progress_bar(per_pass * len(groups), progress, "calibrating")
-    results: dict[str, _LayerStats] = {}
-    try:
-        for group in groups:
-            targets = [(b.name, b.x, b.x_is_input) for b in group]
-            stats = _pass(
-                session, client, shard_list, cal_bytes, targets, feeds, in_name, bs, fixed,
-                in_dtype, providers, bar,
-            )  # fmt: skip
-            for b in group:
-                st = stats[b.name]
-                mean = np.asarray(st.pooled.mean)
-                var = np.asarray(st.pooled.var(ddof=0))
-                if mean.shape != (b.channels,):
-                    raise ValueError(
-                        f"the input of node {b.name!r} has {mean.shape} channels, the node "
-                        f"{b.channels}"
-                    )
-                if not (np.isfinite(mean).all() and np.isfinite(var).all()):
-                    raise ValueError(
-                        f"the input of node {b.name!r} has non-finite values (NaN/Inf); check "
-                        "the data (nothing was written)"
-                    )
-                feeds[b.mean] = mean.astype(feeds[b.mean].dtype)
-                feeds[b.var] = var.astype(feeds[b.var].dtype)
-                results[b.name] = st
-    finally:
-        if bar is not None:
-            bar.close()
+    adapter = _OnnxAdapter(cal.SerializeToString(), bns, feeds, source, providers)
+    report = core.calibrate(adapter, stream, settings)
     for b in bns:
         for n in (b.mean, b.var):
-            inits[n].CopyFrom(onnx.numpy_helper.from_array(feeds[n], n))
-    _save(model, op, external, inputs)
-    reports = [
-        layer_report(
-            b.name, results[b.name].samples, results[b.name].batches, *old[b.name],
-            feeds[b.mean].astype(np.float64), feeds[b.var].astype(np.float64), b.eps,
-        )
-        for b in bns
-    ]  # fmt: skip
-    return CalibrationReport(
-        layers=reports, estimator="population", mode=mode,
-        samples=max((r.samples for r in reports), default=0),
-    )  # fmt: skip
-
-
-def _pass(
-    session: Any, client: Any, shard_list: list[Any], cal_bytes: bytes,
-    targets: list[tuple[str, str, bool]], feeds: dict[str, np.ndarray], in_name: str, bs: int,
-    fixed: int | None, in_dtype: np.dtype, providers: list[str] | None, bar: Any,
-) -> dict[str, _LayerStats]:  # fmt: skip
-    if client is not None:
-        from ..calibrate._distributed import map_merge
-
-        fn = functools.partial(
-            _shard_pass, model_bytes=cal_bytes, input_name=in_name, targets=targets,
-            feeds=dict(feeds), batch_size=bs, fixed_batch=fixed, dtype=in_dtype.str,
-            providers=providers,
-        )  # fmt: skip
-        merged = map_merge(client, shard_list, fn)
-        return {name: _LayerStats.from_moments(name, merged) for name, _, _ in targets}
-    total: dict[str, _LayerStats] = {name: _LayerStats(0.0, None) for name, _, _ in targets}
-    for shard in shard_list:
-        try:
-            part = _run_shard(
-                session, shard, input_name=in_name, targets=targets, feeds=feeds,
-                batch_size=bs, fixed_batch=fixed, dtype=in_dtype, bar=bar,
-            )  # fmt: skip
-        except Exception as e:
-            if type(e).__module__.startswith("onnxruntime"):
-                raise ValueError(f"onnxruntime failed on the data: {e}") from e
-            raise
-        for name, st in part.items():
-            t = total[name]
-            t.pooled += st.pooled
-            t.batch += st.batch
-            t.sizes += st.sizes
-    return total
+            inits[n].CopyFrom(onnx.numpy_helper.from_array(adapter.feeds[n], n))
+    _save(loaded, op)
+    return report

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from .._errors import InputError
 from .._extras import require
 
 MIN_OPSET = 9
@@ -101,68 +102,86 @@ def prepare(model: Any) -> list[BNNode]:
         For an opset below 9, no BatchNorm node, a node in training mode or inside a subgraph,
         statistics fed as graph inputs or computed by the graph.
     """
-    onnx = require("onnx")
-    numpy_helper = onnx.numpy_helper
     opset = opset_version(model)
     if opset < MIN_OPSET:
-        raise ValueError(
+        raise InputError(
             f"the model uses opset {opset}; recalibration supports opset {MIN_OPSET} and later: "
             "convert it first with onnx.version_converter.convert_version(model, 15)"
         )
     g = model.graph
     bn_idx = [
-        i for i, n in enumerate(g.node)
+        i
+        for i, n in enumerate(g.node)
         if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx")
-    ]  # fmt: skip
+    ]
     for n in g.node:
         for a in n.attribute:
             subs = ([a.g] if a.HasField("g") else []) + list(a.graphs)
             if any(_has_bn(s) for s in subs):
-                raise ValueError(
+                raise InputError(
                     f"node {n.name!r} ({n.op_type}) holds BatchNormalization nodes in a subgraph, "
                     "which recalibration does not reach; inline or export the model without "
                     "control flow"
                 )
     if not bn_idx:
-        raise ValueError(
+        raise InputError(
             "the model has no BatchNormalization node to recalibrate (exporters fold BatchNorm "
             "into the preceding Conv when constant folding is on: export with "
             "do_constant_folding=False)"
         )
-    inits = {t.name: t for t in g.initializer}
-    graph_inputs = {i.name for i in g.input}
-    producers = {o: n for n in g.node for o in n.output}
-    uses: Counter[str] = Counter(i for n in g.node for i in n.input)
-    uses.update(o.name for o in g.output)
-    taken = set(inits) | graph_inputs | set(producers) | {v.name for v in g.value_info}
-    taken |= {n.name for n in g.node}
-    names: set[str] = set()
+    ctx = _Graph.of(model)
     depth: dict[str, int] = {}
     out: list[BNNode] = []
-    by_node: dict[int, BNNode] = {}
     bn_set = set(bn_idx)
     for i, node in enumerate(g.node):
         d_in = max((depth.get(x, 0) for x in node.input if x), default=0)
         if i in bn_set:
-            bn = _one(node, i, d_in + 1, onnx, numpy_helper, inits, graph_inputs, producers,
-                      uses, taken, names, model)  # fmt: skip
-            by_node[i] = bn
-            out.append(bn)
+            out.append(_one(node, i, d_in + 1, ctx))
         for o in node.output:
             depth[o] = d_in + (1 if i in bn_set else 0)
     # drop initializers no node reads any more (their users got copies)
-    keep = [t for t in g.initializer if uses[t.name] > 0 or t.name in graph_inputs]
+    keep = [t for t in g.initializer if ctx.uses[t.name] > 0 or t.name in ctx.graph_inputs]
     if len(keep) != len(g.initializer):
         del g.initializer[:]
         g.initializer.extend(keep)
     return out
 
 
-def _one(
-    node: Any, i: int, depth: int, onnx: Any, numpy_helper: Any, inits: dict[str, Any],
-    graph_inputs: set[str], producers: dict[str, Any], uses: Counter[str], taken: set[str],
-    names: set[str], model: Any,
-) -> BNNode:  # fmt: skip
+@dataclass
+class _Graph:
+    """What :func:`prepare` knows about the main graph while it rewrites it."""
+
+    model: Any
+    inits: dict[str, Any]
+    graph_inputs: set[str]
+    producers: dict[str, Any]
+    uses: Counter[str]
+    taken: set[str]
+    names: set[str]
+
+    @classmethod
+    def of(cls, model: Any) -> _Graph:
+        g = model.graph
+        inits = {t.name: t for t in g.initializer}
+        graph_inputs = {i.name for i in g.input}
+        producers = {o: n for n in g.node for o in n.output}
+        uses: Counter[str] = Counter(i for n in g.node for i in n.input)
+        uses.update(o.name for o in g.output)
+        taken = set(inits) | graph_inputs | set(producers) | {v.name for v in g.value_info}
+        taken |= {n.name for n in g.node}
+        return cls(model, inits, graph_inputs, producers, uses, taken, set())
+
+
+def _one(node: Any, i: int, depth: int, ctx: _Graph) -> BNNode:
+    onnx = require("onnx")
+    numpy_helper = onnx.numpy_helper
+    model, inits, graph_inputs, uses, names = (
+        ctx.model,
+        ctx.inits,
+        ctx.graph_inputs,
+        ctx.uses,
+        ctx.names,
+    )
     base = node.name or f"BatchNormalization_{i}"
     name = base
     k = 1
@@ -172,24 +191,24 @@ def _one(
     names.add(name)
     for a in node.attribute:
         if a.name == "training_mode" and a.i:
-            raise ValueError(
+            raise InputError(
                 f"BatchNormalization node {name!r} has training_mode=1 (it normalizes with batch "
                 "statistics and ignores the stored ones); export the model in inference mode"
             )
     if len(node.input) < 5:
-        raise ValueError(f"BatchNormalization node {name!r} has {len(node.input)} inputs, not 5")
+        raise InputError(f"BatchNormalization node {name!r} has {len(node.input)} inputs, not 5")
     eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
     values = []
     for slot, what in ((3, "mean"), (4, "var")):
         src = node.input[slot]
-        value, direct = _resolve(src, name, what, inits, graph_inputs, producers, numpy_helper)
+        value, direct = _resolve(src, name, what, ctx)
         if value.ndim != 1:
-            raise ValueError(
+            raise InputError(
                 f"BatchNormalization node {name!r}: {what} {src!r} has shape {value.shape}, "
                 "expected (C,)"
             )
         if not direct or uses[src] > 1:
-            new = _unique(f"{name}.{what}", taken)
+            new = _unique(f"{name}.{what}", ctx.taken)
             t = numpy_helper.from_array(np.ascontiguousarray(value), new)
             model.graph.initializer.append(t)
             inits[new] = t
@@ -205,34 +224,39 @@ def _one(
         values.append((src, value))
     (mean_name, mean), (var_name, var) = values
     if mean.shape != var.shape:
-        raise ValueError(
+        raise InputError(
             f"BatchNormalization node {name!r}: mean has shape {mean.shape} but var {var.shape}"
         )
     x = node.input[0]
     return BNNode(
-        name=name, x=x, mean=mean_name, var=var_name, eps=float(eps), channels=int(mean.shape[0]),
-        depth=depth, x_is_input=x in graph_inputs and x not in inits,
-    )  # fmt: skip
+        name=name,
+        x=x,
+        mean=mean_name,
+        var=var_name,
+        eps=float(eps),
+        channels=int(mean.shape[0]),
+        depth=depth,
+        x_is_input=x in graph_inputs and x not in inits,
+    )
 
 
-def _resolve(
-    src: str, node: str, what: str, inits: dict[str, Any], graph_inputs: set[str],
-    producers: dict[str, Any], numpy_helper: Any,
-) -> tuple[np.ndarray, bool]:  # fmt: skip
+def _resolve(src: str, node: str, what: str, ctx: _Graph) -> tuple[np.ndarray, bool]:
     """The stored value of a statistics input, and whether it is the initializer itself."""
+    numpy_helper = require("onnx").numpy_helper
+    inits, graph_inputs, producers = ctx.inits, ctx.graph_inputs, ctx.producers
     name, direct = src, True
     for _ in range(10_000):
         if name in inits:
             return numpy_helper.to_array(inits[name]), direct
         if name in graph_inputs:
-            raise ValueError(
+            raise InputError(
                 f"the {what} of BatchNormalization node {node!r} is the graph input {name!r}, fed "
                 "at run time, so the file stores no statistics to recalibrate; export the model "
                 "with its statistics as initializers (constants)"
             )
         prod = producers.get(name)
         if prod is None:
-            raise ValueError(
+            raise InputError(
                 f"the {what} of BatchNormalization node {node!r} ({name!r}) is undefined"
             )
         if prod.op_type == "Identity":
@@ -242,11 +266,11 @@ def _resolve(
             for a in prod.attribute:
                 if a.name == "value":
                     return numpy_helper.to_array(a.t), False
-        raise ValueError(
+        raise InputError(
             f"the {what} of BatchNormalization node {node!r} is computed by a {prod.op_type} node "
             f"({prod.name!r}), not stored; recalibration can only rewrite stored statistics"
         )
-    raise ValueError(f"the {what} of BatchNormalization node {node!r} forms a cycle")
+    raise InputError(f"the {what} of BatchNormalization node {node!r} forms a cycle")
 
 
 def _elem_types(model: Any) -> dict[str, int]:

@@ -14,6 +14,7 @@ from .._extras import require
 require("torch")
 
 _NAMES = {
+    "adapt": "._adapt",
     "track": "._hooks",
     "load_estimates": "._hooks",
     "bn_layers": "._hooks",

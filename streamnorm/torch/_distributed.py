@@ -6,8 +6,10 @@ from typing import Any
 
 import numpy as np
 
+from .._errors import InputError, InputTypeError
 from .._extras import require
-from .._moments import FORMAT_NAME, FORMAT_VERSION, Moments
+from .._moments import Moments
+from .._state import State
 
 __all__ = ["all_reduce_moments"]
 
@@ -35,18 +37,16 @@ def _gather(
     return [o.cpu().numpy() for o in out]
 
 
-def _header(m: Moments) -> np.ndarray:
+def _header(st: State | None) -> np.ndarray:
     h = np.zeros(_HEAD + _MAX_NDIM)
-    d = m.to_dict()
-    shape = m.shape
-    h[0] = 1.0 if shape is None else 0.0
-    if shape is not None:
-        h[1] = len(shape)
-        h[2] = d["mean"].size
-        h[_HEAD : _HEAD + len(shape)] = shape
-    h[3] = d["total"]
-    h[4] = float(d["weighted"])
-    h[5] = float(d["per_dim"])
+    h[0] = 1.0 if st is None else 0.0
+    if st is not None:
+        h[1] = len(st.shape)
+        h[2] = st.size
+        h[_HEAD : _HEAD + len(st.shape)] = st.shape
+        h[3] = st.total
+        h[4] = float(st.weighted)
+        h[5] = float(st.per_dim)
     return h
 
 
@@ -88,10 +88,12 @@ def all_reduce_moments(m: Moments, group: Any = None) -> Moments:
     """
     torch = require("torch")
     if not isinstance(m, Moments):
-        raise TypeError(f"all_reduce_moments takes a streamnorm.Moments, got {type(m).__name__}")
+        raise InputTypeError(
+            f"all_reduce_moments takes a streamnorm.Moments, got {type(m).__name__}"
+        )
     dist = torch.distributed
     if not dist.is_available() or not dist.is_initialized():
-        raise ValueError(
+        raise InputError(
             "torch.distributed is not initialized: call torch.distributed.init_process_group(...) "
             "in every process first (or do not all-reduce in a single process)"
         )
@@ -99,12 +101,13 @@ def all_reduce_moments(m: Moments, group: Any = None) -> Moments:
     if world == 1:
         return m.copy()
     if m.shape is not None and len(m.shape) > _MAX_NDIM:
-        raise ValueError(f"states with more than {_MAX_NDIM} dimension axes are not supported")
+        raise InputError(f"states with more than {_MAX_NDIM} dimension axes are not supported")
     device = _device(dist, torch, group)
-    heads = _gather(dist, torch, _header(m), group, device, world)
+    st = m.state()
+    heads = _gather(dist, torch, _header(st), group, device, world)
     shapes = {tuple(int(s) for s in h[_HEAD : _HEAD + int(h[1])]) for h in heads if h[0] == 0.0}
     if len(shapes) > 1:
-        raise ValueError(
+        raise InputError(
             f"ranks hold Moments of different dimension shapes {sorted(shapes)}; every rank must "
             "reduce over the same axes of inputs with the same dimensions"
         )
@@ -112,30 +115,25 @@ def all_reduce_moments(m: Moments, group: Any = None) -> Moments:
         return Moments()
     (shape,) = shapes
     size = int(np.prod(shape, dtype=np.int64))
-    if m.shape is None:
+    if st is None:
         mine = np.stack([np.zeros(size), np.full(size, np.nan), np.zeros(size), np.zeros(size)])
     else:
-        d = m.to_dict()
-        lo = np.asarray(d.get("mean_lo", np.zeros(size)), dtype=np.float64)
-        mine = np.stack([d["count"], d["mean"], lo, d["m2"]])
+        mine = np.stack([st.n, st.mean, st.lo, st.m2])
     parts = _gather(dist, torch, mine, group, device, world)
     out = Moments()
     for h, p in zip(heads, parts, strict=True):
         if h[0] != 0.0:
             continue
-        out += Moments.from_dict(
-            {
-                "format": FORMAT_NAME,
-                "version": FORMAT_VERSION,
-                "empty": False,
-                "shape": np.asarray(shape, dtype=np.int64),
-                "count": p[0],
-                "mean": p[1],
-                "mean_lo": p[2],
-                "m2": p[3],
-                "total": float(h[3]),
-                "weighted": bool(h[4]),
-                "per_dim": bool(h[5]),
-            }
+        out += Moments.from_state(
+            State(
+                n=p[0],
+                mean=p[1],
+                lo=p[2],
+                m2=p[3],
+                shape=shape,
+                total=float(h[3]),
+                weighted=bool(h[4]),
+                per_dim=bool(h[5]),
+            )
         )
     return out

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from .._errors import InputError, InputTypeError
 from .._extras import require
 
 torch = require("torch")
@@ -43,7 +44,7 @@ def bn_layers(model: Any) -> list[tuple[str, Any]]:
         ``GroupNorm`` and ``LayerNorm`` have no running statistics and are not listed.
     """
     if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        raise InputTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     return [(name, m) for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
 
 
@@ -61,7 +62,7 @@ def bn_axes(ndim: int) -> tuple[int, ...]:
         Every axis but the channel axis 1: ``(0,)``, ``(0, 2)``, ``(0, 2, 3)``, ``(0, 2, 3, 4)``.
     """
     if ndim < 2:
-        raise ValueError(f"BatchNorm input needs at least 2 dimensions (N, C, ...), got {ndim}")
+        raise InputError(f"BatchNorm input needs at least 2 dimensions (N, C, ...), got {ndim}")
     return (0, *range(2, ndim))
 
 
@@ -70,12 +71,14 @@ def _select(model: Any, layers: Iterable[str] | None) -> list[tuple[str, Any]]:
     if layers is None:
         return found
     if isinstance(layers, str):
-        raise TypeError(f"layers must be an iterable of layer names, got the string {layers!r}")
+        raise InputTypeError(
+            f"layers must be an iterable of layer names, got the string {layers!r}"
+        )
     by_name = dict(found)
     chosen = []
     for name in layers:
         if name not in by_name:
-            raise ValueError(
+            raise InputError(
                 f"layer {name!r} is not a BatchNorm layer of the model; "
                 f"its BatchNorm layers are {sorted(by_name)}"
             )
@@ -135,7 +138,7 @@ def track(model: Any, tracker: Any, *, layers: Iterable[str] | None = None) -> I
     ...     train(model, x, y, epochs=5, batch_size=32, on_epoch=lambda e: tracker.next_epoch())
     """
     if not callable(getattr(tracker, "update", None)):
-        raise TypeError(
+        raise InputTypeError(
             f"tracker must have an update(layer, x, axis=...) method (e.g. streamnorm.Tracker), "
             f"got {type(tracker).__name__}"
         )
@@ -166,35 +169,35 @@ def _running_var(est: Any) -> Any:
 def _collect(estimates: Any, estimator: str) -> dict[str, tuple[Any, Any]]:
     """``{layer: (mean, running_var)}`` from a Tracker or an ``estimates()`` dict."""
     if not isinstance(estimator, str):
-        raise TypeError(f"estimator must be a name (str), got {type(estimator).__name__}")
+        raise InputTypeError(f"estimator must be a name (str), got {type(estimator).__name__}")
     if hasattr(estimates, "estimator") and hasattr(estimates, "estimator_names"):
         names = list(estimates.estimator_names)
         if estimator not in names:
-            raise ValueError(f"unknown estimator {estimator!r}; the tracker has {names}")
+            raise InputError(f"unknown estimator {estimator!r}; the tracker has {names}")
         out = {}
         for layer in estimates.layers:
             est = estimates.estimator(layer, estimator)
             out[layer] = (est.mean, _running_var(est))
         return out
     if not isinstance(estimates, Mapping):
-        raise TypeError(
+        raise InputTypeError(
             "estimates must be a streamnorm.Tracker or its estimates() dict "
             f"{{layer: {{estimator: (mean, var)}}}}, got {type(estimates).__name__}"
         )
     out = {}
     for layer, per_est in estimates.items():
         if not isinstance(per_est, Mapping):
-            raise TypeError(
+            raise InputTypeError(
                 f"estimates[{layer!r}] must map estimator names to (mean, var), "
                 f"got {type(per_est).__name__}"
             )
         if estimator not in per_est:
-            raise ValueError(
+            raise InputError(
                 f"unknown estimator {estimator!r} for layer {layer!r}; it has {sorted(per_est)}"
             )
         pair = per_est[estimator]
         if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-            raise TypeError(f"estimates[{layer!r}][{estimator!r}] must be a (mean, var) pair")
+            raise InputTypeError(f"estimates[{layer!r}][{estimator!r}] must be a (mean, var) pair")
         out[layer] = (pair[0], pair[1])
     return out
 
@@ -236,28 +239,28 @@ def load_estimates(model: Any, estimates: Any, estimator: str = "population") ->
     for layer, (mean, var) in stats.items():
         bn = layers.get(layer)
         if bn is None:
-            raise ValueError(
+            raise InputError(
                 f"layer {layer!r} of the estimates is not a BatchNorm layer of the model; "
                 f"its BatchNorm layers are {sorted(layers)}"
             )
         if bn.running_mean is None or bn.running_var is None:
-            raise ValueError(
+            raise InputError(
                 f"BatchNorm layer {layer!r} has track_running_stats=False and no buffers to load"
             )
         if isinstance(bn.running_mean, torch.nn.parameter.UninitializedBuffer):
-            raise ValueError(
+            raise InputError(
                 f"lazy BatchNorm layer {layer!r} is not initialized yet; run one forward pass first"
             )
         m = np.array(mean, dtype=np.float64).reshape(-1)  # a writable copy
         v = np.array(var, dtype=np.float64).reshape(-1)
         want = tuple(bn.running_mean.shape)
         if m.shape != want or v.shape != want:
-            raise ValueError(
+            raise InputError(
                 f"layer {layer!r} has {want[0]} channels but the {estimator!r} estimate has "
                 f"mean shape {m.shape} and var shape {v.shape}; estimates come from another model"
             )
         if np.any(v < 0):
-            raise ValueError(f"the {estimator!r} variance of layer {layer!r} has negative entries")
+            raise InputError(f"the {estimator!r} variance of layer {layer!r} has negative entries")
         staged.append((layer, bn, m, v))
     with torch.no_grad():
         for _, bn, m, v in staged:

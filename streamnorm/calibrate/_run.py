@@ -1,0 +1,253 @@
+"""Scheduling a recalibration: one pass or sequential passes, locally or on a Dask cluster.
+
+:func:`calibrate` drives an :class:`Adapter` (the framework's side, see the package docstring)
+over a :class:`~streamnorm.calibrate.Stream` of batches and returns the report.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from .._errors import InputError, InputTypeError
+from .._validate import check_choice
+from ._data import Stream, iter_batches
+from ._progress import progress_bar
+from ._report import CalibrationReport, LayerReport, Stats, layer_report
+from ._stats import LayerStats, NormLayer, StatsSpec
+
+__all__ = ["MODES", "Adapter", "Emit", "LayerResult", "Settings", "ShardJob", "calibrate"]
+
+#: ``one-pass``: every layer from one pass with batch statistics upstream; ``sequential``: one
+#: pass per group of layers, upstream layers already recalibrated
+MODES = ("sequential", "one-pass")
+
+#: ``emit(layer_name, x)``: hand one batch of a layer's input to the core
+Emit = Callable[[str, np.ndarray], None]
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    """New statistics for one layer, as :meth:`Adapter.write` receives them.
+
+    Attributes
+    ----------
+    mean, var : numpy.ndarray, shape (C,), float64
+        ``var`` in the layer's ``var_convention``.
+    samples, batches : int
+        What reached the layer.
+    continued : bool
+        The statistics continue the stored ones (an EMA): a batch counter should be added to,
+        not replaced.
+    """
+
+    mean: np.ndarray
+    var: np.ndarray
+    samples: int
+    batches: int
+    continued: bool
+
+
+class Adapter(Protocol):
+    """What a framework provides to the calibration core (see the package docstring)."""
+
+    def layers(self) -> list[NormLayer]:
+        """The norm layers to calibrate, in model order."""
+        ...
+
+    def read(self, layer: NormLayer) -> Stats:
+        """The layer's stored (mean, var) as float64, in its variance convention."""
+        ...
+
+    def write(self, layer: NormLayer, result: LayerResult) -> None:
+        """Store new statistics; later batches must be computed with them."""
+        ...
+
+    def run(self, batch: Any, targets: Sequence[NormLayer], emit: Emit) -> None:
+        """Run the model on one batch and call ``emit(name, x)`` with each target's input."""
+        ...
+
+    def sequential_passes(
+        self, layers: list[NormLayer], first: Callable[[], Any]
+    ) -> list[list[NormLayer]]:
+        """The groups of layers of the sequential mode, in order (``first()``: a batch)."""
+        ...
+
+    def remote(self) -> Callable[[], Adapter]:
+        """A picklable factory that rebuilds this adapter, with its current statistics, on a
+        Dask worker."""
+        ...
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How to calibrate.
+
+    Attributes
+    ----------
+    stats : StatsSpec
+        The estimator of every layer.
+    mode : {"sequential", "one-pass"}
+    progress : bool
+        A progress bar on a terminal.
+    client : distributed.Client, optional
+        Run each pass on a Dask cluster, one task per shard of the data.
+    """
+
+    stats: StatsSpec
+    mode: str = "one-pass"
+    progress: bool = True
+    client: Any = None
+
+    @classmethod
+    def checked(
+        cls,
+        stats: StatsSpec,
+        mode: Any,
+        progress: bool = True,
+        client: Any = None,
+    ) -> Settings:
+        """Settings from user arguments, or ``InputError``."""
+        return cls(stats, check_choice("mode", mode, MODES), bool(progress), client)
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One pass over one shard on a worker (picklable).
+
+    Attributes
+    ----------
+    factory : callable
+        :meth:`Adapter.remote` of the local adapter.
+    names : tuple of str
+        The layers to collect.
+    stats : StatsSpec
+    batch_size : int
+    """
+
+    factory: Callable[[], Adapter]
+    names: tuple[str, ...]
+    stats: StatsSpec
+    batch_size: int
+
+
+def shard_pass(shard: Any, *, job: ShardJob) -> dict[str, LayerStats]:
+    """Per-layer statistics of one shard (runs on a Dask worker)."""
+    adapter = job.factory()
+    by_name = {layer.name: layer for layer in adapter.layers()}
+    group = [by_name[n] for n in job.names]
+    return _feed(adapter, iter_batches(shard, job.batch_size), group, job.stats, None)
+
+
+def _feed(
+    adapter: Adapter,
+    batches: Any,
+    group: list[NormLayer],
+    spec: StatsSpec,
+    bar: Any,
+) -> dict[str, LayerStats]:
+    """One pass of ``batches`` through ``adapter``, collecting the inputs of ``group``."""
+    starts = {x.name: adapter.read(x) for x in group} if spec.estimator == "ema" else {}
+    stats = {x.name: LayerStats.new(x, spec, starts.get(x.name)) for x in group}
+    axis = {x.name: x.channel_axis for x in group}
+
+    def emit(name: str, x: np.ndarray) -> None:
+        stats[name].add(x, axis[name])
+
+    for batch in batches:
+        adapter.run(batch, group, emit)
+        if bar is not None:
+            bar.update(1)
+    return stats
+
+
+def _collect(
+    adapter: Adapter, stream: Stream, group: list[NormLayer], settings: Settings, bar: Any
+) -> dict[str, LayerStats]:
+    if settings.client is None:
+        return _feed(adapter, stream.batches(), group, settings.stats, bar)
+    from ._distributed import map_merge
+
+    job = ShardJob(
+        adapter.remote(), tuple(x.name for x in group), settings.stats, stream.batch_size
+    )
+    merged = map_merge(settings.client, stream.shards(), functools.partial(shard_pass, job=job))
+    if bar is not None:
+        bar.update(stream.batches_per_pass() or 0)
+    return {x.name: merged.get(x.name) or LayerStats.new(x, settings.stats) for x in group}
+
+
+def _check_distributed(stream: Stream, settings: Settings) -> None:
+    if settings.client is None:
+        return
+    if not stream.arraylike:
+        raise InputTypeError(
+            "client= needs array, tensor or file data, which can be split into shards; "
+            f"got {type(stream.data).__name__}"
+        )
+    if settings.stats.estimator == "ema":
+        raise InputError(
+            "estimator='ema' depends on the order of all batches and cannot be split over "
+            "workers; use 'population' or 'cumulative' with client="
+        )
+
+
+def calibrate(
+    adapter: Adapter,
+    stream: Stream,
+    settings: Settings,
+    undo: Callable[[], None] | None = None,
+) -> CalibrationReport:
+    """Recalibrate every layer of ``adapter`` on ``stream``; the report carries ``undo``.
+
+    ``one-pass`` collects every layer in one pass; ``sequential`` makes one pass per group of
+    :meth:`Adapter.sequential_passes` and writes each group's statistics before the next pass.
+    All results of a group are computed and checked before any is written. The caller restores
+    the model if this raises.
+    """
+    _check_distributed(stream, settings)
+    layers = adapter.layers()
+    before = {x.name: adapter.read(x) for x in layers}
+    if settings.mode == "one-pass":
+        passes = [list(layers)]
+    else:
+        passes = adapter.sequential_passes(list(layers), stream.first)
+    per_pass = stream.batches_per_pass()
+    bar = progress_bar(None if per_pass is None else per_pass * len(passes), settings.progress)
+    seen: dict[str, LayerStats] = {}
+    try:
+        for i, group in enumerate(passes):
+            if bar is not None and len(passes) > 1:
+                bar.set_description(f"pass {i + 1}/{len(passes)}")
+            stats = _collect(adapter, stream, group, settings, bar)
+            new = {x.name: stats[x.name].result(x) for x in group if stats[x.name].batches}
+            for x in group:
+                st = stats[x.name]
+                if x.name in new:
+                    result = LayerResult(
+                        new[x.name].mean,
+                        new[x.name].var,
+                        st.samples,
+                        st.batches,
+                        settings.stats.estimator == "ema",
+                    )
+                    adapter.write(x, result)
+                seen[x.name] = st
+    finally:
+        if bar is not None:
+            bar.close()
+    reports: list[LayerReport] = []
+    for group in passes:
+        for x in group:
+            st = seen[x.name]
+            reports.append(
+                layer_report(x.name, st.samples, st.batches, before[x.name], adapter.read(x), x.eps)
+            )
+    total = max((r.samples for r in reports), default=0)
+    if total == 0:
+        raise InputError("data is empty: no batch reached any BatchNorm layer")
+    return CalibrationReport(reports, settings.stats.estimator, settings.mode, total, undo)
