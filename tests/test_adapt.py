@@ -85,7 +85,7 @@ def test_prior_population_equals_manual_and_restores():
         assert not model.training
         assert sorted(ada.estimators) == ["1", "4"]
         assert ada.estimators["1"].positions == 25
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
     assert_restored(model, snap)
 

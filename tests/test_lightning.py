@@ -200,7 +200,8 @@ def test_swa_and_logged_shift(tmp_path):
         float(logged[0]["recalibrate_bn/body.1/mean_shift"]), rep.max_mean_shift, rel_tol=1e-6
     )
     assert math.isclose(
-        float(logged[0]["recalibrate_bn/body.5/std_shift"]), cb.report["body.5"].max_std_shift,
+        float(logged[0]["recalibrate_bn/body.5/std_shift"]),
+        cb.report["body.5"].max_std_shift,
         rel_tol=1e-6,
     )
 
@@ -241,9 +242,7 @@ def test_ddp_two_ranks_identical_and_exact(tmp_path):
     w, b = s0["fc1.weight"].double().numpy(), s0["fc1.bias"].double().numpy()
     h = x.double().numpy() @ w.T + b  # the BatchNorm input on all 96 samples (both ranks' halves)
     np.testing.assert_allclose(s0["bn.running_mean"].double().numpy(), h.mean(0), rtol=1e-6)
-    np.testing.assert_allclose(
-        s0["bn.running_var"].double().numpy(), h.var(0, ddof=1), rtol=1e-6
-    )
+    np.testing.assert_allclose(s0["bn.running_var"].double().numpy(), h.var(0, ddof=1), rtol=1e-6)
     # a single rank's half would give other statistics
     assert not np.allclose(s0["bn.running_var"].double().numpy(), h[::2].var(0, ddof=1))
     assert int(s0["bn.num_batches_tracked"]) == 12  # 6 batches of 8 on each rank

@@ -13,7 +13,11 @@ about it that does not depend on a framework lives here, and nothing here import
   samples and batches seen; merged exactly across shards;
 - :func:`calibrate` (``_run.py``): one-pass or sequential scheduling, local or on Dask
   (``_distributed.py``: :func:`map_merge`, :func:`get_client`);
-- :class:`CalibrationReport` / :class:`LayerReport` (``_report.py``) and the progress bar.
+- :class:`CalibrationReport` / :class:`LayerReport` (``_report.py``) and the progress bar;
+- standard errors from the spread between batches (:class:`BatchSpread`, ``_spread.py``: per
+  layer and channel ``mean_se`` and ``var_se``), ``num_samples="auto"`` (:func:`check_budget`,
+  ``Settings.tol``: each pass stops once they are below ``tol``) and their plot
+  (:func:`plot_samples`, ``_plot.py``).
 
 Writing an adapter
 ------------------
@@ -46,15 +50,30 @@ raises. Two adapters never import each other; what they share belongs here.
 
 from ._data import Dataset, FileShard, Stream, input_of, iter_batches, open_data, shards
 from ._distributed import get_client, map_merge, merge_results
+from ._plot import SampleCurve, plot_samples
 from ._progress import progress_bar
 from ._report import CalibrationReport, LayerReport, Stats, layer_report
-from ._run import MODES, Adapter, Emit, LayerResult, Settings, ShardJob, calibrate, shard_pass
+from ._run import (
+    AUTO_MIN_BATCHES,
+    MODES,
+    Adapter,
+    Emit,
+    LayerResult,
+    Settings,
+    ShardJob,
+    calibrate,
+    check_budget,
+    shard_pass,
+)
+from ._spread import BatchSpread, Trace
 from ._stats import ESTIMATORS, LayerStats, NormLayer, StatsSpec
 
 __all__ = [
+    "AUTO_MIN_BATCHES",
     "ESTIMATORS",
     "MODES",
     "Adapter",
+    "BatchSpread",
     "CalibrationReport",
     "Dataset",
     "Emit",
@@ -63,12 +82,15 @@ __all__ = [
     "LayerResult",
     "LayerStats",
     "NormLayer",
+    "SampleCurve",
     "Settings",
     "ShardJob",
     "Stats",
     "Stream",
     "StatsSpec",
+    "Trace",
     "calibrate",
+    "check_budget",
     "get_client",
     "input_of",
     "iter_batches",
@@ -76,6 +98,7 @@ __all__ = [
     "map_merge",
     "merge_results",
     "open_data",
+    "plot_samples",
     "progress_bar",
     "shards",
     "shard_pass",

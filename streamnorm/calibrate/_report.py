@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .._errors import InputError
+from ._spread import BatchSpread, Trace
 
 __all__ = ["CalibrationReport", "LayerReport", "Stats", "layer_report"]
 
@@ -42,6 +43,16 @@ class LayerReport:
         ``|new mean - old mean| / old sigma`` per channel, ``old sigma = sqrt(old var + eps)``.
     std_shift : numpy.ndarray, shape (C,)
         ``|new sigma - old sigma| / old sigma`` per channel.
+    mean_se : numpy.ndarray, shape (C,)
+        Standard error of the new mean in units of the channel's estimated standard deviation,
+        from the spread between batches (see :mod:`streamnorm.calibrate._spread`); NaN where it
+        is not defined (an EMA, a single batch), empty when not computed.
+    var_se : numpy.ndarray, shape (C,)
+        Standard error of the new variance relative to it (same conventions).
+    spread : BatchSpread, optional
+        The per-batch moments behind ``mean_se`` / ``var_se`` (for :meth:`trace`).
+    estimator : str
+        The estimator the errors refer to.
     """
 
     name: str
@@ -50,6 +61,15 @@ class LayerReport:
     channels: int
     mean_shift: np.ndarray
     std_shift: np.ndarray
+    mean_se: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    var_se: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    spread: BatchSpread | None = field(default=None, repr=False, compare=False)
+    estimator: str = field(default="population", repr=False, compare=False)
+
+    def trace(self) -> Trace | None:
+        """The largest standard errors and deviations from the final estimate after every
+        prefix of the data (``None`` without a spread); costs ``O(K^2 C)`` for ``K`` clusters."""
+        return None if self.spread is None else self.spread.trace(self.estimator)
 
     @property
     def max_mean_shift(self) -> float:
@@ -59,13 +79,40 @@ class LayerReport:
     def max_std_shift(self) -> float:
         return float(np.max(self.std_shift)) if self.std_shift.size else 0.0
 
+    @property
+    def max_mean_se(self) -> float:
+        """Largest ``mean_se`` over channels (NaN when not defined)."""
+        return _nanmax(self.mean_se)
+
+    @property
+    def max_var_se(self) -> float:
+        """Largest ``var_se`` over channels (NaN when not defined)."""
+        return _nanmax(self.var_se)
+
+
+def _nanmax(a: np.ndarray) -> float:
+    if a.size == 0 or np.all(np.isnan(a)):
+        return float("nan")
+    return float(np.nanmax(a))
+
 
 def layer_report(
-    name: str, samples: int, batches: int, old: Stats, new: Stats, eps: float
+    name: str,
+    samples: int,
+    batches: int,
+    old: Stats,
+    new: Stats,
+    eps: float,
+    *,
+    se: tuple[np.ndarray, np.ndarray] | None = None,
+    spread: BatchSpread | None = None,
+    estimator: str = "population",
 ) -> LayerReport:
-    """The shifts of one layer from ``old`` to ``new`` statistics, in units of its old sigma."""
+    """The shifts of one layer from ``old`` to ``new`` statistics, in units of its old sigma;
+    ``se``: its ``(mean_se, var_se)``, ``spread``: where they come from."""
     old_sigma = np.sqrt(np.maximum(old.var, 0.0) + eps)
     new_sigma = np.sqrt(np.maximum(new.var, 0.0) + eps)
+    mean_se, var_se = se if se is not None else (np.zeros(0), np.zeros(0))
     return LayerReport(
         name=name,
         samples=int(samples),
@@ -73,6 +120,10 @@ def layer_report(
         channels=int(old.mean.size),
         mean_shift=np.abs(new.mean - old.mean) / old_sigma,
         std_shift=np.abs(new_sigma - old_sigma) / old_sigma,
+        mean_se=np.asarray(mean_se, dtype=np.float64),
+        var_se=np.asarray(var_se, dtype=np.float64),
+        spread=spread,
+        estimator=estimator,
     )
 
 
@@ -86,10 +137,16 @@ class CalibrationReport:
         In the order the layers were calibrated.
     estimator, mode : str
     samples : int
-        Samples used (after ``num_samples``).
+        Samples used (after ``num_samples``; with ``num_samples="auto"`` the samples the
+        standard errors needed, the largest over the passes).
     undo : callable, optional
         Puts the old statistics back (set for models changed in place, such as PyTorch
         modules; ``None`` when the calibration wrote a new file).
+    tol : float, optional
+        The tolerance of ``num_samples="auto"`` (``None`` otherwise).
+    converged : bool, optional
+        With ``num_samples="auto"``: every channel's standard errors fell below ``tol``
+        (``False``: the data ended first).
     """
 
     layers: list[LayerReport]
@@ -97,6 +154,18 @@ class CalibrationReport:
     mode: str
     samples: int
     undo: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+    tol: float | None = None
+    converged: bool | None = None
+
+    @property
+    def max_mean_se(self) -> float:
+        """Largest ``mean_se`` over layers and channels (NaN when not defined)."""
+        return _nanmax(np.array([x.max_mean_se for x in self.layers]))
+
+    @property
+    def max_var_se(self) -> float:
+        """Largest ``var_se`` over layers and channels (NaN when not defined)."""
+        return _nanmax(np.array([x.max_var_se for x in self.layers]))
 
     def __getitem__(self, name: str) -> LayerReport:
         for layer in self.layers:
@@ -121,8 +190,17 @@ class CalibrationReport:
         self.undo()
 
     def table(self) -> str:
-        """A plain-text table: layer, samples, batches, largest mean and std shift (in sigma)."""
-        head = ("layer", "samples", "batches", "max |dmean|/sigma", "max |dsigma|/sigma")
+        """A plain-text table: layer, samples, batches, largest mean and std shift (in sigma),
+        largest standard errors of the mean (in sigma) and of the variance (relative)."""
+        head = (
+            "layer",
+            "samples",
+            "batches",
+            "max |dmean|/sigma",
+            "max |dsigma|/sigma",
+            "max mean_se",
+            "max var_se",
+        )
         rows = [_row(x) for x in self.layers]
         widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
         fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
@@ -131,10 +209,24 @@ class CalibrationReport:
         return "\n".join(lines)
 
     def __str__(self) -> str:
-        return (
+        head = (
             f"recalibrated {len(self.layers)} BatchNorm layer(s) from {self.samples} samples "
-            f"(estimator={self.estimator}, mode={self.mode})\n{self.table()}"
+            f"(estimator={self.estimator}, mode={self.mode})"
         )
+        if self.tol is not None:
+            if self.converged:
+                head += (
+                    f"\nnum_samples='auto': every standard error below tol={self.tol:g} after "
+                    f"{self.samples} samples"
+                )
+            else:
+                worst = _nanmax(np.array([self.max_mean_se, self.max_var_se]))
+                head += (
+                    f"\nnum_samples='auto': the data ended after {self.samples} samples with "
+                    f"standard errors up to {worst:.3g} "
+                    f"(tol={self.tol:g}); give more data for that tolerance"
+                )
+        return f"{head}\n{self.table()}"
 
 
 def _row(x: LayerReport) -> tuple[str, ...]:
@@ -144,4 +236,6 @@ def _row(x: LayerReport) -> tuple[str, ...]:
         str(x.batches),
         f"{x.max_mean_shift:.4g}",
         f"{x.max_std_shift:.4g}",
+        f"{x.max_mean_se:.3g}",
+        f"{x.max_var_se:.3g}",
     )

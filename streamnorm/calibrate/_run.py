@@ -14,13 +14,30 @@ from typing import Any, Protocol
 import numpy as np
 
 from .._errors import InputError, InputTypeError
-from .._validate import check_choice
+from .._validate import check_choice, check_optional_positive_int, is_number
 from ._data import Stream, iter_batches
 from ._progress import progress_bar
 from ._report import CalibrationReport, LayerReport, Stats, layer_report
 from ._stats import LayerStats, NormLayer, StatsSpec
 
-__all__ = ["MODES", "Adapter", "Emit", "LayerResult", "Settings", "ShardJob", "calibrate"]
+__all__ = [
+    "AUTO_MIN_BATCHES",
+    "MODES",
+    "Adapter",
+    "Emit",
+    "LayerResult",
+    "Settings",
+    "ShardJob",
+    "calibrate",
+    "check_budget",
+]
+
+#: ``num_samples="auto"`` decides only after this many batches (the standard errors of fewer
+#: batches are too noisy to stop on: their relative error is about ``1 / sqrt(2 (k - 1))``)
+AUTO_MIN_BATCHES = 16
+
+#: the tolerance of ``num_samples="auto"`` when none is given
+DEFAULT_TOL = 0.01
 
 #: ``one-pass``: every layer from one pass with batch statistics upstream; ``sequential``: one
 #: pass per group of layers, upstream layers already recalibrated
@@ -96,12 +113,16 @@ class Settings:
         A progress bar on a terminal.
     client : distributed.Client, optional
         Run each pass on a Dask cluster, one task per shard of the data.
+    tol : float, optional
+        ``num_samples="auto"``: each pass stops once every channel's ``mean_se`` and
+        ``var_se`` are below ``tol`` (after at least :data:`AUTO_MIN_BATCHES` batches).
     """
 
     stats: StatsSpec
     mode: str = "one-pass"
     progress: bool = True
     client: Any = None
+    tol: float | None = None
 
     @classmethod
     def checked(
@@ -110,9 +131,42 @@ class Settings:
         mode: Any,
         progress: bool = True,
         client: Any = None,
+        tol: float | None = None,
     ) -> Settings:
-        """Settings from user arguments, or ``InputError``."""
-        return cls(stats, check_choice("mode", mode, MODES), bool(progress), client)
+        """Settings from user arguments (``tol`` from :func:`check_budget`), or ``InputError``."""
+        settings = cls(stats, check_choice("mode", mode, MODES), bool(progress), client, tol)
+        if tol is not None and stats.estimator == "ema":
+            raise InputError(
+                "num_samples='auto' needs estimator='population' or 'cumulative': an EMA's "
+                "error does not shrink with more data; give num_samples as a number"
+            )
+        if tol is not None and client is not None:
+            raise InputError(
+                "num_samples='auto' decides batch by batch and cannot run on a cluster "
+                "(client=); give num_samples as a number, or run locally"
+            )
+        return settings
+
+
+def check_budget(num_samples: Any, tol: Any) -> tuple[int | None, float | None]:
+    """``(num_samples, tol)`` from user arguments: ``num_samples`` an int >= 1, ``None`` (all)
+    or ``"auto"`` (then ``tol`` > 0, default 0.01, and the returned ``num_samples`` is None)."""
+    if isinstance(num_samples, str):
+        if num_samples != "auto":
+            raise InputError(
+                f"num_samples must be an integer >= 1, None or 'auto', got {num_samples!r}"
+            )
+        if tol is None:
+            return None, DEFAULT_TOL
+        if not is_number(tol):
+            raise InputTypeError(f"tol must be a number, got {type(tol).__name__}")
+        t = float(tol)
+        if not (np.isfinite(t) and t > 0):
+            raise InputError(f"tol must be a finite number > 0 (e.g. 0.01), got {tol!r}")
+        return None, t
+    if tol is not None:
+        raise InputError(f"tol applies to num_samples='auto' only; got num_samples={num_samples!r}")
+    return check_optional_positive_int("num_samples", num_samples), None
 
 
 @dataclass(frozen=True)
@@ -149,8 +203,10 @@ def _feed(
     group: list[NormLayer],
     spec: StatsSpec,
     bar: Any,
+    tol: float | None = None,
 ) -> dict[str, LayerStats]:
-    """One pass of ``batches`` through ``adapter``, collecting the inputs of ``group``."""
+    """One pass of ``batches`` through ``adapter``, collecting the inputs of ``group``; with
+    ``tol``, stop once every channel's standard errors are below it."""
     starts = {x.name: adapter.read(x) for x in group} if spec.estimator == "ema" else {}
     stats = {x.name: LayerStats.new(x, spec, starts.get(x.name)) for x in group}
     axis = {x.name: x.channel_axis for x in group}
@@ -162,14 +218,28 @@ def _feed(
         adapter.run(batch, group, emit)
         if bar is not None:
             bar.update(1)
+        if tol is not None and _precise(stats.values(), tol):
+            break
     return stats
+
+
+def _precise(stats: Any, tol: float) -> bool:
+    """Every layer saw :data:`AUTO_MIN_BATCHES` batches and has all its standard errors below
+    ``tol``."""
+    for st in stats:
+        if st.batches < AUTO_MIN_BATCHES:
+            return False
+        mean_se, var_se = st.errors()
+        if not (np.all(mean_se < tol) and np.all(var_se < tol)):
+            return False
+    return True
 
 
 def _collect(
     adapter: Adapter, stream: Stream, group: list[NormLayer], settings: Settings, bar: Any
 ) -> dict[str, LayerStats]:
     if settings.client is None:
-        return _feed(adapter, stream.batches(), group, settings.stats, bar)
+        return _feed(adapter, stream.batches(), group, settings.stats, bar, settings.tol)
     from ._distributed import map_merge
 
     job = ShardJob(
@@ -245,9 +315,24 @@ def calibrate(
         for x in group:
             st = seen[x.name]
             reports.append(
-                layer_report(x.name, st.samples, st.batches, before[x.name], adapter.read(x), x.eps)
+                layer_report(
+                    x.name,
+                    st.samples,
+                    st.batches,
+                    before[x.name],
+                    adapter.read(x),
+                    x.eps,
+                    se=st.errors(),
+                    spread=st.spread,
+                    estimator=st.kind,
+                )
             )
     total = max((r.samples for r in reports), default=0)
     if total == 0:
         raise InputError("data is empty: no batch reached any BatchNorm layer")
-    return CalibrationReport(reports, settings.stats.estimator, settings.mode, total, undo)
+    converged = None
+    if settings.tol is not None:
+        converged = all(_precise([seen[x.name]], settings.tol) for x in layers if x.name in seen)
+    return CalibrationReport(
+        reports, settings.stats.estimator, settings.mode, total, undo, settings.tol, converged
+    )

@@ -18,7 +18,7 @@ the statistics of another shard of the data (all but ``"ema"``, which depends on
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -28,6 +28,7 @@ from .._moments import moments
 from .._validate import check_choice, check_momentum, check_var_convention
 from ..estimators import EMA, CumulativeAverage, Estimator, Population
 from ._report import Stats
+from ._spread import BatchSpread
 
 __all__ = ["ESTIMATORS", "LayerStats", "NormLayer", "StatsSpec"]
 
@@ -106,6 +107,9 @@ class LayerStats:
         :meth:`result`).
     samples, batches : int
         Batch items and batches fed.
+    spread : BatchSpread, optional
+        The per-batch moments behind the standard errors (not kept for an EMA, whose error
+        does not shrink with more data).
     """
 
     name: str
@@ -113,16 +117,35 @@ class LayerStats:
     start: Stats | None = None
     samples: int = 0
     batches: int = 0
+    spread: BatchSpread | None = field(default=None, repr=False)
 
     @classmethod
     def new(cls, layer: NormLayer, spec: StatsSpec, start: Stats | None = None) -> LayerStats:
         """Empty statistics for ``layer``; ``start`` (its stored statistics) is kept for EMA."""
         est = spec.new(layer)
-        return cls(layer.name, est, start if isinstance(est, EMA) else None)
+        if isinstance(est, EMA):
+            return cls(layer.name, est, start)
+        return cls(layer.name, est, spread=BatchSpread(layer.var_convention == "unbiased"))
+
+    @property
+    def kind(self) -> str:
+        """The estimator's name in :data:`ESTIMATORS`."""
+        if isinstance(self.estimator, EMA):
+            return "ema"
+        return "cumulative" if isinstance(self.estimator, CumulativeAverage) else "population"
+
+    def errors(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(mean_se, var_se)`` per channel (see :mod:`streamnorm.calibrate._spread`); NaN for
+        an EMA or fewer than 2 batches, empty before any batch."""
+        if self.spread is None:
+            c = int(np.asarray(self.estimator.mean).size) if self.batches else 0
+            return np.full(c, np.nan), np.full(c, np.nan)
+        return self.spread.errors(self.kind)
 
     def add(self, x: np.ndarray, channel_axis: int = 1) -> None:
         """Feed one batch of the layer's input, shape ``(N, ..., C, ...)``, channels on
-        ``channel_axis``."""
+        ``channel_axis`` (negative counts from the end)."""
+        channel_axis = channel_axis % x.ndim if x.ndim else channel_axis
         axes = tuple(i for i in range(x.ndim) if i != channel_axis)
         channels = x.shape[channel_axis]
         per_channel = x.size // channels if channels else 0
@@ -132,26 +155,35 @@ class LayerStats:
                 "unbiased variance is undefined; use batches of at least 2 samples (or "
                 "estimator='population')"
             )
-        self.estimator.update(moments(x, axis=axes))
+        batch = moments(x, axis=axes)
+        self.estimator.update(batch)
+        if self.spread is not None:
+            self.spread.add(int(x.shape[0]), per_channel, batch.mean, batch.m2)
         self.samples += int(x.shape[0])
         self.batches += 1
 
     def merge(self, other: LayerStats) -> LayerStats:
         """The statistics of both shards (exact; ``TypeError`` for an EMA). Inputs unchanged."""
         if other.batches == 0:
-            return LayerStats(
-                self.name, self.estimator.copy(), self.start, self.samples, self.batches
-            )
+            return self._copy()
         if self.batches == 0:
-            return LayerStats(
-                self.name, other.estimator.copy(), other.start, other.samples, other.batches
-            )
+            return other._copy()
+        spread = None
+        if self.spread is not None and other.spread is not None:
+            spread = self.spread.merge(other.spread)
         return LayerStats(
             self.name,
             self.estimator.merge(other.estimator),
             self.start,
             self.samples + other.samples,
             self.batches + other.batches,
+            spread,
+        )
+
+    def _copy(self) -> LayerStats:
+        spread = None if self.spread is None else self.spread.copy()
+        return LayerStats(
+            self.name, self.estimator.copy(), self.start, self.samples, self.batches, spread
         )
 
     def result(self, layer: NormLayer) -> Stats:

@@ -30,6 +30,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "streamnorm.cli.calibrate",
         "recalibrate the BatchNorm statistics of a saved PyTorch or ONNX model",
     ),
+    "shift": ("streamnorm.cli.shift", "test-time statistics under shift: corrupted digits"),
     "bench": (
         "streamnorm.cli.bench",
         "benchmark the moments kernels against numpy, torch and others",

@@ -1,8 +1,12 @@
 """``streamnorm bench``: the moments kernels against the memory-read limit and other libraries.
 
 Every number is measured in one run on the same arrays. Speeds are GB/s of input read (the
-array's bytes divided by the best of several timings) and ratios to a plain parallel Numba sum
-over the same memory, the read limit of this machine. Libraries that are not installed are
+array's bytes divided by the best of several timings) and ratios to the read limit of this
+machine: the faster of a plain parallel Numba sum with ``fastmath=True`` and ``torch.sum`` over
+the same memory. Each case is timed with all threads and with one. The report also names the
+CPU, its SIMD width and thread count, reads the machine code of the kernels' leaf loops (which
+vectorize, at which width) and times each serial kernel on cache-resident data, so that each
+kernel can be said to be bound by memory or by the core. Libraries that are not installed are
 skipped; pure-Python ones (River, welford) run on a slice of the array, and the table says so.
 """
 

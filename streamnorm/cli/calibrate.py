@@ -3,7 +3,8 @@
 MODEL is an ``.onnx`` file, a PyTorch checkpoint (a ``state_dict``, or a dict holding one under
 ``state_dict`` / ``model``) with ``--arch module:callable`` building the module, or a TorchScript
 file (also with ``--arch``: the statistics are computed on the eager module and written back into
-the TorchScript buffers). The output is written atomically; on any error nothing is written.
+the TorchScript buffers), or a Keras 3 ``.keras`` file (``--momentum`` then in Keras' convention,
+default 0.99). The output is written atomically; on any error nothing is written.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from .._errors import InputError, InputNotFoundError, OutputPathError
+from .._extras import require
 from .._io import atomic_write, check_output
 from ..calibrate import ESTIMATORS, MODES, Dataset, open_data
 
@@ -29,6 +31,11 @@ def _count(text: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {n}")
     return n
+
+
+def _samples(text: str) -> int | str:
+    """An integer >= 1 or ``auto`` (argparse ``type=``)."""
+    return "auto" if text.strip().lower() == "auto" else _count(text)
 
 
 def _number(text: str) -> float:
@@ -68,7 +75,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="default: sequential for ONNX, one-pass for PyTorch",
     )
     parser.add_argument(
-        "--num-samples", metavar="N", type=_count, default=None, help="use the first N samples"
+        "--num-samples",
+        metavar="N",
+        type=_samples,
+        default=None,
+        help="use the first N samples; 'auto': until every standard error is below --tol",
+    )
+    parser.add_argument(
+        "--tol",
+        metavar="T",
+        type=_number,
+        default=None,
+        help="tolerance of --num-samples auto (0.01): mean in sigma, variance relative",
+    )
+    parser.add_argument(
+        "--plot",
+        metavar="PATH",
+        default=None,
+        help="PNG of the error against the samples seen, with the standard-error band",
     )
     parser.add_argument(
         "--batch-size", metavar="B", type=_count, default=64, help="samples per batch (64)"
@@ -104,6 +128,8 @@ def _first_line(e: BaseException) -> str:
 def _kind(path: str) -> str:
     if path.lower().endswith(".onnx"):
         return "onnx"
+    if path.lower().endswith(".keras"):
+        return "keras"
     if zipfile.is_zipfile(path):
         try:
             with zipfile.ZipFile(path) as z:
@@ -191,6 +217,7 @@ def _calibrate_torch(model: Any, ds: Dataset, args: Any, client: Any) -> Any:
             batch_size=args.batch_size,
             momentum=0.1 if args.momentum is None else args.momentum,
             client=client,
+            tol=args.tol,
         )
     except RuntimeError as e:
         raise InputError(f"the data {args.data!r} do not fit the model: {_first_line(e)}") from e
@@ -276,9 +303,33 @@ def _check_options(args: Any, kind: str) -> None:
         )
     if kind != "onnx" and args.input_name is not None:
         raise InputError("--input-name applies to ONNX models only")
+    if args.tol is not None and args.num_samples != "auto":
+        raise InputError("--tol applies to --num-samples auto only")
+    if kind == "keras" and args.num_samples == "auto":
+        raise InputError("--num-samples auto applies to PyTorch and ONNX models")
+    if kind == "keras" and (args.scheduler is not None or args.workers is not None):
+        raise InputError("--scheduler / --workers do not apply to Keras models (run locally)")
+
+
+def _run_keras(args: Any, ds: Dataset) -> Any:
+    from ..keras import recalibrate_file
+
+    return recalibrate_file(
+        args.model,
+        ds,
+        args.out,
+        estimator=args.estimator,
+        mode=args.mode or "one-pass",
+        num_samples=args.num_samples,
+        batch_size=args.batch_size,
+        momentum=0.99 if args.momentum is None else args.momentum,
+        progress=not args.no_progress,
+    )
 
 
 def _go(kind: str, args: Any, ds: Dataset, client: Any) -> Any:
+    if kind == "keras":
+        return _run_keras(args, ds)
     if kind == "onnx":
         from ..onnx import recalibrate
 
@@ -292,6 +343,7 @@ def _go(kind: str, args: Any, ds: Dataset, client: Any) -> Any:
             input_name=args.input_name,
             progress=not args.no_progress,
             client=client,
+            tol=args.tol,
         )
     if kind == "torchscript":
         return _run_torchscript(args, ds, client)
@@ -309,6 +361,9 @@ def run(args: argparse.Namespace) -> int:
     _check_options(args, kind)
     ds = open_data(args.data, args.key)
     _check_out(args, ds)
+    if args.plot is not None:
+        require("matplotlib")
+        check_output(args.plot, [args.model, args.data, args.out, *(p.path for p in ds.parts)])
     if args.scheduler is not None or args.workers is not None:
         from ..calibrate import get_client
 
@@ -318,4 +373,9 @@ def run(args: argparse.Namespace) -> int:
         report = _go(kind, args, ds, None)
     print(report)
     print(f"wrote {args.out}")
+    if args.plot is not None:
+        from ..calibrate import plot_samples
+
+        plot_samples(report, args.plot)
+        print(f"wrote {args.plot}")
     return 0

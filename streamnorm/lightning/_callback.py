@@ -25,6 +25,8 @@ from ..torch import all_reduce_moments, bn_axes, bn_layers
 torch = require("torch", "lightning")
 pl = require("lightning.pytorch", "lightning")
 
+from lightning.pytorch import Callback  # noqa: E402
+
 __all__ = ["RecalibrateBN"]
 
 #: the prefix of the metrics logged per layer (``<prefix>/<layer>/mean_shift`` and ``std_shift``)
@@ -63,8 +65,7 @@ class _Frozen:
         self.flags = [(m, m.training) for m in model.modules()]
         self.momenta = [(m, m.momentum) for _, m in bns]
         self.buffers = [
-            (m, {k: b.detach().clone() for k, b in m.named_buffers(recurse=False)})
-            for _, m in bns
+            (m, {k: b.detach().clone() for k, b in m.named_buffers(recurse=False)}) for _, m in bns
         ]
         model.eval()
         for _, m in bns:
@@ -85,7 +86,7 @@ class _Frozen:
                         b.copy_(saved[k])
 
 
-class RecalibrateBN(pl.Callback):  # type: ignore[misc]
+class RecalibrateBN(Callback):
     """Re-estimate BatchNorm statistics exactly at the end of ``fit`` (and before validation).
 
     Parameters

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +43,8 @@ class BNNode:
         same depth do not depend on each other's statistics.
     x_is_input : bool
         ``X`` is a graph input (its moments are those of the data).
+    index : int
+        Position of the node in the graph (topological order).
     """
 
     name: str
@@ -52,6 +55,7 @@ class BNNode:
     channels: int
     depth: int
     x_is_input: bool
+    index: int = -1
 
 
 def opset_version(model: Any) -> int:
@@ -83,13 +87,15 @@ def _unique(base: str, taken: set[str]) -> str:
     return name
 
 
-def prepare(model: Any) -> list[BNNode]:
+def prepare(model: Any, *, allow_none: bool = False) -> list[BNNode]:
     """Give every BatchNorm node its own statistics initializers (in place); list the nodes.
 
     Parameters
     ----------
     model : onnx.ModelProto
         Loaded with its external data. Changed in place.
+    allow_none : bool, default False
+        Return an empty list for a model without BatchNorm nodes instead of raising.
 
     Returns
     -------
@@ -123,33 +129,55 @@ def prepare(model: Any) -> list[BNNode]:
                     "which recalibration does not reach; inline or export the model without "
                     "control flow"
                 )
+    if not bn_idx and allow_none:
+        return []
     if not bn_idx:
         raise InputError(
             "the model has no BatchNormalization node to recalibrate (exporters fold BatchNorm "
             "into the preceding Conv when constant folding is on: export with "
             "do_constant_folding=False)"
         )
-    ctx = _Graph.of(model)
+    ctx = GraphIndex.of(model)
+    depth = depths(model, set(bn_idx))
+    out = [_one(g.node[i], i, depth[i], ctx) for i in bn_idx]
+    ctx.drop_unused()
+    return out
+
+
+def depths(model: Any, adapted: set[int]) -> dict[int, int]:
+    """The depth of every adapted node (by index in ``model.graph.node``, topological order):
+    1 + the largest depth of an adapted node upstream, 1 when there is none. Nodes of one depth
+    do not depend on each other's statistics."""
     depth: dict[str, int] = {}
-    out: list[BNNode] = []
-    bn_set = set(bn_idx)
-    for i, node in enumerate(g.node):
+    out: dict[int, int] = {}
+    for i, node in enumerate(model.graph.node):
         d_in = max((depth.get(x, 0) for x in node.input if x), default=0)
-        if i in bn_set:
-            out.append(_one(node, i, d_in + 1, ctx))
+        if i in adapted:
+            out[i] = d_in + 1
         for o in node.output:
-            depth[o] = d_in + (1 if i in bn_set else 0)
-    # drop initializers no node reads any more (their users got copies)
-    keep = [t for t in g.initializer if ctx.uses[t.name] > 0 or t.name in ctx.graph_inputs]
-    if len(keep) != len(g.initializer):
-        del g.initializer[:]
-        g.initializer.extend(keep)
+            depth[o] = d_in + (1 if i in adapted else 0)
     return out
 
 
 @dataclass
-class _Graph:
-    """What :func:`prepare` knows about the main graph while it rewrites it."""
+class GraphIndex:
+    """What the graph surgery knows about the main graph while it rewrites it.
+
+    Attributes
+    ----------
+    model : onnx.ModelProto
+    inits : dict of str to onnx.TensorProto
+        The initializers by name.
+    graph_inputs : set of str
+    producers : dict of str to onnx.NodeProto
+        The node that computes each tensor.
+    uses : collections.Counter of str
+        How many node inputs (and graph outputs) read each tensor.
+    taken : set of str
+        Every tensor and node name (new names avoid them).
+    names : set of str
+        The layer names given out so far.
+    """
 
     model: Any
     inits: dict[str, Any]
@@ -160,7 +188,7 @@ class _Graph:
     names: set[str]
 
     @classmethod
-    def of(cls, model: Any) -> _Graph:
+    def of(cls, model: Any) -> GraphIndex:
         g = model.graph
         inits = {t.name: t for t in g.initializer}
         graph_inputs = {i.name for i in g.input}
@@ -171,24 +199,66 @@ class _Graph:
         taken |= {n.name for n in g.node}
         return cls(model, inits, graph_inputs, producers, uses, taken, set())
 
+    def layer_name(self, node: Any, i: int) -> str:
+        """A unique layer name for ``node`` (the ``i``-th node): its name, or
+        ``<op>_<i>`` when it has none."""
+        base = node.name or f"{node.op_type}_{i}"
+        name = base
+        k = 1
+        while name in self.names:
+            name = f"{base}_{k}"
+            k += 1
+        self.names.add(name)
+        return name
 
-def _one(node: Any, i: int, depth: int, ctx: _Graph) -> BNNode:
-    onnx = require("onnx")
-    numpy_helper = onnx.numpy_helper
-    model, inits, graph_inputs, uses, names = (
-        ctx.model,
-        ctx.inits,
-        ctx.graph_inputs,
-        ctx.uses,
-        ctx.names,
-    )
-    base = node.name or f"BatchNormalization_{i}"
-    name = base
-    k = 1
-    while name in names:
-        name = f"{base}_{k}"
-        k += 1
-    names.add(name)
+    def own_input(self, node: Any, slot: int, owner: str, what: str) -> tuple[str, np.ndarray]:
+        """Make input ``slot`` of ``node`` an initializer that no other input reads (copying a
+        shared one, or a value reached through ``Identity`` / ``Constant``); its name and value.
+
+        ``owner`` and ``what`` name the copy (``<owner>.<what>``) and the errors.
+        """
+        onnx = require("onnx")
+        uses = self.uses
+        src = node.input[slot]
+        value, direct = _resolve(src, f"{node.op_type} node {owner!r}", what, self)
+        if not direct or uses[src] > 1:
+            new = _unique(f"{owner}.{what}", self.taken)
+            t = onnx.numpy_helper.from_array(np.ascontiguousarray(value), new)
+            self.add_initializer(t)
+            node.input[slot] = new
+            uses[src] -= 1
+            uses[new] += 1
+            src = new
+        return src, value
+
+    def add_initializer(self, t: Any) -> None:
+        """Append the initializer ``t`` (listed as a graph input too below IR version 4)."""
+        onnx = require("onnx")
+        model = self.model
+        model.graph.initializer.append(t)
+        self.inits[t.name] = t
+        self.taken.add(t.name)
+        if model.ir_version < 4:  # initializers must be listed as inputs there
+            model.graph.input.append(
+                onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+            )
+            self.graph_inputs.add(t.name)
+
+    def new_name(self, base: str) -> str:
+        """A tensor name no tensor or node of the graph has."""
+        return _unique(base, self.taken)
+
+    def drop_unused(self) -> None:
+        """Drop the initializers no node reads any more (their users got copies)."""
+        g = self.model.graph
+        keep = [t for t in g.initializer if self.uses[t.name] > 0 or t.name in self.graph_inputs]
+        if len(keep) != len(g.initializer):
+            del g.initializer[:]
+            g.initializer.extend(keep)
+
+
+def _one(node: Any, i: int, depth: int, ctx: GraphIndex) -> BNNode:
+    name = ctx.layer_name(node, i)
     for a in node.attribute:
         if a.name == "training_mode" and a.i:
             raise InputError(
@@ -200,27 +270,12 @@ def _one(node: Any, i: int, depth: int, ctx: _Graph) -> BNNode:
     eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
     values = []
     for slot, what in ((3, "mean"), (4, "var")):
-        src = node.input[slot]
-        value, direct = _resolve(src, name, what, ctx)
+        src, value = ctx.own_input(node, slot, name, what)
         if value.ndim != 1:
             raise InputError(
-                f"BatchNormalization node {name!r}: {what} {src!r} has shape {value.shape}, "
-                "expected (C,)"
+                f"BatchNormalization node {name!r}: {what} {node.input[slot]!r} has shape "
+                f"{value.shape}, expected (C,)"
             )
-        if not direct or uses[src] > 1:
-            new = _unique(f"{name}.{what}", ctx.taken)
-            t = numpy_helper.from_array(np.ascontiguousarray(value), new)
-            model.graph.initializer.append(t)
-            inits[new] = t
-            if model.ir_version < 4:  # initializers must be listed as inputs there
-                model.graph.input.append(
-                    onnx.helper.make_tensor_value_info(new, t.data_type, list(t.dims))
-                )
-                graph_inputs.add(new)
-            node.input[slot] = new
-            uses[src] -= 1
-            uses[new] += 1
-            src = new
         values.append((src, value))
     (mean_name, mean), (var_name, var) = values
     if mean.shape != var.shape:
@@ -236,12 +291,14 @@ def _one(node: Any, i: int, depth: int, ctx: _Graph) -> BNNode:
         eps=float(eps),
         channels=int(mean.shape[0]),
         depth=depth,
-        x_is_input=x in graph_inputs and x not in inits,
+        x_is_input=x in ctx.graph_inputs and x not in ctx.inits,
+        index=i,
     )
 
 
-def _resolve(src: str, node: str, what: str, ctx: _Graph) -> tuple[np.ndarray, bool]:
-    """The stored value of a statistics input, and whether it is the initializer itself."""
+def _resolve(src: str, node: str, what: str, ctx: GraphIndex) -> tuple[np.ndarray, bool]:
+    """The stored value of an input (``node`` says which node, e.g. "BatchNormalization node
+    'bn1'"), and whether it is the initializer itself."""
     numpy_helper = require("onnx").numpy_helper
     inits, graph_inputs, producers = ctx.inits, ctx.graph_inputs, ctx.producers
     name, direct = src, True
@@ -250,15 +307,13 @@ def _resolve(src: str, node: str, what: str, ctx: _Graph) -> tuple[np.ndarray, b
             return numpy_helper.to_array(inits[name]), direct
         if name in graph_inputs:
             raise InputError(
-                f"the {what} of BatchNormalization node {node!r} is the graph input {name!r}, fed "
-                "at run time, so the file stores no statistics to recalibrate; export the model "
-                "with its statistics as initializers (constants)"
+                f"the {what} of {node} is the graph input {name!r}, fed at run time, so the "
+                "file stores no value to rewrite; export the model with its statistics and "
+                "weights as initializers (constants)"
             )
         prod = producers.get(name)
         if prod is None:
-            raise InputError(
-                f"the {what} of BatchNormalization node {node!r} ({name!r}) is undefined"
-            )
+            raise InputError(f"the {what} of {node} ({name!r}) is undefined")
         if prod.op_type == "Identity":
             name, direct = prod.input[0], False
             continue
@@ -267,10 +322,10 @@ def _resolve(src: str, node: str, what: str, ctx: _Graph) -> tuple[np.ndarray, b
                 if a.name == "value":
                     return numpy_helper.to_array(a.t), False
         raise InputError(
-            f"the {what} of BatchNormalization node {node!r} is computed by a {prod.op_type} node "
-            f"({prod.name!r}), not stored; recalibration can only rewrite stored statistics"
+            f"the {what} of {node} is computed by a {prod.op_type} node ({prod.name!r}), not "
+            "stored; recalibration can only rewrite stored statistics and weights"
         )
-    raise InputError(f"the {what} of BatchNormalization node {node!r} forms a cycle")
+    raise InputError(f"the {what} of {node} forms a cycle")
 
 
 def _elem_types(model: Any) -> dict[str, int]:
@@ -287,14 +342,20 @@ def _elem_types(model: Any) -> dict[str, int]:
     return types
 
 
-def calibration_model(model: Any, bns: list[BNNode]) -> Any:
-    """A copy of ``model`` with statistics as graph inputs and BatchNorm inputs as outputs."""
+def calibration_model(
+    model: Any, bns: list[BNNode], fed: Sequence[str] = (), exposed: Sequence[str] = ()
+) -> Any:
+    """A copy of ``model`` with statistics as graph inputs and BatchNorm inputs as outputs.
+
+    ``fed`` names further initializers to turn into graph inputs (the weights and biases of
+    folded layers) and ``exposed`` further tensors to add as graph outputs (their outputs).
+    """
     onnx = require("onnx")
     cal = onnx.ModelProto()
     cal.CopyFrom(model)
     g = cal.graph
     types = _elem_types(model)
-    stats = {n for b in bns for n in (b.mean, b.var)}
+    stats = {n for b in bns for n in (b.mean, b.var)} | set(fed)
     moved = [t for t in g.initializer if t.name in stats]
     keep = [t for t in g.initializer if t.name not in stats]
     del g.initializer[:]
@@ -304,10 +365,11 @@ def calibration_model(model: Any, bns: list[BNNode]) -> Any:
         if t.name not in inputs:
             g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     outputs = {o.name for o in g.output}
-    for b in bns:
-        if b.x_is_input or b.x in outputs:
+    wanted = [b.x for b in bns if not b.x_is_input] + list(exposed)
+    for x in wanted:
+        if x in outputs:
             continue
-        elem = types.get(b.x, onnx.TensorProto.FLOAT)
-        g.output.append(onnx.helper.make_tensor_value_info(b.x, elem, None))
-        outputs.add(b.x)
+        elem = types.get(x, onnx.TensorProto.FLOAT)
+        g.output.append(onnx.helper.make_tensor_value_info(x, elem, None))
+        outputs.add(x)
     return cal

@@ -61,7 +61,9 @@ def _pixelate(x: np.ndarray, size: float, rng: np.random.Generator) -> np.ndarra
 
     h = x.shape[-1]
     k = int(size)
-    small = ndimage.zoom(x, (1, 1, k / h, k / h), order=1, grid_mode=True, mode="nearest")
+    small = np.asarray(
+        ndimage.zoom(x, (1, 1, k / h, k / h), order=1, grid_mode=True, mode="nearest")
+    )
     idx = (np.arange(h) * k) // h
     return small[:, :, idx][:, :, :, idx]
 
@@ -72,7 +74,7 @@ def _occlusion(x: np.ndarray, side: float, rng: np.random.Generator) -> np.ndarr
     out = x.copy()
     rows = rng.integers(0, h - s + 1, size=x.shape[0])
     cols = rng.integers(0, w - s + 1, size=x.shape[0])
-    fill = rng.random(x.shape[0])
+    fill = np.asarray(rng.random(x.shape[0]))
     for i in range(x.shape[0]):
         out[i, :, rows[i] : rows[i] + s, cols[i] : cols[i] + s] = fill[i]
     return out

@@ -1,4 +1,4 @@
-"""The corrupted-digits benchmark: every test-time estimator x corruption x severity x batch size."""
+"""The corrupted-digits benchmark: test-time estimators x corruptions x severities x batch sizes."""
 
 from __future__ import annotations
 
@@ -35,8 +35,10 @@ class ShiftConfig:
     corruptions, severities, batch_sizes, estimators : tuple
         The grid. ``estimators`` are ``streamnorm.torch.adapt`` names.
     online_samples : int
-        Length of the target stream at batch size 1 per (corruption, severity); larger batch
-        sizes stream the whole target set (full batches; a last partial batch is dropped).
+        Length of the target stream at batch size 1 per (corruption, severity).
+    max_batches : int
+        Batches streamed per (estimator, batch size > 1, cell): at most this many full batches
+        of the target set in its fixed random order (a last partial batch is dropped).
     warmup : int
         Target samples streamed one at a time through ``prior_population`` before its statistics
         are frozen and the whole target set is scored with them (the batch-size-1 check).
@@ -49,13 +51,14 @@ class ShiftConfig:
     """
 
     seed: int = 0
-    epochs: int = 15
+    epochs: int = 8
     test_fraction: float = 0.6
     corruptions: tuple[str, ...] = CORRUPTIONS
     severities: tuple[int, ...] = SEVERITIES
     batch_sizes: tuple[int, ...] = BATCH_SIZES
     estimators: tuple[str, ...] = ESTIMATORS
-    online_samples: int = 128
+    online_samples: int = 32
+    max_batches: int = 16
     warmup: int = 1000
     warmup_severity: int = 5
     threads: int = 1
@@ -63,7 +66,7 @@ class ShiftConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def checked(self) -> ShiftConfig:
-        for name in ("epochs", "online_samples", "warmup", "threads"):
+        for name in ("epochs", "online_samples", "max_batches", "warmup", "threads"):
             check_positive_int(name, getattr(self, name))
         for c in self.corruptions:
             if c not in CORRUPTIONS:
@@ -89,10 +92,11 @@ def _errors(model: Any, x: Any, y: Any) -> int:
         return int((model(x).argmax(dim=1) != y).sum())
 
 
-def _stream_error(model: Any, name: str, x: Any, y: Any, bs: int, limit: int) -> float | None:
+def _stream_error(model: Any, name: str, x: Any, y: Any, bs: int, cfg: ShiftConfig) -> float | None:
     """Online error of ``name`` on ``x`` streamed in full batches of ``bs`` (None: impossible)."""
     adapt = require("streamnorm.torch").adapt
-    n = min(int(x.shape[0]), limit) if bs == 1 else int(x.shape[0])
+    limit = cfg.online_samples if bs == 1 else cfg.max_batches * bs
+    n = min(int(x.shape[0]), limit)
     n -= n % bs
     if n == 0:
         return None
@@ -215,10 +219,7 @@ def _run(cfg: ShiftConfig, torch: Any, digits: Any, t0: float) -> dict[str, Any]
             with require("streamnorm.torch").adapt(model, "batch"), torch.no_grad():
                 oracle = _errors(model, x, y) / len(y)
             est = {
-                name: {
-                    str(bs): _stream_error(model, name, x, y, bs, cfg.online_samples)
-                    for bs in cfg.batch_sizes
-                }
+                name: {str(bs): _stream_error(model, name, x, y, bs, cfg) for bs in cfg.batch_sizes}
                 for name in cfg.estimators
             }
             cells.append(

@@ -19,6 +19,7 @@ _NAMES = {
     "load_estimates": "._hooks",
     "bn_layers": "._hooks",
     "bn_axes": "._hooks",
+    "register_norm": "._hooks",
     "recalibrate": "._calibrate",
     "CalibrationReport": "._calibrate",
     "LayerReport": "._calibrate",

@@ -1,9 +1,11 @@
 """Recalibrate the BatchNorm statistics of a PyTorch model from data (PreciseBN, AdaBN).
 
-The PyTorch side of :mod:`streamnorm.calibrate`: :class:`_TorchAdapter` finds the BatchNorm
-layers, runs forward passes with pre-hooks that hand each layer's input to the core, and reads
-and writes ``running_mean`` / ``running_var``; :func:`recalibrate` checks the arguments, puts the
-model in calibration mode and restores it exactly whatever happens.
+The PyTorch side of :mod:`streamnorm.calibrate`: :class:`_TorchAdapter` finds the registered
+norm layers (:func:`~streamnorm.torch.register_norm`: every ``_BatchNorm``, torchvision's
+``FrozenBatchNorm2d``, anything registered), runs forward passes with pre-hooks that hand each
+layer's input to the core, and reads and writes their statistics buffers; :func:`recalibrate`
+checks the arguments, puts the model in calibration mode and restores it exactly whatever
+happens.
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ from ..calibrate import (
     StatsSpec,
     Stream,
     calibrate,
+    check_budget,
     input_of,
 )
-from ._hooks import bn_layers
+from ._hooks import NormSpec, norm_candidates, norm_layers
 
 torch = require("torch")
 
@@ -46,18 +49,29 @@ class _Stop(Exception):
 # model state
 
 
-def _bn_list(model: Any) -> list[tuple[str, Any]]:
+_Layers = list[tuple[str, Any, NormSpec]]
+
+
+def _norm_list(model: Any) -> _Layers:
+    """The registered norm layers with statistics (a ``_BatchNorm`` must track them)."""
     return [
-        (n, m) for n, m in bn_layers(model) if m.track_running_stats and m.running_mean is not None
+        (n, m, spec) for n, m, spec in norm_layers(model) if getattr(m, "track_running_stats", True)
     ]
 
 
-def _configure(model: Any, bns: list[Any], one_pass: bool) -> None:
-    """Everything in eval mode; BN layers in training mode with momentum 0 for ``one_pass``."""
+def _collecting(m: Any, spec: NormSpec) -> bool:
+    """The layer normalizes with batch statistics in training mode and has a momentum."""
+    return spec.batch_stats and hasattr(m, "momentum")
+
+
+def _configure(model: Any, layers: _Layers, one_pass: bool) -> None:
+    """Everything in eval mode; for ``one_pass``, the layers that normalize with batch
+    statistics in training mode with momentum 0 (their buffers stay as they are)."""
     model.eval()
-    for m in bns:
-        m.momentum = 0.0  # batch statistics normalize, buffers stay as they are
-        if one_pass:
+    for _, m, spec in layers:
+        if _collecting(m, spec):
+            m.momentum = 0.0
+        if one_pass and spec.batch_stats:
             m.train()
 
 
@@ -68,23 +82,25 @@ def _numpy(t: Any) -> np.ndarray:
 class _Snapshot:
     """Training flags, momenta and BN buffers of a model, to put back exactly."""
 
-    def __init__(self, model: Any, bns: list[tuple[str, Any]]) -> None:
+    def __init__(self, model: Any, layers: _Layers) -> None:
         self.flags = [(m, m.training) for m in model.modules()]
-        self.momenta = [(m, m.momentum) for _, m in bns]
+        self.momenta = [(m, m.momentum) for _, m, spec in layers if _collecting(m, spec)]
         self.buffers = {
-            name: (
-                m,
-                m.running_mean.detach().clone(),
-                m.running_var.detach().clone(),
-                None if m.num_batches_tracked is None else m.num_batches_tracked.detach().clone(),
-            )
-            for name, m in bns
+            name: [
+                (buf, buf.detach().clone())
+                for buf in (getattr(m, spec.mean), getattr(m, spec.var), _counter(m, spec))
+                if buf is not None
+            ]
+            for name, m, spec in layers
         }
+        self.counts = {name: _counter(m, spec) for name, m, spec in layers}
 
     def base(self, name: str) -> int | None:
-        """The ``num_batches_tracked`` the layer had before calibration."""
-        nbt = self.buffers[name][3]
-        return None if nbt is None else int(nbt)
+        """The batch counter (``num_batches_tracked``) the layer had before calibration."""
+        counter = self.counts[name]
+        if counter is None:
+            return None
+        return int(next(old for buf, old in self.buffers[name] if buf is counter))
 
     def restore_modes(self) -> None:
         for m, flag in self.flags:
@@ -94,11 +110,17 @@ class _Snapshot:
 
     def restore_buffers(self) -> None:
         with torch.no_grad():
-            for m, mean, var, nbt in self.buffers.values():
-                m.running_mean.copy_(mean)
-                m.running_var.copy_(var)
-                if nbt is not None and m.num_batches_tracked is not None:
-                    m.num_batches_tracked.copy_(nbt)
+            for saved in self.buffers.values():
+                for buf, old in saved:
+                    buf.copy_(old)
+
+
+def _counter(m: Any, spec: NormSpec) -> Any:
+    """The layer's batch-counter buffer, or ``None``."""
+    if spec.count is None:
+        return None
+    t = getattr(m, spec.count, None)
+    return t if isinstance(t, torch.Tensor) else None
 
 
 def _tensor_converter(model: Any) -> Callable[[Any], Any]:
@@ -140,26 +162,40 @@ class _TorchAdapter:
         self.model = model
         self.forward = forward
         self.base = base
-        self.modules = dict(_bn_list(model))
+        found = _norm_list(model)
+        self.modules = {name: m for name, m, _ in found}
+        self.specs = {name: spec for name, _, spec in found}
         self.convert = _tensor_converter(model) if forward.convert else None
 
     def layers(self) -> list[NormLayer]:
-        return [
-            NormLayer(name, int(m.running_mean.numel()), float(m.eps))
-            for name, m in self.modules.items()
-        ]
+        out = []
+        for name, m in self.modules.items():
+            spec = self.specs[name]
+            out.append(
+                NormLayer(
+                    name,
+                    int(getattr(m, spec.mean).numel()),
+                    float(getattr(m, spec.eps, 0.0)),
+                    spec.convention,
+                    spec.channel_axis,
+                )
+            )
+        return out
 
     def read(self, layer: NormLayer) -> Stats:
-        m = self.modules[layer.name]
-        return Stats(_numpy(m.running_mean), _numpy(m.running_var))
+        m, spec = self.modules[layer.name], self.specs[layer.name]
+        return Stats(_numpy(getattr(m, spec.mean)), _numpy(getattr(m, spec.var)))
 
     def write(self, layer: NormLayer, result: LayerResult) -> None:
-        """``num_batches_tracked`` becomes the batches seen (added to the old count for EMA)."""
-        m = self.modules[layer.name]
+        """The batch counter becomes the batches seen (added to the old count for EMA)."""
+        m, spec = self.modules[layer.name], self.specs[layer.name]
         with torch.no_grad():
-            for buf, value in ((m.running_mean, result.mean), (m.running_var, result.var)):
+            for buf, value in (
+                (getattr(m, spec.mean), result.mean),
+                (getattr(m, spec.var), result.var),
+            ):
                 buf.copy_(torch.tensor(value, dtype=buf.dtype, device=buf.device))
-            nbt = m.num_batches_tracked
+            nbt = _counter(m, spec)
             if nbt is not None:
                 base = self.base(layer.name) if result.continued else None
                 nbt.fill_(result.batches + (base or 0))
@@ -234,7 +270,7 @@ class _Remote:
 
     def __call__(self) -> _TorchAdapter:
         model = torch.load(io.BytesIO(self.model_bytes), weights_only=False)
-        _configure(model, [m for _, m in _bn_list(model)], self.forward.one_pass)
+        _configure(model, _norm_list(model), self.forward.one_pass)
         return _TorchAdapter(model, self.forward, lambda name: None)
 
 
@@ -253,12 +289,26 @@ def _check_model(model: Any) -> None:
         )
 
 
+def _no_layers_message(model: Any) -> str:
+    msg = "the model has no BatchNorm layer with running statistics to calibrate"
+    candidates = norm_candidates(model)
+    if not candidates:
+        return msg
+    listed = ", ".join(f"{name or '<model>'} ({cls})" for name, cls in candidates[:10])
+    more = f" and {len(candidates) - 10} more" if len(candidates) > 10 else ""
+    return (
+        f"{msg}: these modules hold running_mean/running_var buffers but their classes are not "
+        f"registered norm layers: {listed}{more}; register them with "
+        "streamnorm.torch.register_norm(cls, mean=..., var=..., convention=..., channel_axis=...)"
+    )
+
+
 def recalibrate(
     model: Any,
     data: Any,
     *,
     estimator: str = "population",
-    num_samples: int | None = None,
+    num_samples: int | str | None = None,
     mode: str = "one-pass",
     forward_fn: Callable[[Any, Any], Any] | None = None,
     progress: bool = True,
@@ -266,14 +316,18 @@ def recalibrate(
     batch_size: int = 64,
     input_key: str | None = None,
     client: Any = None,
+    tol: float | None = None,
 ) -> CalibrationReport:
     """Re-estimate every BatchNorm layer's ``running_mean`` / ``running_var`` from data.
 
     Parameters
     ----------
     model : torch.nn.Module
-        Changed in place: only the BatchNorm buffers (``running_mean``, ``running_var``,
-        ``num_batches_tracked``). Its train/eval state and momenta come back as they were.
+        Changed in place: only the statistics buffers of its registered norm layers
+        (``running_mean``, ``running_var``, ``num_batches_tracked`` of every ``_BatchNorm``,
+        torchvision's ``FrozenBatchNorm2d`` and the classes of
+        :func:`~streamnorm.torch.register_norm`). Its train/eval state and momenta come back as
+        they were.
     data : numpy.ndarray, torch.Tensor, path, streamnorm Dataset or iterable of batches
         Arrays / tensors of shape (N, ...) and files (see
         :func:`streamnorm.calibrate.open_data`) are cut into batches of ``batch_size`` and
@@ -286,8 +340,12 @@ def recalibrate(
         ``cumulative``: equal-weight mean of batch means and of unbiased batch variances, as
         ``torch.optim.swa_utils.update_bn``. ``ema``: PyTorch's moving average
         ``r <- (1 - momentum) r + momentum * batch`` continued from the current buffers.
-    num_samples : int, optional
-        Use only the first ``num_samples`` samples (the last batch is cut).
+    num_samples : int or "auto", optional
+        Use only the first ``num_samples`` samples (the last batch is cut). ``"auto"``: stream
+        batches until every channel's standard errors ``mean_se`` and ``var_se`` (see the
+        report) are below ``tol``, or the data end; in ``sequential`` mode the rule applies to
+        each pass. ``report.samples`` says how many that took, ``report.converged`` whether
+        ``tol`` was reached.
     mode : {"one-pass", "sequential"}
         ``one-pass``: one pass with BatchNorm layers normalizing by batch statistics, as
         PreciseBN and ``update_bn``. ``sequential``: one pass per layer in forward order, every
@@ -306,12 +364,17 @@ def recalibrate(
     client : distributed.Client, optional
         Run the passes on a Dask cluster, one task per shard of the data (array or file data,
         ``population`` or ``cumulative``; the model and ``forward_fn`` must be picklable).
+    tol : float, optional
+        The tolerance of ``num_samples="auto"`` (default 0.01): ``mean_se`` in units of the
+        channel's standard deviation, ``var_se`` relative to its variance.
 
     Returns
     -------
     CalibrationReport
-        Per layer: samples, batches, and how far mean and standard deviation moved in units of
-        the old sigma; ``report.restore()`` puts the old statistics back.
+        Per layer: samples, batches, how far mean and standard deviation moved in units of the
+        old sigma, and the standard errors ``mean_se`` / ``var_se`` of the new statistics per
+        channel (from the spread between batches, see :mod:`streamnorm.calibrate._spread`);
+        ``report.restore()`` puts the old statistics back.
 
     Notes
     -----
@@ -327,29 +390,37 @@ def recalibrate(
     statistics, which differ from the final running statistics; in ``sequential`` mode they use
     the new running statistics, so afterwards the inputs of every layer in eval mode have exactly
     the stored mean and variance (a fixed point), at the cost of one (truncated) pass per layer.
-    Modules other than BatchNorm (dropout) run in eval mode throughout, as at inference;
-    ``update_bn`` runs them in training mode, so the two agree for models without them.
+    Modules other than the norm layers (dropout) run in eval mode throughout, as at inference;
+    ``update_bn`` runs them in training mode, so the two agree for models without them. A layer
+    registered with ``batch_stats=False`` (``FrozenBatchNorm2d``) always normalizes with its
+    buffers: in ``one-pass`` mode the layers after it see its input normalized by its stored
+    statistics, in ``sequential`` mode by its new ones.
+
+    A model whose norm-like layers are all unregistered (modules with ``running_mean`` /
+    ``running_var`` buffers of an unknown class) raises ``InputError`` listing them; register
+    their class with :func:`~streamnorm.torch.register_norm`.
 
     If anything fails (a bad batch, ``KeyboardInterrupt``), the model is restored exactly as it
     was, statistics included, before the exception propagates; hooks are always removed.
     """
     _check_model(model)
-    settings = Settings.checked(StatsSpec.checked(estimator, momentum), mode, progress, client)
+    budget, tol = check_budget(num_samples, tol)
+    settings = Settings.checked(StatsSpec.checked(estimator, momentum), mode, progress, client, tol)
     check_callable("forward_fn", forward_fn)
-    stream = Stream.of(data, batch_size, num_samples, input_key)
+    stream = Stream.of(data, batch_size, budget, input_key)
     if settings.mode == "sequential" and not stream.arraylike and iter(stream.data) is stream.data:
         raise InputTypeError(
             "mode='sequential' passes over the data once per BatchNorm layer; pass a "
             "re-iterable (a list, an array, a DataLoader), not a one-shot iterator or generator"
         )
-    bns = _bn_list(model)
-    if not bns:
-        raise InputError("the model has no BatchNorm layer with running statistics to calibrate")
+    layers = _norm_list(model)
+    if not layers:
+        raise InputError(_no_layers_message(model))
     one_pass = settings.mode == "one-pass"
-    snap = _Snapshot(model, bns)
+    snap = _Snapshot(model, layers)
     forward = _Forward(input_key, forward_fn, stream.arraylike, one_pass)
     try:
-        _configure(model, [m for _, m in bns], one_pass)
+        _configure(model, layers, one_pass)
         adapter = _TorchAdapter(model, forward, snap.base)
         return calibrate(adapter, stream, settings, undo=snap.restore_buffers)
     except BaseException:

@@ -1,5 +1,9 @@
-"""Hooks that feed every BatchNorm layer's input to a Tracker, and writing estimates back.
+"""Norm-layer registry, hooks that feed every BatchNorm layer's input to a Tracker, and writing
+estimates back.
 
+:func:`register_norm` says, for a layer class, which buffers hold its statistics, which axis holds
+its channels and which variance convention it stores; :func:`norm_layers` finds the registered
+layers of a model (every ``_BatchNorm`` and torchvision's ``FrozenBatchNorm2d`` are built in).
 :func:`track` registers a forward pre-hook on each BatchNorm layer; while the layer trains, the
 hook hands its input, without copying it, to ``tracker.update(name, x, axis=...)`` with the axes
 BatchNorm reduces over. :func:`load_estimates` writes a Tracker's estimates into the layers'
@@ -10,21 +14,208 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from .._errors import InputError, InputTypeError
 from .._extras import require
+from .._validate import check_int, check_var_convention
 
 torch = require("torch")
 
 from torch.nn.modules.batchnorm import _BatchNorm  # noqa: E402
 
-__all__ = ["bn_axes", "bn_layers", "load_estimates", "track"]
+__all__ = [
+    "NormSpec",
+    "bn_axes",
+    "bn_layers",
+    "load_estimates",
+    "norm_candidates",
+    "norm_layers",
+    "norm_spec",
+    "register_norm",
+    "track",
+]
 
 # dtypes numpy cannot view; converted to float32 (a copy, the only one)
 _UPCAST = (torch.float16, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------------------------
+# the registry of norm layers
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    """How a registered norm-layer class stores its statistics.
+
+    Attributes
+    ----------
+    mean, var : str
+        Names of the buffers holding the per-channel mean and variance, shape (C,).
+    convention : {"unbiased", "biased"}
+        What the stored variance means (``_BatchNorm``: unbiased).
+    channel_axis : int
+        The axis of the layer's input holding the channels (negative counts from the end);
+        every other axis is reduced.
+    eps : str
+        The attribute holding the epsilon added to the variance.
+    count : str or None
+        A batch-counter buffer set to the batches seen (``num_batches_tracked``), if any.
+    batch_stats : bool
+        The layer normalizes with batch statistics in training mode (``_BatchNorm``); ``False``
+        for layers that always normalize with their buffers (``FrozenBatchNorm2d``).
+    """
+
+    mean: str = "running_mean"
+    var: str = "running_var"
+    convention: str = "unbiased"
+    channel_axis: int = 1
+    eps: str = "eps"
+    count: str | None = "num_batches_tracked"
+    batch_stats: bool = True
+
+
+#: registered classes (matched with issubclass) and "module.Name" keys (matched by name along
+#: the MRO, for classes of packages that are not imported)
+_REGISTRY: dict[Any, NormSpec] = {
+    _BatchNorm: NormSpec(),
+    "torchvision.ops.misc.FrozenBatchNorm2d": NormSpec(count=None, batch_stats=False),
+}
+
+
+def _check_attr(what: str, value: Any, optional: bool = False) -> Any:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not value.isidentifier():
+        raise InputTypeError(f"{what} must be an attribute name (str), got {value!r}")
+    return value
+
+
+def register_norm(
+    cls: Any,
+    *,
+    mean: str = "running_mean",
+    var: str = "running_var",
+    convention: str = "unbiased",
+    channel_axis: int = 1,
+    eps: str = "eps",
+    count: str | None = "num_batches_tracked",
+    batch_stats: bool = True,
+) -> NormSpec:
+    """Make recalibration recognise the layers of class ``cls`` (and its subclasses).
+
+    Parameters
+    ----------
+    cls : type or str
+        A ``torch.nn.Module`` subclass, or ``"package.module.ClassName"`` to match a class by its
+        ``__module__`` and ``__name__`` without importing its package.
+    mean, var : str, default "running_mean", "running_var"
+        Buffers holding the statistics, shape (C,).
+    convention : {"unbiased", "biased"}, default "unbiased"
+        What ``var`` stores: PyTorch's ``running_var`` is unbiased (``M2 / (n - 1)``).
+    channel_axis : int, default 1
+        The channel axis of the layer's input; all other axes are reduced (``-1`` for
+        channels-last layers).
+    eps : str, default "eps"
+        The attribute holding the layer's epsilon (used for the report's shifts; a layer without
+        it counts as 0).
+    count : str or None, default "num_batches_tracked"
+        A batch counter to set to the batches seen (skipped when the layer has none).
+    batch_stats : bool, default True
+        ``True``: in training mode the layer normalizes with batch statistics (as
+        ``_BatchNorm``), so one-pass recalibration runs it in training mode. ``False``: it
+        always normalizes with its buffers (it is left in eval mode; in one-pass mode the
+        inputs downstream of it are computed with its stored statistics).
+
+    Returns
+    -------
+    NormSpec
+        The registered entry (a later registration of the same ``cls`` replaces it).
+
+    Notes
+    -----
+    A layer is matched by its class's method resolution order, nearest class first, so a
+    registration of a subclass wins over one of its base. Built in: every
+    ``torch.nn.modules.batchnorm._BatchNorm`` (BatchNorm1d/2d/3d, SyncBatchNorm, the lazy
+    variants) and ``torchvision.ops.misc.FrozenBatchNorm2d`` (matched by name; it has no
+    ``num_batches_tracked`` and always normalizes with its buffers).
+
+    Examples
+    --------
+    >>> register_norm(MyNorm, var="running_var", convention="biased")   # doctest: +SKIP
+    """
+    if isinstance(cls, str):
+        if "." not in cls:
+            raise InputError(f"cls as a string must be 'package.module.ClassName', got {cls!r}")
+        key: Any = cls
+    elif isinstance(cls, type) and issubclass(cls, torch.nn.Module):
+        key = cls
+    else:
+        raise InputTypeError(
+            f"cls must be a torch.nn.Module subclass or 'module.ClassName', got {cls!r}"
+        )
+    spec = NormSpec(
+        mean=_check_attr("mean", mean),
+        var=_check_attr("var", var),
+        convention=check_var_convention(convention, "convention"),
+        channel_axis=check_int("channel_axis", channel_axis),
+        eps=_check_attr("eps", eps),
+        count=_check_attr("count", count, optional=True),
+        batch_stats=bool(batch_stats),
+    )
+    _REGISTRY[key] = spec
+    return spec
+
+
+def norm_spec(module: Any) -> NormSpec | None:
+    """The registry entry of ``module``'s class (nearest in its MRO), or ``None``."""
+    for klass in type(module).__mro__:
+        spec = _REGISTRY.get(klass)
+        if spec is None:
+            spec = _REGISTRY.get(f"{klass.__module__}.{klass.__qualname__}")
+        if spec is not None:
+            return spec
+    return None
+
+
+def norm_layers(model: Any) -> list[tuple[str, Any, NormSpec]]:
+    """Every registered norm layer of ``model`` holding statistics, in definition order.
+
+    Returns
+    -------
+    list of (str, torch.nn.Module, NormSpec)
+        Layers whose class is registered (see :func:`register_norm`) and whose ``mean`` and
+        ``var`` buffers are tensors (a ``_BatchNorm`` with ``track_running_stats=False`` has
+        none and is left out).
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise InputTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    out = []
+    for name, m in model.named_modules():
+        spec = norm_spec(m)
+        if spec is None:
+            continue
+        if isinstance(getattr(m, spec.mean, None), torch.Tensor) and isinstance(
+            getattr(m, spec.var, None), torch.Tensor
+        ):
+            out.append((name, m, spec))
+    return out
+
+
+def norm_candidates(model: Any) -> list[tuple[str, str]]:
+    """``(name, class)`` of unregistered modules with a ``running_mean`` or ``running_var``
+    buffer: layers that look like norm layers but that recalibration does not know."""
+    out = []
+    for name, m in model.named_modules():
+        if norm_spec(m) is not None:
+            continue
+        own = {k for k, _ in m.named_buffers(recurse=False)}
+        if own & {"running_mean", "running_var"}:
+            out.append((name, f"{type(m).__module__}.{type(m).__qualname__}"))
+    return out
 
 
 def bn_layers(model: Any) -> list[tuple[str, Any]]:

@@ -1,0 +1,213 @@
+"""Source moments stored in an ONNX model's ``metadata_props``.
+
+:func:`streamnorm.onnx.annotate` measures, on the source (training) data, the per-channel
+moments of the Conv / Gemm outputs whose BatchNorm an exporter folded away, and stores them in
+the model itself, so that a deployed model carries what :func:`streamnorm.onnx.recalibrate` needs
+to adapt it to new data.
+
+Format
+------
+One ``metadata_props`` entry, key ``"streamnorm.source_moments"``, whose value is a JSON object::
+
+    {
+      "format": "streamnorm.source_moments",
+      "version": 1,
+      "samples": 1347,                     # samples (rows of the data) measured
+      "layers": [
+        {
+          "output": "/0/Conv_output_0",     # the layer's output tensor (the key)
+          "node": "/0/Conv",                # the node that produces it
+          "op": "Conv",                     # "Conv" or "Gemm"
+          "channel_axis": 1,                # channels of the output; all other axes reduced
+          "count": [4096.0, ...],           # values per channel (samples x positions), (C,)
+          "mean": [0.12, ...],              # per-channel mean, (C,)
+          "m2": [310.5, ...]                # per-channel sum of squared deviations, (C,)
+        },
+        ...
+      ]
+    }
+
+Numbers are float64 written with Python's ``repr`` (they read back bit for bit). ``m2 / count``
+is the biased variance. A reader that finds another ``format`` or a ``version`` it does not know
+refuses the record (:class:`~streamnorm._errors.RecordError`) rather than guess. Other metadata
+entries of the model are kept as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .._errors import RecordError
+from .._io import check_header
+from .._moments import Moments
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "METADATA_KEY",
+    "LayerMoments",
+    "dumps",
+    "read",
+    "store",
+]
+
+#: the ``metadata_props`` key
+METADATA_KEY = "streamnorm.source_moments"
+FORMAT_NAME = "streamnorm.source_moments"
+FORMAT_VERSION = 1
+
+_WHAT = "source-moments metadata"
+
+
+@dataclass(frozen=True)
+class LayerMoments:
+    """The source moments of one layer's output.
+
+    Attributes
+    ----------
+    output : str
+        The output tensor's name.
+    node : str
+        The producing node's name.
+    op : str
+        Its operator, ``"Conv"`` or ``"Gemm"``.
+    moments : Moments
+        Per-channel count, mean and M2, shape (C,).
+    channel_axis : int, default 1
+    """
+
+    output: str
+    node: str
+    op: str
+    moments: Moments
+    channel_axis: int = 1
+
+    @property
+    def mean(self) -> np.ndarray:
+        """Per-channel mean, shape (C,), float64."""
+        return np.asarray(self.moments.mean, dtype=np.float64).reshape(-1)
+
+    @property
+    def var(self) -> np.ndarray:
+        """Per-channel biased variance ``M2 / count``, shape (C,), float64."""
+        return np.asarray(self.moments.var(0), dtype=np.float64).reshape(-1)
+
+
+def _floats(a: Any) -> list[float]:
+    return [float(v) for v in np.asarray(a, dtype=np.float64).reshape(-1)]
+
+
+def dumps(layers: list[LayerMoments], samples: int) -> str:
+    """The JSON value of the metadata entry (see the module docstring).
+
+    Raises
+    ------
+    ValueError
+        A non-finite moment (JSON has no NaN): the data or the model produce NaN/Inf.
+    """
+    out = []
+    for m in layers:
+        st = m.moments
+        count = np.broadcast_to(np.asarray(st.count, dtype=np.float64), st.mean.shape)
+        arrays = {"count": _floats(count), "mean": _floats(st.mean), "m2": _floats(st.m2)}
+        if not all(math.isfinite(v) for a in arrays.values() for v in a):
+            raise RecordError(
+                f"the output {m.output!r} of node {m.node!r} has non-finite moments "
+                "(NaN/Inf) on the source data; check the data and the model"
+            )
+        out.append(
+            {
+                "output": m.output,
+                "node": m.node,
+                "op": m.op,
+                "channel_axis": int(m.channel_axis),
+                **arrays,
+            }
+        )
+    return json.dumps(
+        {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "samples": int(samples),
+            "layers": out,
+        },
+        separators=(",", ":"),
+    )
+
+
+def store(model: Any, text: str) -> None:
+    """Put ``text`` under :data:`METADATA_KEY` in ``model.metadata_props`` (replacing an old
+    entry; other entries are kept)."""
+    props = model.metadata_props
+    keep = [(p.key, p.value) for p in props if p.key != METADATA_KEY]
+    del props[:]
+    for k, v in keep:
+        props.add(key=k, value=v)
+    props.add(key=METADATA_KEY, value=text)
+
+
+def _layer(d: Any, i: int) -> LayerMoments:
+    if not isinstance(d, dict):
+        raise RecordError(f"corrupt {_WHAT}: layer {i} is not an object")
+    for k in ("output", "node", "op", "count", "mean", "m2"):
+        if k not in d:
+            raise RecordError(f"corrupt {_WHAT}: layer {i} has no {k!r}")
+    if not isinstance(d["output"], str) or not isinstance(d["node"], str):
+        raise RecordError(f"corrupt {_WHAT}: layer {i} has a non-string name")
+    axis = d.get("channel_axis", 1)
+    if not isinstance(axis, int) or axis != 1:
+        raise RecordError(f"corrupt {_WHAT}: layer {i} has channel_axis {axis!r}, expected 1")
+    try:
+        arrs = [np.asarray(d[k], dtype=np.float64) for k in ("count", "mean", "m2")]
+    except (TypeError, ValueError) as e:
+        raise RecordError(f"corrupt {_WHAT}: layer {d['output']!r}: {e}") from e
+    if any(a.ndim != 1 or a.shape != arrs[1].shape or a.size == 0 for a in arrs):
+        raise RecordError(
+            f"corrupt {_WHAT}: layer {d['output']!r} needs count, mean and m2 of one equal "
+            f"length, got shapes {[a.shape for a in arrs]}"
+        )
+    count, mean, m2 = arrs
+    if not (np.isfinite(mean).all() and np.isfinite(m2).all()) or np.any(count <= 0):
+        raise RecordError(
+            f"impossible {_WHAT}: layer {d['output']!r} has non-finite moments or empty channels"
+        )
+    try:
+        mom = Moments.from_arrays(count, mean, m2)
+    except ValueError as e:
+        raise RecordError(f"impossible {_WHAT}: layer {d['output']!r}: {e}") from e
+    return LayerMoments(d["output"], d["node"], str(d["op"]), mom, axis)
+
+
+def read(model: Any) -> dict[str, LayerMoments] | None:
+    """The source moments stored in ``model`` by output name, or ``None`` when it has none.
+
+    Raises
+    ------
+    RecordError
+        An entry that is not JSON, another format, an unknown version, or impossible moments.
+    """
+    texts = [p.value for p in model.metadata_props if p.key == METADATA_KEY]
+    if not texts:
+        return None
+    try:
+        d = json.loads(texts[-1])
+    except ValueError as e:
+        raise RecordError(f"the model's {METADATA_KEY!r} metadata is not JSON: {e}") from e
+    if not isinstance(d, dict):
+        raise RecordError(f"corrupt {_WHAT}: expected a JSON object, got {type(d).__name__}")
+    check_header(d, FORMAT_NAME, FORMAT_VERSION, _WHAT)
+    layers = d.get("layers")
+    if not isinstance(layers, list):
+        raise RecordError(f"corrupt {_WHAT}: 'layers' is not a list")
+    out: dict[str, LayerMoments] = {}
+    for i, entry in enumerate(layers):
+        m = _layer(entry, i)
+        if m.output in out:
+            raise RecordError(f"corrupt {_WHAT}: output {m.output!r} appears twice")
+        out[m.output] = m
+    return out

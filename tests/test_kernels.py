@@ -1,0 +1,140 @@
+"""The CPU kernels called directly: serial twins, slot merges, the row loop's remainders, plans."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from naive import moments_ld
+
+from streamnorm import _kernels as K
+from streamnorm import _kernels_normalize as KN
+from streamnorm._jit import renamed, twins
+from streamnorm._layout import plan
+from streamnorm._reduce import run_rows
+
+
+def _rel(a, b):
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-300)))
+
+
+def test_serial_twins_are_distinct_functions_with_their_own_cache_names():
+    for par, ser in (
+        (K.rows_moments, K.rows_moments_serial),
+        (K.cf_moments, K.cf_moments_serial),
+        (K.cf_rows_moments, K.cf_rows_moments_serial),
+        (KN.normalize_rows, KN.normalize_rows_serial),
+        (KN.normalize_cf, KN.normalize_cf_serial),
+    ):
+        assert par.py_func is not ser.py_func
+        assert ser.py_func.__qualname__ == par.py_func.__qualname__ + "_serial"
+        assert par.targetoptions.get("parallel") and not ser.targetoptions.get("parallel")
+
+
+@pytest.mark.filterwarnings("ignore::numba.NumbaPerformanceWarning")
+def test_twins_helper_copies_code_under_a_new_name():
+    def f(a, b=2):
+        return a * b
+
+    g = renamed(f, "g")
+    assert g.__name__ == g.__qualname__ == "g" and g(3) == 6 and g.__code__ is f.__code__
+    par, ser = twins(f, {"parallel": True, "cache": False}, {"cache": False})
+    assert par(4, 3) == ser(4, 3) == 12
+    assert ser.py_func.__name__ == "f_serial"
+    with pytest.raises(TypeError, match="plain Python function"):
+        renamed(len, "x")
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 130, 1027])
+@pytest.mark.parametrize("block_rows", [1, 3, 4, 64])
+def test_rows_kernel_every_remainder_of_the_four_row_step(rows, block_rows):
+    rng = np.random.default_rng(rows * 7 + block_rows)
+    x = (rng.standard_normal((rows, 37)) * 3 + 1e4).astype(np.float32)
+    n, m, q, lo = K.rows_moments(x, block_rows, 2)
+    n_s, m_s, q_s, lo_s = K.rows_moments_serial(x, block_rows, 2)
+    for a, b in ((n, n_s), (m, m_s), (q, q_s), (lo, lo_s)):
+        assert np.array_equal(a, b)
+    cnt, mean, m2 = moments_ld(x, 0)
+    assert np.array_equal(n, cnt.astype(np.float64))
+    assert _rel(np.longdouble(m) + np.longdouble(lo), mean) < 1e-15
+    if rows > 1:
+        assert _rel(q, m2) < 1e-12
+
+
+def test_merge_slots_uniform_counts_equal_per_dim_counts():
+    rng = np.random.default_rng(1)
+    c_mean = rng.standard_normal((5, 3))
+    c_m2 = rng.random((5, 3))
+    counts = np.array([3.0, 1.0, 7.0, 2.0, 4.0])
+    ref = np.array([1.0, -2.0, 0.5])
+    a = K.merge_slots(counts[:, None].copy(), c_mean, c_m2, ref)
+    b = K.merge_slots(np.repeat(counts[:, None], 3, axis=1), c_mean, c_m2, ref)
+    for u, v in zip(a, b, strict=True):
+        assert np.array_equal(u, v)
+    # against merging the raw samples these slots stand for: Chan's formula, in float64
+    n_tot = counts.sum()
+    mean = (counts[:, None] * c_mean).sum(0) / n_tot
+    m2 = c_m2.sum(0) + (counts[:, None] * (c_mean - mean) ** 2).sum(0)
+    assert np.allclose(a[1] + a[3], mean + ref, rtol=1e-14, atol=1e-14)
+    assert np.allclose(a[2], m2, rtol=1e-13)
+
+
+def test_rows_general_matches_plain_kernel_and_oracle():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((301, 9)).astype(np.float32) + 50
+    w = rng.integers(0, 3, 301).astype(np.float64)
+    n, m, q, lo = run_rows(x, w, False)
+    cnt, mean, m2 = moments_ld(x, 0, weights=w)
+    assert np.array_equal(n, cnt.astype(np.float64))
+    assert _rel(m, mean) < 1e-14
+    assert _rel(q, m2) < 1e-12
+    x[5, 2] = np.nan
+    n, m, q, lo = run_rows(x, None, True)
+    cnt, mean, m2 = moments_ld(x, 0, omit=True)
+    assert n[2] == 300 and np.array_equal(n, cnt.astype(np.float64))
+    assert _rel(q, m2) < 1e-12
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 10), (1, 1, 5000), (1, 4, 9000)])
+def test_channels_first_single_sample_chunks(shape):
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal(shape) + 1e3).astype(np.float32)
+    cnt, mean, m2 = moments_ld(x, (0, 2))
+    for cs in (1, 3):  # blocks per chunk: a different merge tree, the same bits with threads
+        par = K.cf_moments(x, 4096, cs)
+        for a, b in zip(par, K.cf_moments_serial(x, 4096, cs), strict=True):
+            assert np.array_equal(a, b)
+        assert np.array_equal(par[0], cnt.astype(np.float64))
+        assert _rel(np.longdouble(par[1]) + np.longdouble(par[3]), mean) < 1e-15
+        assert _rel(par[2], m2) < 1e-12
+
+
+def test_plan_with_out_merges_only_where_both_arrays_allow():
+    x = np.zeros((4, 6, 5), np.float32)
+    out = np.zeros((4, 6, 5), np.float32)
+    p = plan(x, (0,), out=out)
+    assert p.kind == "rows" and p.view.shape == (4, 30) and p.out_view.shape == (4, 30)
+    assert p.out_view.flags.writeable and not p.view.flags.writeable
+    # out transposed in its last two axes: they cannot merge for out, so the plan keeps them
+    out_t = np.zeros((4, 5, 6), np.float32).transpose(0, 2, 1)
+    p = plan(x, (0,), out=out_t)
+    assert p.kind == "generic"
+    p = plan(x, (0,))
+    assert p.kind == "rows" and p.out_view is None
+    # negative strides: out is flipped with x
+    xf = x[::-1]
+    of = out[::-1]
+    p = plan(xf, (0, 2), out=of)
+    assert p.kind == "cf" and p.flipped == {0}
+    assert np.shares_memory(p.out_view, out)
+
+
+@pytest.mark.slow
+def test_leaf_loops_vectorize():
+    from streamnorm.cli.bench import vector_report
+
+    rows = {r["loop"]: r for r in vector_report()}
+    assert set(rows) == set(K.LEAF_LOOPS)
+    for r in rows.values():
+        assert r["vectorized"] != "no (scalar)", r
