@@ -259,8 +259,11 @@ def recalibrate(
     client: Any = None,
     providers: list[str] | None = None,
     tol: float | None = None,
+    source: Any = None,
+    layers: Sequence[str] | None = None,
 ) -> core.CalibrationReport:
-    """Write a copy of an ONNX model whose BatchNorm statistics are re-estimated from data.
+    """Write a copy of an ONNX model whose BatchNorm statistics are re-estimated from data, and
+    whose folded Conv / Gemm layers are adapted to it by moment matching.
 
     Parameters
     ----------
@@ -296,6 +299,15 @@ def recalibrate(
         onnxruntime execution providers (default CPU).
     tol : float, optional
         The tolerance of ``num_samples="auto"``.
+    source : array, tensor, path or streamnorm Dataset, shape (N, ...), optional
+        Source (training) data: the source moments of the folded layers are measured on it with
+        the model as given (``key`` applies to it too), and stored in the output's metadata.
+        Without it they come from the model's metadata (:func:`annotate`).
+    layers : list of str, optional
+        The Conv / Gemm layers to adapt by moment matching (node or output names). Default: the
+        layers annotated in the metadata; with ``source``, or for a model without annotation,
+        every Conv / Gemm output read by an activation or a Conv (where folding left a
+        Conv-BN-ReLU block). ``BatchNormalization`` nodes are always recalibrated.
 
     Returns
     -------
@@ -314,6 +326,18 @@ def recalibrate(
     reached through ``Identity`` / ``Constant``) is copied so that each BatchNorm node gets its
     own. Statistics fed as graph inputs are refused with ``ValueError``: the file stores nothing
     to rewrite.
+
+    A folded layer (a Conv / Gemm that absorbed a BatchNorm at export) gets
+    ``y' = mean_s + std_s (y - mean_t) / std_t`` per output channel, folded into its weight and
+    bias (see :mod:`streamnorm.onnx._folded`), with ``(mean_t, std_t)`` the moments of its output
+    on ``data``. Folded layers and BatchNorm nodes are adapted together, depth by depth in
+    topological order (``sequential``: each with everything upstream already adapted). A model
+    with BatchNorm statistics that were the exact population statistics of the source data
+    before export then equals, up to BatchNorm's ``eps``, the same network recalibrated before
+    export. A model without BatchNorm nodes needs source moments (``source`` or the metadata);
+    a model with BatchNorm nodes but none recalibrates the BatchNorm nodes only, with a
+    ``UserWarning`` when Conv / Gemm layers look folded. Weights shared with other nodes are
+    copied; weights stored as external data stay external.
     """
     require("onnxruntime", "onnx")
     onnx = require("onnx")
@@ -322,30 +346,68 @@ def recalibrate(
     settings = core.Settings.checked(core.StatsSpec("population"), mode, progress, client, auto_tol)
     bs = check_size("batch_size", batch_size)
     loaded = load(mp)
-    bns = prepare(loaded.model)
+    model = loaded.model
+    bns = prepare(model, allow_none=True)
+    stored = meta.read(model)
+    picked = _pick(model, bns, layers, stored, source is not None)
+    folded = prepare_folded(model, picked, {b.name for b in bns})
+    _remember_external(loaded, folded)
     opened = open_source(data, key)
-    source = model_input(loaded.model, input_name)
-    check_fit(tuple(opened.shape), np.dtype(opened.dtype), source)
-    stream = core.Stream.of(opened, source.fixed_batch or bs, budget)
-    check_output(op, input_files(loaded, opened))
+    src_data = None if source is None else open_source(source, key)
+    feed = model_input(model, input_name)
+    check_fit(tuple(opened.shape), np.dtype(opened.dtype), feed)
+    if src_data is not None:
+        check_fit(tuple(src_data.shape), np.dtype(src_data.dtype), feed)
+    stream = core.Stream.of(opened, feed.fixed_batch or bs, budget)
+    read_files = input_files(loaded, opened)
+    if src_data is not None:
+        read_files += input_files(loaded, src_data)
+    check_output(op, read_files)
     if loaded.external and os.path.realpath(data_path(op)) in loaded.files:
         raise OutputPathError(
             f"writing {op!r} would overwrite {data_path(op)!r}, which the input model reads "
             "its weights from; choose another output name"
         )
 
-    inits = {t.name: t for t in loaded.model.graph.initializer}
-    feeds = {n: onnx.numpy_helper.to_array(inits[n]) for b in bns for n in (b.mean, b.var)}
-    cal = calibration_model(loaded.model, bns)
+    inits = {t.name: t for t in model.graph.initializer}
+    names = [n for b in bns for n in (b.mean, b.var)] + [
+        n for f in folded for n in (f.weight, f.bias)
+    ]
+    feeds = {n: onnx.numpy_helper.to_array(inits[n]) for n in names}
+    cal = calibration_model(
+        model,
+        bns,
+        fed=[n for f in folded for n in (f.weight, f.bias)],
+        exposed=[f.output for f in folded],
+    )
     if cal.ByteSize() >= MAX_PROTO:
         raise InputError(
             "the model is larger than 2 GiB once loaded; recalibration of such models through "
             "onnxruntime sessions from memory is not supported"
         )
-    adapter = _OnnxAdapter(cal.SerializeToString(), bns, feeds, source, providers)
+    runner = _Runner(cal.SerializeToString(), feed, providers)
+    measured: dict[str, Moments] = {}
+    if src_data is not None and folded:
+        src_stream = core.Stream.of(src_data, feed.fixed_batch or bs)
+        measured = _measure(runner, feeds, [f.output for f in folded], src_stream, progress)
+        sources = {f.name: _stats(measured[f.output], f.output) for f in folded}
+    else:
+        sources = {f.name: _from_metadata(stored, f) for f in folded}
+    depth_of = depths(model, {b.index for b in bns} | {f.index for f in folded})
+    plan = _Plan(
+        bns,
+        folded,
+        sources,
+        {x.name: depth_of[x.index] for x in [*bns, *folded]},
+    )
+    adapter = _OnnxAdapter(
+        runner.model_bytes, plan, feeds, dict(sources), feed, providers
+    )
+    adapter.runner = runner
     report = core.calibrate(adapter, stream, settings)
-    for b in bns:
-        for n in (b.mean, b.var):
-            inits[n].CopyFrom(onnx.numpy_helper.from_array(adapter.feeds[n], n))
+    for n in names:
+        inits[n].CopyFrom(onnx.numpy_helper.from_array(adapter.feeds[n], n))
+    if measured:
+        _annotate_model(model, folded, measured, src_stream)
     save(loaded, op)
     return report
