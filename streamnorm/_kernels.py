@@ -7,9 +7,10 @@ Every kernel follows the same scheme:
 
 1. the reduced elements are cut into fixed-size blocks (rows of a ``(rows, D)`` view, or contiguous
    segments of a ``(A, C, L)`` view); the cut depends only on the shape and dtype;
-2. each block's ``(n, mean, M2)`` is computed with a two-pass over the cache-resident block, after
-   subtracting a per-dimension reference value ``ref`` (the shift keeps digits when the data sit far
-   from zero);
+2. each block's ``(n, mean, M2)`` is computed in one pass shifted by one of the block's own samples,
+   checked, and redone as a two-pass over the cache-resident block where the check finds the
+   cancellation too large (see :func:`_rows_block_shifted`); means are kept relative to a
+   per-dimension reference value ``ref`` (the shift keeps digits when the data sit far from zero);
 3. the blocks of a chunk are merged in order into the chunk's own slot (one parallel task a chunk,
    no shared accumulators), then the chunk slots are merged serially in order.
 

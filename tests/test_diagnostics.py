@@ -8,7 +8,6 @@ import pytest
 
 from streamnorm.calibrate import (
     AUTO_MIN_BATCHES,
-    BatchSpread,
     LayerStats,
     NormLayer,
     StatsSpec,
@@ -78,11 +77,12 @@ def test_coarsening_keeps_estimates_and_merges_clusters() -> None:
     batches = _batches(rng, [4] * (MAX_CLUSTERS + 3))
     st = _feed(batches)
     assert st.spread is not None and len(st.spread) < MAX_CLUSTERS
-    est = st.spread._estimates("population", None)
-    assert est is not None
     allx = np.concatenate(batches)
-    np.testing.assert_allclose(est[0], allx.mean(axis=(0, 2, 3)), rtol=1e-12)
-    np.testing.assert_allclose(est[1], allx.var(axis=(0, 2, 3)), rtol=1e-12)
+    np.testing.assert_allclose(
+        st.spread.mean.T @ st.spread.n / st.spread.n.sum(), allx.mean(axis=(0, 2, 3)), rtol=1e-12
+    )
+    tr = st.spread.trace("population")  # the final prefix is the whole stream
+    assert tr.samples[-1] == len(allx) and tr.mean_dev[-1] == 0.0
     # the clusters are pairs of consecutive batches (and the last batches alone, in order)
     sizes = np.cumsum(st.spread.batches)
     groups = np.split(np.arange(len(batches)), sizes[:-1])
@@ -202,9 +202,7 @@ def test_auto_stops_when_errors_are_below_tol(mode: str) -> None:
     # the buffers are the exact statistics of the samples used
     used = x[:want].astype(np.float64)
     np.testing.assert_allclose(model[0].running_mean.numpy(), used.mean(axis=(0, 2, 3)), 1e-5)
-    np.testing.assert_allclose(
-        model[0].running_var.numpy(), used.var(axis=(0, 2, 3), ddof=1), 1e-5
-    )
+    np.testing.assert_allclose(model[0].running_var.numpy(), used.var(axis=(0, 2, 3), ddof=1), 1e-5)
 
 
 def test_auto_data_end_first() -> None:

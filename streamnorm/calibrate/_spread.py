@@ -227,8 +227,8 @@ class BatchSpread:
         if k < 2 or estimator == "ema":
             nan = np.full(mu.shape, np.nan)
             return mu, var, nan, nan
-        c = 1.0
-        m_se2 = c * (w * (tm - mu) ** 2).sum(axis=0)
+        c = k / (k - 1.0)
+        m_se2 = c * (w**2 * (tm - mu) ** 2).sum(axis=0)
         v_se2 = c * (w**2 * (tv - var) ** 2).sum(axis=0)
         return mu, var, m_se2, v_se2
 

@@ -30,6 +30,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "streamnorm.cli.calibrate",
         "recalibrate the BatchNorm statistics of a saved PyTorch or ONNX model",
     ),
+    "annotate": ("streamnorm.cli.annotate", "store the source moments of folded ONNX layers"),
     "shift": ("streamnorm.cli.shift", "test-time statistics under shift: corrupted digits"),
     "bench": (
         "streamnorm.cli.bench",

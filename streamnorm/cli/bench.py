@@ -299,8 +299,8 @@ def vector_report() -> list[dict[str, Any]]:
 def core_rates(repeat: int, read_1t: float) -> list[dict[str, Any]]:
     """Each serial kernel on cache-resident float32 data, one thread: G elements/s.
 
-    Against the one-thread read limit (``read_1t`` G elements/s of float32 from memory): a kernel
-    whose in-cache rate is below it is bound by the core, else by memory.
+    Against one thread's read limit from memory (``read_1t`` G elements/s of float32): a kernel
+    whose in-cache rate is below it is bound by the core, else it could keep up with memory.
     """
     rng = np.random.default_rng(3)
     kernels: list[tuple[str, np.ndarray, Callable[[np.ndarray], Any]]] = [
@@ -338,7 +338,7 @@ def core_rates(repeat: int, read_1t: float) -> list[dict[str, Any]]:
             {
                 "kernel (serial, in cache)": name,
                 "G elem/s": rate,
-                "read limit G elem/s (1 thread)": read_1t,
+                "read limit G elem/s (1 thread, memory)": read_1t,
                 "bound": "memory" if rate >= read_1t else "core",
             }
         )
@@ -569,7 +569,8 @@ def run(args: argparse.Namespace) -> int:
     command = "streamnorm bench" + (" --quick" if args.quick else "")
     print(f"streamnorm bench on {machine()}", flush=True)
     speed = run_speed(cases, repeat, not args.no_others)
-    read_1t = max(r["read limit GB/s 1 thread"] for r in speed) / 4  # float32 elements
+    # one thread's read rate from memory: the first case, the largest array (float32 elements)
+    read_1t = speed[0]["read limit GB/s 1 thread"] / 4
     res = Results(command, speed, run_stream(repeat))
     res.vectors = vector_report()
     res.cores = core_rates(repeat, read_1t)

@@ -5,6 +5,10 @@ MODEL is an ``.onnx`` file, a PyTorch checkpoint (a ``state_dict``, or a dict ho
 file (also with ``--arch``: the statistics are computed on the eager module and written back into
 the TorchScript buffers), or a Keras 3 ``.keras`` file (``--momentum`` then in Keras' convention,
 default 0.99). The output is written atomically; on any error nothing is written.
+
+An ONNX model whose BatchNorms were folded into its Conv / Gemm layers at export is adapted by
+moment matching, with the source moments from its metadata (``streamnorm annotate``) or measured
+on ``--source``; ``--layers`` chooses the layers.
 """
 
 from __future__ import annotations
@@ -106,6 +110,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key", metavar="NAME", default=None, help="array of a .npz data file")
     parser.add_argument(
         "--input-name", metavar="NAME", default=None, help="ONNX graph input to feed"
+    )
+    parser.add_argument(
+        "--source",
+        metavar="PATH",
+        default=None,
+        help="ONNX: source data for the source moments of folded Conv/Gemm layers "
+        "(default: the model's metadata, see `streamnorm annotate`)",
+    )
+    parser.add_argument(
+        "--layers",
+        metavar="NAME",
+        nargs="+",
+        default=None,
+        help="ONNX: the folded Conv/Gemm layers to adapt (node or output names)",
     )
     parser.add_argument(
         "--scheduler", metavar="ADDRESS", default=None, help="run on this Dask scheduler"
@@ -303,6 +321,8 @@ def _check_options(args: Any, kind: str) -> None:
         )
     if kind != "onnx" and args.input_name is not None:
         raise InputError("--input-name applies to ONNX models only")
+    if kind != "onnx" and (args.source is not None or args.layers is not None):
+        raise InputError("--source / --layers apply to ONNX models only")
     if args.tol is not None and args.num_samples != "auto":
         raise InputError("--tol applies to --num-samples auto only")
     if kind == "keras" and args.num_samples == "auto":
@@ -344,6 +364,8 @@ def _go(kind: str, args: Any, ds: Dataset, client: Any) -> Any:
             progress=not args.no_progress,
             client=client,
             tol=args.tol,
+            source=None if args.source is None else open_data(args.source, args.key),
+            layers=args.layers,
         )
     if kind == "torchscript":
         return _run_torchscript(args, ds, client)

@@ -3,8 +3,14 @@
 :func:`recalibrate` reads a model, runs it with onnxruntime over calibration data in batches,
 hands every ``BatchNormalization`` input to the calibration core and writes a new file whose
 ``mean`` / ``var`` initializers hold the result. The input file is never modified.
+
+Exporters fold a BatchNorm that follows a Conv into the Conv's weights (``torch.onnx.export``
+in eval mode does by default). :func:`annotate` stores the per-channel moments of those Conv /
+Gemm outputs on the source data in the model's metadata; :func:`recalibrate` then adapts them
+to new data by moment matching folded into their weights, together with the remaining
+``BatchNormalization`` nodes.
 """
 
-from ._calibrate import recalibrate
+from ._calibrate import annotate, recalibrate
 
-__all__ = ["recalibrate"]
+__all__ = ["annotate", "recalibrate"]

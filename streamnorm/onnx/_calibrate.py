@@ -40,8 +40,8 @@ from ._files import (
     open_source,
     save,
 )
-from ._folded import FoldedLayer, default_layers, match, named_layers, prepare_folded
-from ._graph import BNNode, calibration_model, depths, opset_version, prepare
+from ._folded import FoldedLayer, default_layers, named_layers, prepare_folded
+from ._graph import BNNode, calibration_model, depths, prepare
 
 __all__ = ["annotate", "recalibrate"]
 
@@ -245,6 +245,146 @@ class _Remote:
         )
 
 
+# --------------------------------------------------------------------------------------------
+# folded layers: which, their source moments
+
+
+_NO_SOURCE = (
+    "the model has no BatchNormalization node and no source moments for its Conv / Gemm layers "
+    "(whose BatchNorm was folded at export): annotate it on the source data first "
+    "(streamnorm.onnx.annotate, or `streamnorm annotate MODEL --data SOURCE --out OUT`) or give "
+    "the source data (source=, or --source DATA)"
+)
+
+
+def _pick(
+    model: Any,
+    bns: list[BNNode],
+    layers: Sequence[str] | None,
+    stored: dict[str, meta.LayerMoments] | None,
+    has_source: bool,
+) -> list[int]:
+    """The Conv / Gemm nodes to adapt (indices), or ``InputError`` when they cannot be."""
+    g = model.graph
+    if layers is not None:
+        picked = named_layers(model, layers)
+    elif stored is not None and not has_source:
+        outputs = {n.output[0]: i for i, n in enumerate(g.node) if n.output}
+        picked = []
+        for out in stored:
+            i = outputs.get(out)
+            if i is None or g.node[i].op_type not in ("Conv", "Gemm"):
+                raise RecordError(
+                    f"the source moments in the model's metadata name the output {out!r}, which "
+                    "no Conv / Gemm node of the model produces; annotate this model again"
+                )
+            picked.append(i)
+        picked.sort()
+    else:
+        picked = default_layers(model)
+    if not picked and not bns:
+        raise InputError(
+            "the model has no BatchNormalization node to recalibrate and no Conv / Gemm output "
+            "read by an activation or a Conv (where a folded BatchNorm was); name the Conv / "
+            "Gemm layers to adapt with layers= (--layers)"
+        )
+    if not picked or has_source or stored is not None:
+        return picked
+    if layers is None and bns:
+        names = [g.node[i].name or g.node[i].output[0] for i in picked]
+        warnings.warn(
+            f"{len(picked)} Conv / Gemm layer(s) look like folded BatchNorms ({names[:4]}"
+            f"{' ...' if len(names) > 4 else ''}) but the model has no source moments for "
+            "them: only the BatchNormalization nodes are recalibrated; annotate the model "
+            "(streamnorm.onnx.annotate) or give source= to adapt them too",
+            UserWarning,
+            stacklevel=3,
+        )
+        return []
+    raise InputError(_NO_SOURCE)
+
+
+def _remember_external(loaded: Loaded, folded: list[FoldedLayer]) -> None:
+    """The weights of a model with external data stay external (also their copies)."""
+    if loaded.external:
+        loaded.external.update(n for f in folded for n in (f.weight, f.bias))
+
+
+def _from_metadata(stored: dict[str, meta.LayerMoments] | None, f: FoldedLayer) -> core.Stats:
+    m = None if stored is None else stored.get(f.output)
+    if m is None:
+        have = sorted(stored or {})
+        raise InputError(
+            f"layer {f.name!r} (output {f.output!r}) has no source moments in the model's "
+            f"metadata (annotated: {have[:6]}); annotate it (layers=) or give source="
+        )
+    if m.mean.shape != (f.channels,):
+        raise RecordError(
+            f"the source moments of {f.output!r} in the model's metadata have {m.mean.size} "
+            f"channels, the layer {f.channels}; annotate this model again"
+        )
+    return core.Stats(m.mean, m.var)
+
+
+def _stats(m: Moments, output: str) -> core.Stats:
+    mean = np.asarray(m.mean, dtype=np.float64).reshape(-1)
+    var = np.asarray(m.var(0), dtype=np.float64).reshape(-1)
+    if not (np.isfinite(mean).all() and np.isfinite(var).all()):
+        raise InputError(
+            f"the output {output!r} has non-finite values (NaN/Inf) on the source data; check "
+            "the data and the model"
+        )
+    return core.Stats(mean, var)
+
+
+def _measure(
+    runner: _Runner,
+    feeds: dict[str, np.ndarray],
+    outputs: list[str],
+    stream: core.Stream,
+    progress: bool,
+) -> tuple[dict[str, Moments], int]:
+    """Per-channel moments (channels on axis 1) of ``outputs`` over one pass; the samples."""
+    acc = {o: Moments() for o in outputs}
+    samples = 0
+    bar = core.progress_bar(stream.batches_per_pass(), progress, "source moments")
+    try:
+        for batch in stream.batches():
+            arr, got = runner.outputs(batch, outputs, feeds)
+            for o in outputs:
+                x = got[o]
+                acc[o].update(x, axis=tuple(i for i in range(x.ndim) if i != 1))
+            samples += int(arr.shape[0])
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    if samples == 0:
+        raise InputError("the source data are empty: give at least one sample")
+    return acc, samples
+
+
+def _annotate_model(
+    model: Any, layers: list[tuple[str, str, str]], measured: dict[str, Moments], samples: int
+) -> None:
+    """Store ``measured`` (by output) for ``layers`` ``(output, node, op)`` in the metadata."""
+    entries = [meta.LayerMoments(o, node, op, measured[o]) for o, node, op in layers]
+    meta.store(model, meta.dumps(entries, samples))
+
+
+def _check_data_file(loaded: Loaded, op: str) -> None:
+    if loaded.external and os.path.realpath(data_path(op)) in loaded.files:
+        raise OutputPathError(
+            f"writing {op!r} would overwrite {data_path(op)!r}, which the input model reads "
+            "its weights from; choose another output name"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# the public functions
+
+
 def recalibrate(
     model_path: str | os.PathLike[str],
     data: Any,
@@ -363,11 +503,7 @@ def recalibrate(
     if src_data is not None:
         read_files += input_files(loaded, src_data)
     check_output(op, read_files)
-    if loaded.external and os.path.realpath(data_path(op)) in loaded.files:
-        raise OutputPathError(
-            f"writing {op!r} would overwrite {data_path(op)!r}, which the input model reads "
-            "its weights from; choose another output name"
-        )
+    _check_data_file(loaded, op)
 
     inits = {t.name: t for t in model.graph.initializer}
     names = [n for b in bns for n in (b.mean, b.var)] + [
@@ -389,7 +525,9 @@ def recalibrate(
     measured: dict[str, Moments] = {}
     if src_data is not None and folded:
         src_stream = core.Stream.of(src_data, feed.fixed_batch or bs)
-        measured = _measure(runner, feeds, [f.output for f in folded], src_stream, progress)
+        measured, src_samples = _measure(
+            runner, feeds, [f.output for f in folded], src_stream, progress
+        )
         sources = {f.name: _stats(measured[f.output], f.output) for f in folded}
     else:
         sources = {f.name: _from_metadata(stored, f) for f in folded}
@@ -398,16 +536,105 @@ def recalibrate(
         bns,
         folded,
         sources,
-        {x.name: depth_of[x.index] for x in [*bns, *folded]},
+        {
+            **{b.name: depth_of[b.index] for b in bns},
+            **{f.name: depth_of[f.index] for f in folded},
+        },
     )
-    adapter = _OnnxAdapter(
-        runner.model_bytes, plan, feeds, dict(sources), feed, providers
-    )
+    adapter = _OnnxAdapter(runner.model_bytes, plan, feeds, dict(sources), feed, providers)
     adapter.runner = runner
     report = core.calibrate(adapter, stream, settings)
     for n in names:
         inits[n].CopyFrom(onnx.numpy_helper.from_array(adapter.feeds[n], n))
     if measured:
-        _annotate_model(model, folded, measured, src_stream)
+        _annotate_model(model, [(f.output, f.node, f.op) for f in folded], measured, src_samples)
     save(loaded, op)
     return report
+
+
+def annotate(
+    model_path: str | os.PathLike[str],
+    source_data: Any,
+    out_path: str | os.PathLike[str],
+    *,
+    layers: Sequence[str] | None = None,
+    batch_size: int = 64,
+    num_samples: int | None = None,
+    input_name: str | None = None,
+    key: str | None = None,
+    progress: bool = True,
+    providers: list[str] | None = None,
+) -> dict[str, Moments]:
+    """Write a copy of an ONNX model that carries the source moments of its folded layers.
+
+    Measures, on the source (training) data, the per-channel count, mean and M2 of the output
+    of each selected Conv / Gemm layer, with the model as it is, and stores them in the model's
+    ``metadata_props`` (key ``"streamnorm.source_moments"``, a versioned JSON format described
+    in :mod:`streamnorm.onnx._metadata`). :func:`recalibrate` then adapts those layers to new
+    data without the source data.
+
+    Parameters
+    ----------
+    model_path : str or path-like
+        An ONNX model, e.g. exported with ``torch.onnx.export`` in eval mode (which folds every
+        BatchNorm after a Conv into the Conv). Never modified.
+    source_data : numpy.ndarray, torch.Tensor, path or streamnorm Dataset, shape (N, ...)
+        The data the model's BatchNorm statistics were estimated on (as for ``data`` of
+        :func:`recalibrate`).
+    out_path : str or path-like
+        The annotated model, written atomically (the graph and weights unchanged; an older
+        annotation is replaced, other metadata kept). It may be none of the files read.
+    layers : list of str, optional
+        Conv / Gemm layers (node or output names). Default: every Conv / Gemm output read by
+        an activation (``Relu``, ``Clip``, ``Sigmoid``, ...) or by a Conv, where folding left a
+        Conv-BN-ReLU block.
+    batch_size : int, default 64
+        Samples per onnxruntime call.
+    num_samples : int, optional
+        Use only the first ``num_samples`` samples.
+    input_name, key, progress, providers
+        As in :func:`recalibrate`.
+
+    Returns
+    -------
+    dict of str to Moments
+        Per layer output name: its per-channel moments, shape (C,).
+
+    Raises
+    ------
+    ValueError
+        No layer to annotate, a name that is not a Conv / Gemm node, data that do not fit the
+        model, non-finite outputs. Nothing is written.
+    """
+    require("onnxruntime", "onnx")
+    mp, op = check_paths(model_path, out_path)
+    bs = check_size("batch_size", batch_size)
+    loaded = load(mp)
+    model = loaded.model
+    picked = named_layers(model, layers) if layers is not None else default_layers(model)
+    if not picked:
+        raise InputError(
+            "the model has no Conv / Gemm output read by an activation or a Conv (where a folded "
+            "BatchNorm was); name the layers to annotate with layers= (--layers)"
+        )
+    nodes = [model.graph.node[i] for i in picked]
+    opened = open_source(source_data, key)
+    feed = model_input(model, input_name)
+    check_fit(tuple(opened.shape), np.dtype(opened.dtype), feed)
+    stream = core.Stream.of(opened, feed.fixed_batch or bs, num_samples)
+    check_output(op, input_files(loaded, opened))
+    _check_data_file(loaded, op)
+    outputs = [n.output[0] for n in nodes]
+    cal = calibration_model(model, [], exposed=outputs)
+    if cal.ByteSize() >= MAX_PROTO:
+        raise InputError(
+            "the model is larger than 2 GiB once loaded; annotating such models through "
+            "onnxruntime sessions from memory is not supported"
+        )
+    runner = _Runner(cal.SerializeToString(), feed, providers)
+    measured, samples = _measure(runner, {}, outputs, stream, progress)
+    for o in outputs:
+        _stats(measured[o], o)
+    _annotate_model(model, [(n.output[0], n.name, n.op_type) for n in nodes], measured, samples)
+    save(loaded, op)
+    return measured

@@ -189,8 +189,7 @@ def named_layers(model: Any, layers: Any) -> list[int]:
         if i is None:
             convs = [n.name or n.output[0] for n in g.node if n.op_type in FOLDABLE][:8]
             raise InputError(
-                f"the model has no node or output named {name!r}; its Conv / Gemm nodes are "
-                f"{convs}"
+                f"the model has no node or output named {name!r}; its Conv / Gemm nodes are {convs}"
             )
         node = g.node[i]
         if node.op_type not in FOLDABLE or not _is_default_domain(node):

@@ -92,40 +92,59 @@ def _errors(model: Any, x: Any, y: Any) -> int:
         return int((model(x).argmax(dim=1) != y).sum())
 
 
-def _stream_error(model: Any, name: str, x: Any, y: Any, bs: int, cfg: ShiftConfig) -> float | None:
-    """Online error of ``name`` on ``x`` streamed in full batches of ``bs`` (None: impossible)."""
-    adapt = require("streamnorm.torch").adapt
+def _adapt_groups(model: Any, name: str, groups: int) -> Any:
+    return require("streamnorm.torch._adapt", "torch").adapt_groups(model, name, groups)
+
+
+def _stream_errors(model: Any, name: str, xs: Any, y: Any, bs: int, cfg: ShiftConfig) -> list[Any]:
+    """Online errors of ``name`` on each of the ``G`` target sets ``xs`` ``(G, N, ...)``.
+
+    Each set is streamed in full batches of ``bs`` through its own adapted statistics; the ``G``
+    streams share each forward pass (``adapt_groups``), which gives what ``G`` separate
+    ``adapt`` runs give. ``None`` per set where the estimator cannot run at this batch size.
+    """
+    torch = require("torch")
+    groups = int(xs.shape[0])
     limit = cfg.online_samples if bs == 1 else cfg.max_batches * bs
-    n = min(int(x.shape[0]), limit)
+    n = min(int(xs.shape[1]), limit)
     n -= n % bs
     if n == 0:
-        return None
-    wrong = 0
+        return [None] * groups
+    wrong = torch.zeros(groups, dtype=torch.int64)
     try:
-        with adapt(model, name):
+        with _adapt_groups(model, name, groups), torch.no_grad():
             for i in range(0, n, bs):
-                wrong += _errors(model, x[i : i + bs], y[i : i + bs])
+                logits = model(xs[:, i : i + bs].reshape(groups * bs, *xs.shape[2:]))
+                wrong += (logits.argmax(dim=1).reshape(groups, bs) != y[i : i + bs]).sum(dim=1)
     except ValueError:
-        return None  # e.g. prediction-time BN on a batch of one sample (no variance)
-    return wrong / n
+        # e.g. prediction-time BN on a batch of one sample (no variance): a matter of shapes
+        # only, the same for every set
+        return [None] * groups
+    return [int(w) / n for w in wrong]
 
 
-def _frozen_error(model: Any, name: str, x: Any, y: Any, warmup: int) -> float:
-    """Stream ``warmup`` samples one at a time, freeze the statistics, score all of ``x``."""
+def _frozen_errors(model: Any, name: str, xs: Any, y: Any, warmup: int) -> list[float]:
+    """Per target set of ``xs`` ``(G, N, ...)``: stream ``warmup`` samples one at a time,
+    freeze the statistics, score all of the set with them."""
     torch = require("torch")
-    adapt = require("streamnorm.torch").adapt
-    with adapt(model, name) as ada:
+    groups, size = int(xs.shape[0]), int(xs.shape[1])
+    with _adapt_groups(model, name, groups) as ada, torch.no_grad():
+        for i in range(min(warmup, size)):
+            model(xs[:, i])
+        stats = {
+            k: (e.mean.reshape(groups, -1), e.running_var("biased").reshape(groups, -1))
+            for k, e in ada.estimators.items()
+        }
+    out = []
+    for g in range(groups):
+        frozen = copy.deepcopy(model).eval()
+        modules = dict(frozen.named_modules())
         with torch.no_grad():
-            for i in range(min(warmup, int(x.shape[0]))):
-                model(x[i : i + 1])
-        stats = {k: (e.mean, e.running_var("biased")) for k, e in ada.estimators.items()}
-    frozen = copy.deepcopy(model).eval()
-    modules = dict(frozen.named_modules())
-    with torch.no_grad():
-        for k, (mean, var) in stats.items():
-            modules[k].running_mean.copy_(torch.as_tensor(mean))
-            modules[k].running_var.copy_(torch.as_tensor(var))
-    return _errors(frozen, x, y) / int(x.shape[0])
+            for k, (mean, var) in stats.items():
+                modules[k].running_mean.copy_(torch.as_tensor(mean[g]))
+                modules[k].running_var.copy_(torch.as_tensor(var[g]))
+        out.append(_errors(frozen, xs[g], y) / size)
+    return out
 
 
 def _gap(source: float, oracle: float, est: float | None) -> float | None:
@@ -208,39 +227,55 @@ def _run(cfg: ShiftConfig, torch: Any, digits: Any, t0: float) -> dict[str, Any]
     bar = None
     if cfg.progress:
         tqdm = require("tqdm")
-        total = len(grid) + len(cfg.corruptions)
-        bar = tqdm.tqdm(total=total, desc="streamnorm shift", unit="cell")
+        total = len(grid) + len(cfg.estimators) * len(cfg.batch_sizes) + 1
+        bar = tqdm.tqdm(total=total, desc="streamnorm shift", unit="step")
+    sets: dict[tuple[str, int], Any] = {}
+    oracles: dict[tuple[str, int], float] = {}
+
+    def target(c: str, s: int) -> Any:
+        if (c, s) not in sets:
+            sets[c, s] = torch.from_numpy(corrupt(x_np, c, s, cfg.seed))
+        return sets[c, s]
+
+    def oracle(c: str, s: int) -> float:
+        if (c, s) not in oracles:
+            with require("streamnorm.torch").adapt(model, "batch"), torch.no_grad():
+                oracles[c, s] = _errors(model, target(c, s), y) / len(y)
+        return oracles[c, s]
+
     cells: list[dict[str, Any]] = []
-    warm: list[dict[str, Any]] = []
     try:
         for c, s in grid:
-            x = torch.from_numpy(corrupt(x_np, c, s, cfg.seed))
-            source = _errors(model, x, y) / len(y)
-            with require("streamnorm.torch").adapt(model, "batch"), torch.no_grad():
-                oracle = _errors(model, x, y) / len(y)
-            est = {
-                name: {str(bs): _stream_error(model, name, x, y, bs, cfg) for bs in cfg.batch_sizes}
-                for name in cfg.estimators
-            }
             cells.append(
                 {
                     "corruption": c,
                     "severity": s,
-                    "source": source,
-                    "oracle": oracle,
-                    "estimators": est,
+                    "source": _errors(model, target(c, s), y) / len(y),
+                    "oracle": oracle(c, s),
+                    "estimators": {name: {} for name in cfg.estimators},
                 }
             )
             if bar is not None:
                 bar.update(1)
-        for c in cfg.corruptions:
-            x = torch.from_numpy(corrupt(x_np, c, cfg.warmup_severity, cfg.seed))
-            with require("streamnorm.torch").adapt(model, "batch"), torch.no_grad():
-                oracle = _errors(model, x, y) / len(y)
-            frozen = _frozen_error(model, "prior_population", x, y, cfg.warmup)
-            warm.append({"corruption": c, "oracle": oracle, "prior_population": frozen})
-            if bar is not None:
-                bar.update(1)
+        # every cell's stream of one estimator and batch size in the same forward passes
+        stacked = torch.stack([target(c, s) for c, s in grid])
+        for name in cfg.estimators:
+            for bs in cfg.batch_sizes:
+                errs = _stream_errors(model, name, stacked, y, bs, cfg)
+                for cell, err in zip(cells, errs, strict=True):
+                    cell["estimators"][name][str(bs)] = err
+                if bar is not None:
+                    bar.update(1)
+        del stacked
+        w = cfg.warmup_severity
+        warm_sets = torch.stack([target(c, w) for c in cfg.corruptions])
+        frozen = _frozen_errors(model, "prior_population", warm_sets, y, cfg.warmup)
+        warm = [
+            {"corruption": c, "oracle": oracle(c, w), "prior_population": f}
+            for c, f in zip(cfg.corruptions, frozen, strict=True)
+        ]
+        if bar is not None:
+            bar.update(1)
     finally:
         if bar is not None:
             bar.close()

@@ -11,6 +11,7 @@ import torch
 
 from .._errors import InputError, InputTypeError
 from .._moments import moments
+from .._validate import check_positive_int
 from ..estimators import (
     AlphaMix,
     BatchStats,
@@ -56,11 +57,13 @@ def _accepts(klass: type, name: str) -> bool:
     return name in inspect.signature(klass).parameters
 
 
-def layer_estimator(template: Estimator, module: Any, positions: int) -> Estimator:
+def layer_estimator(template: Estimator, module: Any, positions: int, groups: int = 1) -> Estimator:
     """A fresh estimator with ``template``'s parameters for one BN layer.
 
     The source is the layer's ``(running_mean, running_var)`` (PyTorch's unbiased convention);
     ``positions`` (values per sample per channel) is the product of the input's spatial sizes.
+    With ``groups > 1`` the estimator has ``groups * C`` dimensions (group-major), the source
+    repeated once per group: one independent estimate per group and channel.
     """
     klass = type(template)
     params = {k[6:]: v for k, v in template.to_dict().items() if k.startswith("param_")}
@@ -70,7 +73,10 @@ def layer_estimator(template: Estimator, module: Any, positions: int) -> Estimat
                 f"{klass.__name__} needs the layer's running statistics as its source, but the "
                 "layer was built with track_running_stats=False; use 'batch' for such layers"
             )
-        params["source"] = (module.running_mean, module.running_var)
+        mean, var = module.running_mean.detach(), module.running_var.detach()
+        if groups > 1:
+            mean, var = mean.repeat(groups), var.repeat(groups)
+        params["source"] = (mean, var)
         params["source_var"] = "unbiased"
     if _accepts(klass, "positions"):
         params["positions"] = positions
@@ -87,9 +93,12 @@ class Adaptation:
         pass (its source is the layer's buffers as they were on entry).
     """
 
-    def __init__(self, model: Any, template: Estimator, chosen: list[tuple[str, Any]]) -> None:
+    def __init__(
+        self, model: Any, template: Estimator, chosen: list[tuple[str, Any]], groups: int = 1
+    ) -> None:
         self.model = model
         self.template = template
+        self.groups = groups
         self.estimators: dict[str, Estimator] = {}
         self._modes = [(m, m.training) for m in model.modules()]
         self._saved: list[tuple[Any, dict[str, Any], Any]] = []
@@ -116,6 +125,8 @@ class Adaptation:
                 f"BatchNorm layer {name!r} expects a tensor (N, C, ...), got "
                 f"{getattr(x, 'shape', type(x).__name__)}"
             )
+        if self.groups > 1:
+            return self._normalize_groups(name, module, x)
         est = self.estimators.get(name)
         if est is None:
             est = layer_estimator(self.template, module, math.prod(x.shape[2:]))
@@ -129,6 +140,36 @@ class Adaptation:
         return torch.nn.functional.batch_norm(
             x, mean, var, module.weight, module.bias, False, 0.0, module.eps
         )
+
+    def _normalize_groups(self, name: str, module: Any, x: Any) -> Any:
+        """``groups`` consecutive blocks of the batch, each normalized with its own estimate.
+
+        The blocks are moved side by side along the channel axis, ``(n, groups * C, ...)``, so
+        that one estimator of ``groups * C`` dimensions and one ``batch_norm`` call do what one
+        estimator and one call per block would.
+        """
+        g = self.groups
+        if x.shape[0] % g:
+            raise InputError(
+                f"BatchNorm layer {name!r}: a batch of {x.shape[0]} samples cannot be split into "
+                f"{g} groups of equal size; pass groups * n samples, group after group"
+            )
+        n, c, rest = x.shape[0] // g, x.shape[1], tuple(x.shape[2:])
+        side = x.reshape(g, n, c, *rest).transpose(0, 1).reshape(n, g * c, *rest)
+        est = self.estimators.get(name)
+        if est is None:
+            est = layer_estimator(self.template, module, math.prod(rest), g)
+            self.estimators[name] = est
+        xd = side.detach()
+        if xd.dtype in _UPCAST and not xd.is_cuda:
+            xd = xd.float()
+        est.update(moments(xd, axis=bn_axes(x.ndim)))
+        mean = torch.as_tensor(est.mean, dtype=x.dtype, device=x.device)
+        var = torch.as_tensor(est.running_var("biased"), dtype=x.dtype, device=x.device)
+        weight = None if module.weight is None else module.weight.repeat(g)
+        bias = None if module.bias is None else module.bias.repeat(g)
+        out = torch.nn.functional.batch_norm(side, mean, var, weight, bias, False, 0.0, module.eps)
+        return out.reshape(n, g, c, *rest).transpose(0, 1).reshape(x.shape)
 
     def reset(self) -> Adaptation:
         """Forget the target data seen so far (every layer starts again from its source)."""
@@ -200,9 +241,47 @@ def adapt(
     ...     for x in target_stream:
     ...         pred = model(x).argmax(1)
     """
+    chosen = _chosen(model, layers)
+    return Adaptation(model, _template(estimator), chosen)
+
+
+def adapt_groups(
+    model: Any,
+    estimator: Any,
+    groups: int,
+    *,
+    layers: Iterable[str] | None = None,
+) -> Adaptation:
+    """:func:`adapt` for ``groups`` independent streams that share each forward pass.
+
+    Every batch fed to ``model`` is ``groups`` blocks of ``n`` samples, one block after the other
+    along axis 0 (``groups * n`` samples). Each adapted layer keeps one estimate per block
+    (its estimator has ``groups * C`` dimensions, group-major, the layer's source repeated per
+    group) and normalizes each block with its own. The outputs are those of ``groups`` separate
+    :func:`adapt` runs fed the blocks, up to the rounding of sums taken in another order: one
+    forward pass does the work of ``groups``, which pays off for small ``n``.
+
+    Parameters
+    ----------
+    model, estimator, layers
+        As in :func:`adapt`.
+    groups : int
+        Number of streams, ``>= 1`` (1 is :func:`adapt`).
+
+    Returns
+    -------
+    Adaptation
+        ``estimators`` hold ``groups * C`` dimensions per layer: group ``g``'s estimate is
+        ``est.mean.reshape(groups, C)[g]``.
+    """
+    chosen = _chosen(model, layers)
+    template = _template(estimator)
+    return Adaptation(model, template, chosen, check_positive_int("groups", groups))
+
+
+def _chosen(model: Any, layers: Iterable[str] | None) -> list[tuple[str, Any]]:
     if not isinstance(model, torch.nn.Module):
         raise InputTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    template = _template(estimator)
     found = bn_layers(model)
     if layers is None:
         chosen = found
@@ -218,4 +297,4 @@ def adapt(
         chosen = [(n, by_name[n]) for n in wanted]
     if not chosen:
         raise InputError("the model has no BatchNorm layer to adapt")
-    return Adaptation(model, template, chosen)
+    return chosen

@@ -1,0 +1,84 @@
+"""``streamnorm annotate``: store the source moments of an ONNX model's folded layers in it.
+
+``streamnorm annotate MODEL --data SOURCE --out OUT`` runs the model over the source (training)
+data and writes a copy whose metadata holds the per-channel moments of every Conv / Gemm output
+whose BatchNorm the exporter folded away (see :func:`streamnorm.onnx.annotate`), so that
+``streamnorm calibrate OUT --data TARGET --out ADAPTED`` can adapt it to new data without the
+source data. The output is written atomically; on any error nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from .._errors import InputError
+from ..calibrate import open_data
+
+
+def _count(text: str) -> int:
+    """An integer >= 1 (argparse ``type=``)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {n}")
+    return n
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``streamnorm annotate``."""
+    parser.add_argument("model", metavar="MODEL", help=".onnx file")
+    parser.add_argument(
+        "--data",
+        required=True,
+        metavar="PATH",
+        help="source data: .npy (memory-mapped), .npz (see --key), or a folder / glob of .npy",
+    )
+    parser.add_argument(
+        "--out", required=True, metavar="PATH", help="where to write the annotated model"
+    )
+    parser.add_argument(
+        "--layers",
+        metavar="NAME",
+        nargs="+",
+        default=None,
+        help="Conv/Gemm layers (node or output names); default: those read by an activation "
+        "or a Conv",
+    )
+    parser.add_argument(
+        "--num-samples", metavar="N", type=_count, default=None, help="use the first N samples"
+    )
+    parser.add_argument(
+        "--batch-size", metavar="B", type=_count, default=64, help="samples per batch (64)"
+    )
+    parser.add_argument("--key", metavar="NAME", default=None, help="array of a .npz data file")
+    parser.add_argument(
+        "--input-name", metavar="NAME", default=None, help="ONNX graph input to feed"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Annotate ``args.model`` with the moments measured on ``args.data``; 0 on success."""
+    if not str(args.model).lower().endswith(".onnx"):
+        raise InputError(f"MODEL must be an .onnx file, got {args.model!r}")
+    from ..onnx import annotate
+
+    ds = open_data(args.data, args.key)
+    measured = annotate(
+        args.model,
+        ds,
+        args.out,
+        layers=args.layers,
+        batch_size=args.batch_size,
+        num_samples=args.num_samples,
+        input_name=args.input_name,
+        progress=not args.no_progress,
+    )
+    for name, m in measured.items():
+        print(f"{name}: {np.asarray(m.mean).size} channels, {m.count} values per channel")
+    print(f"wrote {args.out}")
+    return 0
