@@ -68,7 +68,7 @@ def test_bench_quick_runs(tmp_path, capsys):
     code = cli.main(["bench", "--quick", "--repeat", "1", "--no-others", "--out", str(out)])
     assert code == 0
     text = out.read_text()
-    assert "ratio to sum" in text and "us / update" in text
+    assert "| ratio |" in text and "read limit" in text and "us / update" in text
     assert cli.main(["bench", "--repeat", "0"]) == 2
     assert "--repeat must be >= 1" in capsys.readouterr().err
 
