@@ -13,8 +13,9 @@ the averaged weights with
 The digits training set (1,347 images) is small, so the sample counts of ``auto`` are also
 measured on an endless stream: training images drawn with replacement, shifted by up to one
 pixel and with Gaussian pixel noise (sd 0.05) added. Against it the "true" statistics are those
-of 200,000 stream samples; the error of the population estimate after ``n`` samples is plotted
-with its reported standard error (the band), next to fvcore's default of 200 batches and
+of 200,000 stream samples (the same batch size: in one-pass mode the statistics depend on it);
+the error of the population estimate after ``n`` samples is plotted with its reported standard
+error (the band), next to fvcore's default of 200 batches and
 mmpretrain's 8192 samples.
 
 Run: ``python bench/plot_samples.py [--out bench/results/auto_samples.md]
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     # the endless augmented stream: reference statistics from 200,000 samples
     big = 200_000
     ref_model = copy.deepcopy(avg)
-    recalibrate(ref_model, Augmented(xtr_np, big, 512, seed=99), progress=False)
+    recalibrate(ref_model, Augmented(xtr_np, big, seed=99), progress=False)
     ref = buffers(ref_model)
     for tol in (0.01, 0.001):
         d = copy.deepcopy(avg)

@@ -213,7 +213,14 @@ def _rows_block_shifted(x, r0, r1, ref, s, q, x0):  # type: ignore[no-untyped-de
             v2 = a2[d] - c
             v3 = a3[d] - c
             s[d] += (v0 + v1) + (v2 + v3)
-            q[d] += (v0 * v0 + v1 * v1) + (v2 * v2 + v3 * v3)
+            # a chain of four multiply-adds: one vector op per element (the pairwise form
+            # (v0*v0 + v1*v1) + (v2*v2 + v3*v3) + q takes six per four elements)
+            qd = q[d]
+            qd += v0 * v0
+            qd += v1 * v1
+            qd += v2 * v2
+            qd += v3 * v3
+            q[d] = qd
     for r in range(r4, r1):
         xr = x[r]
         for d in range(D):

@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 
 from . import _kernels as K
-from ._compute import compute
+from ._compute import compute, interrupt_in, lean_rows, lean_state
 from ._errors import InputError, InputTypeError, RecordError
 from ._io import atomic_write, check_header, read_npz, record_scalar
+from ._reduce import merge_rows, plain_rows
 from ._state import State
 from ._validate import Axis, check_state_arrays
 
@@ -267,10 +268,43 @@ class Moments:
         TypeError
             A dtype that is not a real number (complex, strings, objects...).
         """
+        if lean_rows(x, axis, weights, nan_policy):
+            a = self._st
+            if a is None:
+                self._st = lean_state(x)
+                self._shared = False
+                return self
+            if a.shape == x.shape[1:] and plain_rows(x):
+                if self._shared:
+                    a = self._st = a.copy()
+                    self._shared = False
+                if self._merge_rows(x, a):
+                    return self
         st = compute(x, axis, weights, nan_policy)
         if st is not None:
             self._merge_state(st, own=True)
         return self
+
+    @staticmethod
+    def _merge_rows(x: np.ndarray, a: State) -> bool:
+        """Merge a lean batch into the owned state ``a`` in one compiled call (see ``_reduce``).
+
+        False, with ``a`` unchanged, where the batch needs the general path (float64 moments
+        that came out non-finite, which may be an overflow to rescue).
+        """
+        n0 = a.n[0]
+        try:
+            merged = merge_rows(x, a.n, a.mean, a.lo, a.m2)
+        except SystemError as e:  # a Ctrl-C during the kernel (see ``_compute.call_kernel``)
+            ki = interrupt_in(e)
+            if ki is None:
+                raise
+            if a.n[0] != n0:  # the kernel had finished and merged: keep the state whole
+                a.total += x.shape[0]
+            raise KeyboardInterrupt(*ki.args) from None
+        if merged:
+            a.total += x.shape[0]
+        return merged
 
     def _merge_state(self, b: State, own: bool = False) -> None:
         """Merge ``b`` in; ``own`` says its arrays are fresh and may be kept and changed."""

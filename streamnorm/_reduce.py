@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from numba import njit
 
 from . import _kernels as K
 from ._config import (
@@ -20,8 +21,14 @@ from ._config import (
     NARROW_WIDTH,
     SEG_LEN,
     SERIAL_BYTES,
+    STRICT_JIT,
 )
 from ._layout import KERNEL_DTYPES, Plan, plan, row_weights
+
+#: The fused functions below call kernels of ``_kernels.py``. Numba's on-disk cache checks only
+#: the caller's own source file, so a cached caller would keep (and crash on) stale code of its
+#: callees after ``_kernels.py`` changes: they are compiled once per process instead.
+_FUSED_JIT: dict[str, Any] = {**STRICT_JIT, "cache": False}
 
 #: one batch from a kernel: flat float64 (n, mean, m2, lo), lo the rounding residual of mean
 Stats = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
@@ -67,6 +74,64 @@ def run_rows(x: np.ndarray, w: np.ndarray | None, omit: bool) -> Stats:
     ref = K.first_finite_rows(x) if omit else K.finite_or_zero(x[0])
     ww = w if w is not None else np.empty(0)
     return K.rows_moments_general(x, ref, ww, w is not None, omit, br, cb)  # type: ignore[no-any-return]
+
+
+# --------------------------------------------------------------------------------------------
+# small batches: the kernel and what follows it in one compiled call
+#
+# A (256, 512) float32 batch takes some 20-30 us in the kernel; returning its four result arrays
+# to Python and entering compiled code again to merge them costs 2-3 us more. The function below
+# runs the very kernels of :func:`run_rows`, then the merge, without returning to Python in
+# between; the arithmetic, and so every bit, is the same.
+
+
+def plain_rows(x: np.ndarray) -> bool:
+    """``x`` (2-D, C-contiguous, native float32/float64) takes the plain rows kernel in run_rows.
+
+    True where :func:`run_rows` would run ``rows_moments`` or its serial twin on ``x`` itself
+    (no weights, no omission, rows wide enough not to be regrouped).
+    """
+    R, D = x.shape
+    return R > 0 and NARROW_WIDTH // max(1, D) <= 1
+
+
+@njit(**_FUSED_JIT)
+def _rows_stats(x, block_rows, chunk_blocks, parallel):  # type: ignore[no-untyped-def]
+    if parallel:
+        return K.rows_moments(x, block_rows, chunk_blocks)
+    return K.rows_moments_serial(x, block_rows, chunk_blocks)
+
+
+@njit(**_FUSED_JIT)
+def _merge_rows(x, block_rows, chunk_blocks, parallel, check, n, mean, lo, m2):  # type: ignore[no-untyped-def]
+    """The rows kernel on ``x``, then its moments Chan-merged into ``(n, mean, lo, m2)``.
+
+    With ``check``, a batch with a non-finite mean or M2 in some dimension is left unmerged
+    and False returned (the caller redoes it on the general path, which rescues overflow).
+    """
+    bn, bm, bq, blo = _rows_stats(x, block_rows, chunk_blocks, parallel)
+    if check:
+        for d in range(bm.shape[0]):
+            if not (np.isfinite(bm[d]) and np.isfinite(bq[d])):
+                return False
+    K.chan_merge_dd(n, mean, lo, m2, bn, bm, blo, bq)
+    return True
+
+
+def merge_rows(
+    x: np.ndarray, n: np.ndarray, mean: np.ndarray, lo: np.ndarray, m2: np.ndarray
+) -> bool:
+    """Merge the moments of ``x`` (see :func:`plain_rows`) into a state's arrays in place.
+
+    Returns False, with the arrays unchanged, when ``x`` is float64 and some dimension came out
+    non-finite: the caller then takes the general path (which rescues overflow).
+    """
+    R, D = x.shape
+    br, cb = _rows_params(D, x.itemsize, R)
+    merged: bool = _merge_rows(
+        x, br, cb, x.nbytes >= SERIAL_BYTES, x.itemsize == 8, n, mean, lo, m2
+    )
+    return merged
 
 
 def _run_cf(x: np.ndarray) -> Stats:
@@ -159,4 +224,11 @@ def reduce_batch(
     return stats
 
 
-__all__ = ["KERNEL_DTYPES", "Stats", "reduce_batch", "run_rows"]
+__all__ = [
+    "KERNEL_DTYPES",
+    "Stats",
+    "merge_rows",
+    "plain_rows",
+    "reduce_batch",
+    "run_rows",
+]

@@ -172,3 +172,55 @@ def test_bad_arguments():
         snt.adapt(model, "batch", layers=["nope"])
     with pytest.raises(ValueError, match="no BatchNorm layer"):
         snt.adapt(torch.nn.Linear(2, 2), "batch")
+
+
+@pytest.mark.parametrize(
+    "name", ["batch", "prior_mix", "alpha_mix", "decaying_ema", "prior_population"]
+)
+@pytest.mark.parametrize("n", [1, 3])
+def test_groups_equal_separate_adaptations(name, n):
+    from streamnorm.torch._adapt import adapt_groups
+
+    model = small_model()
+    snap = snapshot(model)
+    groups, steps = 3, 4
+    g = torch.Generator().manual_seed(1)
+    scale = torch.tensor([0.5, 1.0, 3.0], dtype=torch.float64).reshape(3, 1, 1, 1, 1)
+    xs = torch.randn(groups, steps * n, 2, 5, 5, generator=g, dtype=torch.float64) * scale + 1
+    if name == "batch" and n == 1:  # a (1, C) batch has no variance: every group fails
+        with pytest.raises(ValueError, match="at least 2 values per dimension"):
+            with adapt_groups(model, name, groups), torch.no_grad():
+                model(xs[:, :1].reshape(groups, 2, 5, 5))
+        assert_restored(model, snap)
+        return
+    want = []
+    for k in range(groups):
+        with snt.adapt(model, name), torch.no_grad():
+            want.append(torch.stack([model(xs[k, i : i + n]) for i in range(0, steps * n, n)]))
+    with adapt_groups(model, name, groups) as ada, torch.no_grad():
+        got = []
+        for i in range(0, steps * n, n):
+            x = xs[:, i : i + n].reshape(groups * n, 2, 5, 5)
+            if i == n:
+                x = x.contiguous(memory_format=torch.channels_last)
+            got.append(model(x).reshape(groups, n, 3))
+        assert ada.estimators["1"].shape == (groups * 4,)
+        assert ada.estimators["4"].shape == (groups * 100,)
+    assert_restored(model, snap)
+    for k in range(groups):
+        torch.testing.assert_close(
+            torch.stack([o[k] for o in got]), want[k], rtol=1e-12, atol=1e-12
+        )
+
+
+def test_groups_bad_arguments():
+    from streamnorm.torch._adapt import adapt_groups
+
+    model = small_model()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match="groups must be a positive int"):
+        adapt_groups(model, "batch", 0)
+    with pytest.raises(ValueError, match="cannot be split into 2 groups"):
+        with adapt_groups(model, "prior_population", 2), torch.no_grad():
+            model(torch.randn(3, 2, 5, 5, dtype=torch.float64))
+    assert_restored(model, snap)

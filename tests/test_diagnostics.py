@@ -3,6 +3,8 @@ a slow reference and a Monte-Carlo simulation; ``num_samples="auto"``; the ``--p
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -242,3 +244,25 @@ def test_report_errors_match_the_core() -> None:
     np.testing.assert_array_equal(tr.samples, [16, 32, 48, 64, 80, 96, 100])
     assert tr.mean_dev[-1] == 0.0 and tr.var_dev[-1] == 0.0
     np.testing.assert_allclose(tr.mean_se[-1], np.max(ref_m), rtol=1e-5)
+
+
+def test_cli_auto_and_plot(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("matplotlib")
+    from _calib_fixtures import onnx_cnn
+
+    from streamnorm.cli import main
+
+    src, data, out, png = (tmp_path / n for n in ("m.onnx", "x.npy", "o.onnx", "p.png"))
+    onnx.save(onnx_cnn(15), str(src))
+    np.save(data, np.random.default_rng(0).normal(0.5, 2.0, (600, 2, 6, 6)).astype(np.float32))
+    args = ["calibrate", str(src), "--data", str(data), "--out", str(out), "--no-progress"]
+    rc = main([*args, "--num-samples", "auto", "--tol", "0.05", "--batch-size", "16"])
+    text = capsys.readouterr().out
+    assert rc == 0 and "every standard error below tol=0.05 after" in text
+    assert "max mean_se" in text and "max var_se" in text
+    assert main([*args, "--plot", str(png), "--batch-size", "32"]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main([*args, "--tol", "0.1"]) == 2
+    assert "--tol applies to --num-samples auto only" in capsys.readouterr().err

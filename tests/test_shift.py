@@ -79,3 +79,79 @@ def test_small_run_through_the_cli(tmp_path, capsys):
     assert 0 <= cell["oracle"] <= 1 and 0 <= cell["estimators"]["batch"]["16"] <= 1
     assert (tmp_path / "shift.png").stat().st_size > 1000
     assert cli.main(["shift", "--severities", "7", "--out", str(tmp_path)]) == 2
+
+
+@pytest.fixture
+def one_thread():
+    torch = pytest.importorskip("torch")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as run() does
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_shared_forward_passes_equal_one_adaptation_per_cell(one_thread):
+    """run() streams every cell in the same forward passes; the errors are those of one
+    streamnorm.torch.adapt run per (cell, estimator, batch size), written out here."""
+    torch = pytest.importorskip("torch")
+    import copy
+
+    from streamnorm import digits
+    from streamnorm.shift import run
+    from streamnorm.torch import adapt
+
+    cfg = ShiftConfig(
+        epochs=1,
+        corruptions=("gaussian_noise", "pixelate"),
+        severities=(4, 5),
+        batch_sizes=(1, 8, 16),
+        online_samples=8,
+        max_batches=3,
+        warmup=12,
+        warmup_severity=5,
+    )
+    got = run(cfg)
+    x_tr, y_tr, x_te, y_te = digits.load_digits_nchw(cfg.seed, cfg.test_fraction)
+    model = digits.make_cnn(cfg.seed)
+    digits.train(model, x_tr, y_tr, epochs=1, batch_size=32, seed=cfg.seed, schedule="cosine")
+    model.eval()
+    order = np.random.default_rng(cfg.seed).permutation(len(y_te))
+    y = y_te[torch.from_numpy(order)]
+    cells = iter(got["cells"])
+    for c in cfg.corruptions:
+        for s in cfg.severities:
+            x = torch.from_numpy(corrupt(x_te.numpy()[order], c, s, cfg.seed))
+            cell = next(cells)
+            assert (cell["corruption"], cell["severity"]) == (c, s)
+            with torch.no_grad():
+                assert cell["source"] == int((model(x).argmax(1) != y).sum()) / len(y)
+                with adapt(model, "batch"):
+                    assert cell["oracle"] == int((model(x).argmax(1) != y).sum()) / len(y)
+            for name in cfg.estimators:
+                for bs in cfg.batch_sizes:
+                    n = 8 if bs == 1 else 3 * bs
+                    if name == "batch" and bs == 1:
+                        assert cell["estimators"][name]["1"] is None
+                        continue
+                    wrong = 0
+                    with adapt(model, name), torch.no_grad():
+                        for i in range(0, n, bs):
+                            pred = model(x[i : i + bs]).argmax(1)
+                            wrong += int((pred != y[i : i + bs]).sum())
+                    assert cell["estimators"][name][str(bs)] == wrong / n, (c, s, name, bs)
+    # the batch-size-1 check: 12 samples one at a time, then the frozen statistics
+    for w, c in zip(got["warmup"], cfg.corruptions, strict=True):
+        x = torch.from_numpy(corrupt(x_te.numpy()[order], c, 5, cfg.seed))
+        with adapt(model, "prior_population") as ada, torch.no_grad():
+            for i in range(12):
+                model(x[i : i + 1])
+            stats = {k: (e.mean, e.running_var("biased")) for k, e in ada.estimators.items()}
+        frozen = copy.deepcopy(model)
+        modules = dict(frozen.named_modules())
+        with torch.no_grad():
+            for k, (mean, var) in stats.items():
+                modules[k].running_mean.copy_(torch.as_tensor(mean))
+                modules[k].running_var.copy_(torch.as_tensor(var))
+            want = int((frozen(x).argmax(1) != y).sum()) / len(y)
+        assert w["corruption"] == c and w["prior_population"] == want

@@ -69,7 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.warmup,
         help="samples streamed before the frozen batch-size-1 check",
     )
-    parser.add_argument("--threads", type=int, default=d.threads, help="PyTorch threads")
+    parser.add_argument(
+        "--threads", type=int, default=d.threads, help="PyTorch and Numba threads (default 1)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

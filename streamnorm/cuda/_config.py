@@ -23,8 +23,14 @@ CF_MAX_REGISTERS: int | None = 64
 #: of two, so that a full tile's mean is an exact multiplication.
 UNROLL = 16
 
-#: Elements per thread tile of the channels-first kernel (a power of two as well).
+#: Loads per thread tile of the channels-first kernel (a power of two as well). With vector
+#: loads (``CF_VECTOR_LOADS``) a tile is ``CF_UNROLL`` loads of 4 elements.
 CF_UNROLL = 8
+
+#: Channels-first: read the contiguous runs 4 elements (16 bytes of float32) a load, with
+#: scalar loads for the unaligned head and the tail of each run. Used by the fast path only
+#: (no weights, no NaN omission, no bfloat16).
+CF_VECTOR_LOADS = True
 
 #: Input elements per block of the ``rows`` kernel (rows x columns of one work unit).
 ROWS_CHUNK_ELEMS = 64 * 1024

@@ -109,6 +109,95 @@ def is_finite(v):  # type: ignore[no-untyped-def]
     return not (math.isinf(v) or math.isnan(v))
 
 
+# --------------------------------------------------------------------------------------------
+# 16-byte loads
+#
+# ``load4(x, i)`` reads ``x[i:i + 4]``: for float32 one ``ld.global.nc.v4.f32`` (the caller
+# guarantees that ``x[i]`` lies on a 16-byte boundary), for other dtypes four plain loads.
+# ``phase4(x)`` is the position of ``x[0]`` within its 16-byte word, in elements (0 for dtypes
+# read without vector loads), so that ``x[i]`` is aligned when ``(phase4(x) + i) % 4 == 0``.
+# Under the simulator both are Python functions, and ``load4`` checks the alignment contract.
+
+
+def _vector_intrinsics() -> tuple[Any, Any]:
+    from llvmlite import ir
+    from numba import types
+    from numba.cuda.extending import intrinsic
+
+    @intrinsic
+    def load4(typingctx, arr, idx):  # type: ignore[no-untyped-def]
+        if not isinstance(arr, types.Array) or not isinstance(idx, types.Integer):
+            return None
+        sig = types.UniTuple(arr.dtype, 4)(arr, idx)
+
+        def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+            aryty, idxty = signature.args
+            ary = context.make_array(aryty)(context, builder, args[0])
+            i = context.cast(builder, args[1], idxty, types.intp)
+            ptr = builder.gep(ary.data, [i])
+            if aryty.dtype == types.float32:
+                f4 = ir.VectorType(ir.FloatType(), 4)
+                gp = builder.addrspacecast(ptr, ir.PointerType(ir.FloatType(), 1))
+                vec = builder.load(builder.bitcast(gp, ir.PointerType(f4, 1)), align=16)
+                vec.set_metadata("invariant.load", builder.module.add_metadata([]))
+                vals = [
+                    builder.extract_element(vec, ir.Constant(ir.IntType(32), k)) for k in range(4)
+                ]
+            else:
+                one = ir.Constant(ir.IntType(64), 1)
+                vals = []
+                for _ in range(4):
+                    vals.append(builder.load(ptr))
+                    ptr = builder.gep(ptr, [one])
+            return context.make_tuple(builder, signature.return_type, vals)
+
+        return sig, codegen
+
+    @intrinsic
+    def phase4(typingctx, arr):  # type: ignore[no-untyped-def]
+        if not isinstance(arr, types.Array):
+            return None
+        sig = types.intp(arr)
+
+        def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+            aryty = signature.args[0]
+            if aryty.dtype != types.float32:
+                return ir.Constant(ir.IntType(64), 0)
+            ary = context.make_array(aryty)(context, builder, args[0])
+            addr = builder.ptrtoint(ary.data, ir.IntType(64))
+            return builder.and_(
+                builder.lshr(addr, ir.Constant(ir.IntType(64), 2)), ir.Constant(ir.IntType(64), 3)
+            )
+
+        return sig, codegen
+
+    return load4, phase4
+
+
+def _simulated_vector_helpers() -> tuple[Any, Any]:
+    def load4(x, i):  # type: ignore[no-untyped-def]
+        if x.dtype == np.float32:
+            addr = x.ctypes.data + int(i) * 4
+            if addr % 16:
+                raise AssertionError(f"16-byte load at a misaligned address ({addr % 16})")
+        return x[i], x[i + 1], x[i + 2], x[i + 3]
+
+    def phase4(x):  # type: ignore[no-untyped-def]
+        return (x.ctypes.data // 4) % 4 if x.dtype == np.float32 else 0
+
+    return cuda.jit(device=True)(load4), cuda.jit(device=True)(phase4)
+
+
+def vector_helpers() -> tuple[Any, Any]:
+    """``(load4, phase4)`` for the GPU, or their Python versions under the simulator."""
+    from ._intake import simulated
+
+    key = ("vec", simulated())
+    if key not in _CACHE:
+        _CACHE[key] = _simulated_vector_helpers() if simulated() else _vector_intrinsics()
+    return _CACHE[key]  # type: ignore[no-any-return]
+
+
 def _make_goff(ng: int, mg: int) -> Callable[..., Any]:
     """Device function: offset of reduced row ``r`` over ``ng`` groups.
 
@@ -233,13 +322,21 @@ def rows_kernel(ng: int, ktab: bool, use_w: bool, omit: bool, bf16: bool) -> Any
             s1 = 0.0
             s2 = 0.0
             qs = 0.0
+            # one reduced group (contiguous rows, NHWC): a tile's offsets advance by one
+            # stride, read once (no index decomposition and no multiply per element)
+            rs = TY * itab[MG] if ng == 1 else 0
             while r < r1:
                 if FAST and r + (KU - 1) * TY < r1:
-                    x0 = dec(x[ko + goff(r, itab)])
+                    o = ko + goff(r, itab)
+                    x0 = dec(x[o])
                     s = 0.0
                     q = 0.0
                     for i in range(1, KU):
-                        v = dec(x[ko + goff(r + i * TY, itab)]) - x0
+                        if ng == 1:
+                            o += rs
+                        else:
+                            o = ko + goff(r + i * TY, itab)
+                        v = dec(x[o]) - x0
                         s += v
                         q += v * v
                     mt = (x0 - rv) + s * INV_KU
@@ -309,14 +406,17 @@ def cf_kernel(ng: int, ktab: bool, use_w: bool, omit: bool, bf16: bool) -> Any:
     ``part[:, d, k]``.
     """
     KU, NT, MG, REG = C.CF_UNROLL, C.CF_THREADS, C.MAX_GROUPS, C.CF_MAX_REGISTERS
-    key = ("cf", ng, ktab, use_w, omit, bf16, KU, NT, MG, REG)
+    VEC = C.CF_VECTOR_LOADS and not (use_w or omit or bf16)
+    key = ("cf", ng, ktab, use_w, omit, bf16, KU, NT, MG, REG, VEC)
     if key in _CACHE:
         return _CACHE[key]
     dec = dec_bf16 if bf16 else dec_plain
     goff = _make_goff(ng, MG)
+    load4, phase4 = vector_helpers()
     f8 = np.float64
     FAST = not (use_w or omit)
     FKU, INV_KU = _tile_code(KU)
+    FKV, INV_KV = _tile_code(4 * KU)  # a vector tile: KU loads of 4 elements
 
     @_jit(REG)
     def kern(x, itab, kbase, kstride, D, A, L, nseg_row, seg_len, items_per_chunk, P, rg,  # type: ignore[no-untyped-def]
@@ -350,12 +450,86 @@ def cf_kernel(ng: int, ktab: bool, use_w: bool, omit: bool, bf16: bool) -> Any:
         s2 = 0.0
         qs = 0.0
         step = KU * rg
+        # leftovers of the vector path (unaligned head and tail, short runs): Welford around rv
+        wc = 0.0
+        wm = 0.0
+        wq = 0.0
+        ph = phase4(x) if VEC else 0
         for it in range(i0 + g, i1, ngroups):
             a = it // nseg_row
             l0 = (it - a * nseg_row) * seg_len
             l1 = min(L, l0 + seg_len)
             ao = ko + goff(a, itab)
             flat0 = a * L
+            if VEC:
+                # [l0, hb): scalars up to the first 16-byte boundary; [hb, he): nv vectors of 4
+                # (tiles of KU vectors per lane, lanes interleaved by vector); [he, l1): scalars
+                hb = min(l1, l0 + ((4 - ((ph + ao + l0) & 3)) & 3))
+                nv = (l1 - hb) >> 2
+                he = hb + 4 * nv
+                e = l0 + lane
+                if e < hb:
+                    v = dec(x[ao + e]) - rv
+                    wc += 1.0
+                    dv = v - wm
+                    wm += dv / wc
+                    wq += dv * (v - wm)
+                e = he + lane
+                if e < l1:
+                    v = dec(x[ao + e]) - rv
+                    wc += 1.0
+                    dv = v - wm
+                    wm += dv / wc
+                    wq += dv * (v - wm)
+                j = lane
+                while j < nv:
+                    p = ao + hb + 4 * j
+                    if j + (KU - 1) * rg < nv:
+                        x0 = dec(x[p])
+                        s = 0.0
+                        q = 0.0
+                        for i in range(KU):
+                            e0, e1, e2, e3 = load4(x, p + i * 4 * rg)
+                            v0 = dec(e0) - x0
+                            v1 = dec(e1) - x0
+                            v2 = dec(e2) - x0
+                            v3 = dec(e3) - x0
+                            s += (v0 + v1) + (v2 + v3)
+                            q += (v0 * v0 + v1 * v1) + (v2 * v2 + v3 * v3)
+                        mt = (x0 - rv) + s * INV_KV
+                        q -= s * (s * INV_KV)
+                        if q < 0.0:
+                            q = 0.0
+                        if k == 0:
+                            m0 = mt
+                        dm = mt - m0
+                        s1 += dm
+                        s2 += dm * dm
+                        qs += q
+                        k += 1
+                    else:
+                        # this lane's last, shorter tile: the same one-pass, its own count
+                        x0 = dec(x[p])
+                        s = 0.0
+                        q = 0.0
+                        cnt = 0.0
+                        for i in range(KU):
+                            if j + i * rg < nv:
+                                e0, e1, e2, e3 = load4(x, p + i * 4 * rg)
+                                v0 = dec(e0) - x0
+                                v1 = dec(e1) - x0
+                                v2 = dec(e2) - x0
+                                v3 = dec(e3) - x0
+                                s += (v0 + v1) + (v2 + v3)
+                                q += (v0 * v0 + v1 * v1) + (v2 * v2 + v3 * v3)
+                                cnt += 4.0
+                        mb = s / cnt
+                        q -= s * mb
+                        if q < 0.0:
+                            q = 0.0
+                        na, ma, qa = chan(na, ma, qa, cnt, (x0 - rv) + mb, q)
+                    j += step
+                continue
             li = l0 + lane
             while li < l1:
                 if FAST and li + (KU - 1) * rg < l1:
@@ -405,7 +579,10 @@ def cf_kernel(ng: int, ktab: bool, use_w: bool, omit: bool, bf16: bool) -> Any:
             between = s2 - s1 * s1 / fk
             if not between > 0.0:
                 between = between if between != between else 0.0  # keep NaN, clip -0
-            na, ma, qa = chan(na, ma, qa, fk * FKU, m0 + s1 / fk, qs + FKU * between)
+            fku = FKV if VEC else FKU
+            na, ma, qa = chan(na, ma, qa, fk * fku, m0 + s1 / fk, qs + fku * between)
+        if VEC:
+            na, ma, qa = chan(na, ma, qa, wc, wm, wq)
         sh_n[tid] = na
         sh_m[tid] = ma
         sh_q[tid] = qa

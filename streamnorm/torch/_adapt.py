@@ -1,4 +1,8 @@
-"""Test-time adaptation of BatchNorm statistics: ``adapt(model, estimator)``."""
+"""Test-time adaptation of BatchNorm statistics: ``adapt(model, estimator)``.
+
+``adapt_groups`` runs several independent streams through each forward pass (the benchmark
+``streamnorm shift`` uses it to stream every corrupted target set at once).
+"""
 
 from __future__ import annotations
 
@@ -91,6 +95,8 @@ class Adaptation:
     estimators : dict of str to Estimator
         Each adapted layer's estimator by qualified name, created at the layer's first forward
         pass (its source is the layer's buffers as they were on entry).
+    groups : int
+        Independent streams per batch (1 for :func:`adapt`; see :func:`adapt_groups`).
     """
 
     def __init__(
