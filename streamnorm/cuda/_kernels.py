@@ -402,8 +402,10 @@ def cf_kernel(ng: int, ktab: bool, use_w: bool, omit: bool, bf16: bool) -> Any:
     ``D * P`` blocks; block ``b`` takes dimension ``b // P`` and items
     ``[k * items_per_chunk, ...)`` of chunk ``k = b % P``. The block's threads form groups of
     ``rg`` (a power of two); group ``g`` takes items ``g, g + ngroups, ...`` of the chunk and its
-    lanes read an item's elements ``lane, lane + rg, ...`` (coalesced). Partials go to
-    ``part[:, d, k]``.
+    lanes read an item's elements ``lane, lane + rg, ...`` (coalesced). On the fast path
+    (``CF_VECTOR_LOADS``) they read 4-element vectors ``lane, lane + rg, ...`` of the item's
+    16-byte-aligned body instead, and its unaligned head and tail (fewer than 4 elements each)
+    one element a lane. Partials go to ``part[:, d, k]``.
     """
     KU, NT, MG, REG = C.CF_UNROLL, C.CF_THREADS, C.MAX_GROUPS, C.CF_MAX_REGISTERS
     VEC = C.CF_VECTOR_LOADS and not (use_w or omit or bf16)
