@@ -33,7 +33,7 @@ from ._jit import twins
 
 
 @njit(**STRICT_JIT)
-def chan_merge_into(n_a, mean_a, m2_a, n_b, mean_b, m2_b):  # type: ignore[no-untyped-def]
+def chan_merge_into(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     """Merge state ``b`` into state ``a`` in place (flat float64 arrays of one length)."""
     for d in range(n_a.shape[0]):
         nb = n_b[d]
@@ -53,7 +53,7 @@ def chan_merge_into(n_a, mean_a, m2_a, n_b, mean_b, m2_b):  # type: ignore[no-un
 
 
 @njit(**STRICT_JIT)
-def chan_merge_dd(n_a, mean_a, lo_a, m2_a, n_b, mean_b, lo_b, m2_b):  # type: ignore[no-untyped-def]
+def chan_merge_dd(n_a, mean_a, lo_a, m2_a, n_b, mean_b, lo_b, m2_b):
     """Chan merge of state ``b`` into ``a`` in place, with means kept as ``mean + lo``.
 
     ``lo`` is the rounding residual of the mean (a double-double mean). Far from zero the stored
@@ -86,7 +86,7 @@ def chan_merge_dd(n_a, mean_a, lo_a, m2_a, n_b, mean_b, lo_b, m2_b):  # type: ig
 
 
 @njit(**STRICT_JIT)
-def _finish(n, mean, m2, ref):  # type: ignore[no-untyped-def]
+def _finish(n, mean, m2, ref):
     """Add the reference back, returning the residual ``lo`` of that addition.
 
     Dimensions with a NaN/Inf become NaN; empty ones get NaN mean and 0 M2.
@@ -111,7 +111,7 @@ def _finish(n, mean, m2, ref):  # type: ignore[no-untyped-def]
 
 
 @njit(**STRICT_JIT)
-def merge_slots(c_n, c_mean, c_m2, ref):  # type: ignore[no-untyped-def]
+def merge_slots(c_n, c_mean, c_m2, ref):
     """Merge per-chunk slots in chunk order into the kernel result ``(n, mean, m2, lo)``.
 
     ``c_mean``/``c_m2`` are (K, D), means shifted by ``ref`` (D,); ``c_n`` is (K, D) for
@@ -132,7 +132,7 @@ def merge_slots(c_n, c_mean, c_m2, ref):  # type: ignore[no-untyped-def]
 
 
 @njit(**STRICT_JIT)
-def finite_or_zero(v):  # type: ignore[no-untyped-def]
+def finite_or_zero(v):
     """The shift reference of a kernel: ``v`` as float64, non-finite entries replaced by 0."""
     ref = np.empty(v.shape[0])
     for i in range(v.shape[0]):
@@ -142,7 +142,7 @@ def finite_or_zero(v):  # type: ignore[no-untyped-def]
 
 
 @njit(**ORDERED_JIT)
-def _rows_block(x, r0, r1, ref, s, q):  # type: ignore[no-untyped-def]
+def _rows_block(x, r0, r1, ref, s, q):
     """Two-pass moments of rows ``r0:r1`` of ``x`` shifted by ``ref``: mean to ``s``, M2 to ``q``.
 
     The first pass streams rows one at a time (what the hardware prefetcher follows best from
@@ -183,7 +183,7 @@ def _rows_block(x, r0, r1, ref, s, q):  # type: ignore[no-untyped-def]
 
 
 @njit(**ORDERED_JIT)
-def _rows_block_shifted(x, r0, r1, ref, s, q, x0):  # type: ignore[no-untyped-def]
+def _rows_block_shifted(x, r0, r1, ref, s, q, x0):
     """One pass over rows ``r0:r1`` shifted by the block's own first row, checked.
 
     Accumulates ``v = x - x0`` and ``v**2`` per column and forms ``M2 = sum v**2 - (sum v)**2/n``.
@@ -239,7 +239,7 @@ def _rows_block_shifted(x, r0, r1, ref, s, q, x0):  # type: ignore[no-untyped-de
         _rows_block(x, r0, r1, ref, s, q)
 
 
-def _rows_moments(x, block_rows, chunk_blocks):  # type: ignore[no-untyped-def]
+def _rows_moments(x, block_rows, chunk_blocks):
     """Moments of the columns of a 2-D array ``x`` of shape (R, D), reduced over R.
 
     Returns ``(n, mean, m2, lo)``, each float64 of shape (D,); ``lo`` is the residual of ``mean``.
@@ -281,7 +281,7 @@ rows_moments, rows_moments_serial = twins(_rows_moments, STRICT_PARALLEL_JIT, ST
 
 
 @njit(**STRICT_PARALLEL_JIT)
-def rows_moments_general(x, ref, w, use_w, omit, block_rows, chunk_blocks):  # type: ignore[no-untyped-def]
+def rows_moments_general(x, ref, w, use_w, omit, block_rows, chunk_blocks):
     """Like :func:`rows_moments`, with optional per-row weights ``w`` and NaN/Inf omission.
 
     With ``omit`` a non-finite value is skipped and counts are per column. With ``use_w`` row ``r``
@@ -334,7 +334,7 @@ def rows_moments_general(x, ref, w, use_w, omit, block_rows, chunk_blocks):  # t
 
 
 @njit(**JIT)
-def _cf_block(x, c, a0, a1, l0, l1, r):  # type: ignore[no-untyped-def]
+def _cf_block(x, c, a0, a1, l0, l1, r):
     """(mean - r, M2) of ``x[a0:a1, c, l0:l1]``: a checked shifted pass, else a two-pass.
 
     A jitted function of its own: the reassociation that vectorizes these contiguous sums is
@@ -370,7 +370,7 @@ def _cf_block(x, c, a0, a1, l0, l1, r):  # type: ignore[no-untyped-def]
     return mb, qq
 
 
-def _cf_moments(x, seg_len, chunk_blocks):  # type: ignore[no-untyped-def]
+def _cf_moments(x, seg_len, chunk_blocks):
     """Moments of a 3-D array ``x`` of shape (A, C, L), reduced over A and L (channels-first).
 
     ``L`` should be the contiguous axis. Covers NCL/NCHW/NCDHW (as ``(N, C, H*W...)``),
@@ -427,7 +427,7 @@ def _cf_moments(x, seg_len, chunk_blocks):  # type: ignore[no-untyped-def]
 
 
 @njit(**JIT)
-def _cf_rows_block(x, a0, a1, ref, s, q, x0):  # type: ignore[no-untyped-def]
+def _cf_rows_block(x, a0, a1, ref, s, q, x0):
     """Every channel of samples ``a0:a1`` of ``x`` (A, C, L), read in address order.
 
     Per channel one pass over ``v = x - x0[c]`` (``x0[c]`` the block's first element of that
@@ -464,7 +464,7 @@ def _cf_rows_block(x, a0, a1, ref, s, q, x0):  # type: ignore[no-untyped-def]
         q[c] = m2
 
 
-def _cf_rows_moments(x, rows_per):  # type: ignore[no-untyped-def]
+def _cf_rows_moments(x, rows_per):
     """Channels-first moments for short rows: parallel over runs of ``rows_per`` samples.
 
     Each task reads its samples' memory in order (all channels), keeping per-channel block
@@ -490,7 +490,7 @@ cf_moments, cf_moments_serial = twins(_cf_moments, STRICT_PARALLEL_JIT, STRICT_J
 
 
 @njit(**STRICT_JIT)
-def first_finite_rows(x):  # type: ignore[no-untyped-def]
+def first_finite_rows(x):
     """Per column of a 2-D array, its first finite value (0.0 where there is none)."""
     R, D = x.shape
     ref = np.zeros(D)

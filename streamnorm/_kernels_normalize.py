@@ -13,7 +13,7 @@ from ._config import JIT, PARALLEL_JIT
 from ._jit import twins
 
 
-def _normalize_rows(x, shift, scale, beta, out, chunk_rows):  # type: ignore[no-untyped-def]
+def _normalize_rows(x, shift, scale, beta, out, chunk_rows):
     """Rows layout: ``x`` and ``out`` of shape (R, D), parameters of shape (D,).
 
     One parallel task per ``chunk_rows`` rows; the inner loop runs over a whole row (views of one
@@ -29,7 +29,7 @@ def _normalize_rows(x, shift, scale, beta, out, chunk_rows):  # type: ignore[no-
                 orow[d] = (xr[d] - shift[d]) * scale[d] + beta[d]
 
 
-def _normalize_cf(x, shift, scale, beta, out, seg_len):  # type: ignore[no-untyped-def]
+def _normalize_cf(x, shift, scale, beta, out, seg_len):
     """Channels-first layout: ``x`` and ``out`` of shape (A, C, L), parameters of shape (C,).
 
     Each (a, c) row is cut into segments of ``seg_len`` elements, one parallel task each.

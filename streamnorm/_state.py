@@ -76,8 +76,13 @@ def empty_state(shape: tuple[int, ...], total: float = 0.0, weighted: bool = Fal
     size = int(np.prod(shape, dtype=np.int64))
     zeros = np.zeros(size)
     return State(
-        n=zeros, mean=np.full(size, np.nan), lo=zeros.copy(), m2=zeros.copy(),
-        shape=tuple(shape), total=float(total), weighted=weighted,
+        n=zeros,
+        mean=np.full(size, np.nan),
+        lo=zeros.copy(),
+        m2=zeros.copy(),
+        shape=tuple(shape),
+        total=float(total),
+        weighted=weighted,
     )
 
 

@@ -9,11 +9,13 @@ from typing import Any
 
 import numpy as np
 
+from ._compute import lean_rows, lean_state
 from ._errors import InputError, InputTypeError, RecordError
 from ._io import atomic_write, check_header, read_npz, record_scalar
 from ._moments import Moments, moments
 from ._validate import Axis
 from .estimators import Estimator, default_estimators
+from .estimators import _kernels as EK
 from .estimators import from_dict as estimator_from_dict
 from .estimators._base import Owner, check_convention, check_epoch, unpack
 
@@ -36,31 +38,27 @@ class _Layer(Owner):
     ``to_dict``...) first applies what is pending, so nothing stale is ever visible. A group
     holds either batches whose dimensions all have the same count (one count per batch is
     kept) or batches with per-dimension counts, never both.
+
+    The group is filed into arrays the layer owns (a batch's mean and M2 are copied there as
+    it arrives), never kept as references to the batch's own arrays: those are then freed at
+    once and their memory reused by the next batch, where holding them would draw fresh, cold
+    memory for every batch.
     """
 
-    def __init__(
-        self,
-        shape: tuple[int, ...],
-        ests: dict[str, Any],
-        scratch: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
-    ) -> None:
+    def __init__(self, shape: tuple[int, ...], ests: dict[str, Any]) -> None:
         self.shape = shape
         self.ests = ests
         self.fast = [e for e in ests.values() if isinstance(e, Estimator)]
         self.slow = [e for e in ests.values() if not isinstance(e, Estimator)]
         self.need = max((e.min_batch_count for e in self.fast), default=0)
         self.D = D = int(np.prod(shape, dtype=np.int64))
-        self.cap = max(1, min(MAX_PENDING, PENDING_BYTES // max(1, 16 * D)))
-        self.counts: list[Any] = []  # per batch: a count (uniform groups) or per-dim counts
-        self.epochs: list[int] = []
-        self.means: list[np.ndarray] = []
-        self.m2s: list[np.ndarray] = []
-        # where a group is stacked before the estimators read it: shared by the layers of one
-        # width, so that it stays in the cache (the estimators keep no reference to it)
-        scratch = {} if scratch is None else scratch
-        if D not in scratch:
-            scratch[D] = (np.empty((self.cap, D)), np.empty((self.cap, D)))
-        self.scratch = scratch[D]
+        self.cap = cap = max(1, min(MAX_PENDING, PENDING_BYTES // max(1, 16 * D)))
+        self.k = 0  # batches filed in the current group
+        self.rows = np.empty((2, cap, D))  # the batches' means and M2s
+        self.means, self.m2s = self.rows[0], self.rows[1]
+        self.counts = np.empty((cap, 1))  # one count per batch (uniform groups)
+        self.dim_counts: np.ndarray | None = None  # (cap, D), for groups of per-dim counts
+        self.epochs = np.empty(cap, dtype=np.int64)
         self.uniform = True
         self.weighted = False
         for e in self.fast:
@@ -69,33 +67,33 @@ class _Layer(Owner):
     def push(
         self, n: Any, mu: np.ndarray, m2: np.ndarray, epoch: int, weighted: bool, uniform: bool
     ) -> None:
-        """Add a batch (arrays nobody changes: a state's own, see ``Moments.state``)."""
+        """File a batch: ``n`` one count (``uniform``) or per-dimension counts ``(D,)``."""
         if uniform != self.uniform:
             self.flush()
             self.uniform = uniform
-        self.counts.append(n)
-        self.means.append(mu)
-        self.m2s.append(m2)
-        self.epochs.append(epoch)
+        i = self.k
+        self.means[i] = mu
+        self.m2s[i] = m2
+        if uniform:
+            self.counts[i, 0] = n
+        else:
+            if self.dim_counts is None:
+                self.dim_counts = np.empty((self.cap, self.D))
+            self.dim_counts[i] = n
+        self.epochs[i] = epoch
+        self.k = i + 1
         self.weighted = self.weighted or weighted
-        if len(self.epochs) == self.cap:
+        if self.k == self.cap:
             self.flush()
 
     def flush(self) -> None:
-        k = len(self.epochs)
+        k = self.k
         if k == 0:
             return
-        if self.uniform:
-            n = np.array(self.counts, dtype=np.float64).reshape(k, 1)
-        else:
-            n = np.array(self.counts, dtype=np.float64)
-        mu = np.stack(self.means, out=self.scratch[0][:k])
-        m2 = np.stack(self.m2s, out=self.scratch[1][:k])
-        ep = np.array(self.epochs, dtype=np.int64)
-        self.counts.clear()
-        self.epochs.clear()
-        self.means.clear()
-        self.m2s.clear()
+        self.k = 0
+        dim_counts = self.dim_counts
+        n = self.counts[:k] if self.uniform or dim_counts is None else dim_counts[:k]
+        mu, m2, ep = self.means[:k], self.m2s[:k], self.epochs[:k]
         weighted = self.weighted
         self.weighted = False
         for e in self.fast:
@@ -177,7 +175,6 @@ class Tracker:
         self._protos = _check_estimators(estimators)
         self._reduce = reduce
         self._layers: dict[str, _Layer] = {}
-        self._scratch: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._epoch = 0
 
     # ---------------------------------------------------------------- epochs
@@ -223,7 +220,12 @@ class Tracker:
         Moments
             The batch's moments as the estimators saw them (after ``reduce``).
         """
-        if axis is _DEFAULT_AXIS:
+        if axis is _DEFAULT_AXIS and not moments_kwargs and type(x) is np.ndarray and x.ndim <= 2:
+            # the common case, kept short: an (N, C) array
+            if lean_rows(x, 0, None, "propagate"):
+                return self._feed(layer, Moments.from_state(lean_state(x)))
+            axis = 0
+        elif axis is _DEFAULT_AXIS:
             nd = getattr(x, "ndim", None)
             nd = int(np.ndim(x)) if nd is None else int(nd)
             axis = 0 if nd <= 2 else (0, *range(2, nd))
@@ -252,16 +254,16 @@ class Tracker:
             and st.shape == lay.shape
             and st.total > lay.need - 1
         ):
-            # the common case, kept short: every dimension with the same count. The state's
-            # arrays are never changed after state() (Moments copies before changing), so they
-            # are kept by reference until the group is applied.
-            lay.means.append(st.mean if not st.lo.any() else st.mean + st.lo)
-            lay.m2s.append(st.m2)
-            lay.counts.append(st.total)
-            lay.epochs.append(self._epoch)
+            # the common case, kept short: every dimension with the same count, filed into the
+            # group in one compiled call
+            i = lay.k
+            EK.file_row(lay.rows, i, st.mean, st.lo, st.m2)
+            lay.counts[i, 0] = st.total
+            lay.epochs[i] = self._epoch
+            lay.k = i + 1
             if st.weighted:
                 lay.weighted = True
-            if len(lay.epochs) == lay.cap:
+            if i + 1 == lay.cap:
                 lay.flush()
             return m
         return self._feed_general(layer, m, lay)
@@ -275,7 +277,7 @@ class Tracker:
         if lay is None:
             self._check_min(layer, shape, cmin, None)
             ests = {k: copy.deepcopy(v) for k, v in self._protos.items()}
-            lay = self._layers[layer] = _Layer(shape, ests, self._scratch)
+            lay = self._layers[layer] = _Layer(shape, ests)
         elif shape != lay.shape:
             raise InputError(
                 f"dimension mismatch in layer {layer!r}: it has dimension shape {lay.shape}, the "
@@ -435,7 +437,7 @@ class Tracker:
             shape = shapes.pop()
             if shape is None:  # pragma: no cover - excluded above
                 raise RecordError(f"corrupt Tracker record: layer {layer!r} is empty")
-            out._layers[layer] = _Layer(shape, ests, out._scratch)
+            out._layers[layer] = _Layer(shape, ests)
         return out
 
     @classmethod

@@ -168,6 +168,33 @@ def check_callable(name: str, value: Any, *, optional: bool = True) -> Any:
     return value
 
 
+def check_split_every(split_every: Any) -> Any:
+    """Dask's ``split_every``: ``None``, a dict ``{axis: blocks}``, or an int >= 2 (the blocks
+    merged per node of the reduction tree)."""
+    if split_every is None or isinstance(split_every, dict):
+        return split_every
+    if not is_int(split_every):
+        raise InputTypeError(
+            f"split_every must be an int >= 2, a dict or None, got {split_every!r}"
+        )
+    if split_every < 2:
+        raise InputError(
+            f"split_every must be >= 2 (blocks merged per tree node), got {split_every}"
+        )
+    return int(split_every)
+
+
+def check_tracker(tracker: Any) -> Any:
+    """``tracker`` if it has an ``update(layer, x, axis=...)`` method (a Tracker), else
+    ``InputTypeError``."""
+    if not callable(getattr(tracker, "update", None)):
+        raise InputTypeError(
+            "tracker must have an update(layer, x, axis=...) method (e.g. streamnorm.Tracker), "
+            f"got {type(tracker).__name__}"
+        )
+    return tracker
+
+
 def renamed_keyword(
     owner: str, old: str, new: str, old_value: Any, new_value: Any, *, default: Any
 ) -> Any:
@@ -274,20 +301,23 @@ def check_axes(axis: Axis, ndim: int) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
-def check_weights(weights: Any, length: int, axis: int) -> np.ndarray:
-    """One finite non-negative weight per sample along ``axis`` (``length`` of them), as float64.
-
-    Works on numpy arrays; a lazy (Dask) array is checked for dtype and shape only.
-    """
-    w = np.asarray(weights)
-    if w.dtype.kind not in "fiub":
-        raise InputTypeError(f"weights must be real numbers, got dtype {w.dtype}")
-    if w.ndim != 1 or w.shape[0] != length:
+def check_weights_layout(weights: Any, length: int, axis: int) -> Any:
+    """``weights`` if its dtype is real and its shape ``(length,)``: one weight per sample along
+    ``axis``. Reads only ``dtype``, ``ndim`` and ``shape``, so it checks a lazy (Dask) array
+    without computing it; :func:`check_weights` checks the values too."""
+    if weights.dtype.kind not in "fiub":
+        raise InputTypeError(f"weights must be real numbers, got dtype {weights.dtype}")
+    if weights.ndim != 1 or weights.shape[0] != length:
         raise InputError(
             f"weights must be 1-D with one weight per sample along axis {axis} "
-            f"(length {length}), got shape {w.shape}"
+            f"(length {length}), got shape {weights.shape}"
         )
-    w = w.astype(np.float64)
+    return weights
+
+
+def check_weights(weights: Any, length: int, axis: int) -> np.ndarray:
+    """One finite non-negative weight per sample along ``axis`` (``length`` of them), as float64."""
+    w = check_weights_layout(np.asarray(weights), length, axis).astype(np.float64)
     if not np.all(np.isfinite(w)) or np.any(w < 0):
         raise InputError("weights must be finite and non-negative")
     return w

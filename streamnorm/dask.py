@@ -23,7 +23,9 @@ from ._validate import (
     check_axes,
     check_nan_policy,
     check_real_dtype,
+    check_split_every,
     check_weights,
+    check_weights_layout,
     nonfinite_message,
 )
 
@@ -34,6 +36,8 @@ __all__ = ["moments"]
 
 #: Dtype of the reduction's output blocks: a (count, mean, mean residual, M2) record per dimension.
 STATE_DTYPE = np.dtype([("n", "f8"), ("mean", "f8"), ("lo", "f8"), ("m2", "f8")])
+#: The arrays of a :class:`~streamnorm._state.State` that travel as the record fields.
+FIELDS = ("n", "mean", "lo", "m2")
 
 #: A mean counts as far from zero above this many standard deviations: its float64 rounding
 #: would then show in the merge (relative error about 1e-16 * FAR per merge level).
@@ -172,10 +176,8 @@ def _aggregate(
         raise RuntimeError("internal: a kept block received no state")
     shape = st.shape
     out = np.empty(shape, dtype=STATE_DTYPE)
-    out["n"] = st.n.reshape(shape)
-    out["mean"] = st.mean.reshape(shape)
-    out["lo"] = st.lo.reshape(shape)
-    out["m2"] = st.m2.reshape(shape)
+    for k in FIELDS:
+        out[k] = getattr(st, k).reshape(shape)
     if keepdims:
         out = np.expand_dims(out, tuple(sorted(axis)))
     return out
@@ -221,34 +223,13 @@ def _dask_weights(weights: Any, x: Any, axes: tuple[int, ...]) -> tuple[Any, Any
             "lacks; upgrade dask (pip install -U 'dask[array]')"
         )
     if isinstance(weights, da.Array):
-        if weights.dtype.kind not in "fiub":
-            raise InputTypeError(f"weights must be real numbers, got dtype {weights.dtype}")
-        if weights.ndim != 1 or weights.shape[0] != n0:
-            raise InputError(
-                f"weights must be 1-D with one weight per sample along axis {a0} "
-                f"(length {n0}), got shape {weights.shape}"
-            )
-        w = weights.astype(np.float64).rechunk((x.chunks[a0],))
+        w = check_weights_layout(weights, n0, a0).astype(np.float64).rechunk((x.chunks[a0],))
     else:
         w = da.from_array(check_weights(weights, n0, a0), chunks=(x.chunks[a0],))
     shape = [1] * x.ndim
     shape[a0] = n0
     wb = da.broadcast_to(w.reshape(tuple(shape)), x.shape, chunks=x.chunks)
     return w, wb
-
-
-def _check_split_every(split_every: Any) -> Any:
-    if split_every is None or isinstance(split_every, dict):
-        return split_every
-    if isinstance(split_every, bool) or not isinstance(split_every, (int, np.integer)):
-        raise InputTypeError(
-            f"split_every must be an int >= 2, a dict or None, got {split_every!r}"
-        )
-    if split_every < 2:
-        raise InputError(
-            f"split_every must be >= 2 (blocks merged per tree node), got {split_every}"
-        )
-    return int(split_every)
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,7 +294,7 @@ def moments(
     x = _check_x(x)
     nan_policy = check_nan_policy(nan_policy)
     axes = check_axes(axis, x.ndim)
-    split_every = _check_split_every(split_every)
+    split_every = check_split_every(split_every)
     w, wb = (None, None) if weights is None else _dask_weights(weights, x, axes)
     nsamp = int(np.prod([x.shape[i] for i in axes], dtype=np.int64))
     kept = tuple(s for i, s in enumerate(x.shape) if i not in axes)
@@ -342,8 +323,7 @@ def moments(
     else:
         st, ws = dask.compute(red, w.sum())
         total = float(ws) * (nsamp // x.shape[axes[0]])
-    st = np.asarray(st)
-    n, mean, lo, m2 = (np.ascontiguousarray(st[k]).reshape(-1) for k in ("n", "mean", "lo", "m2"))
+    n, mean, lo, m2 = (np.ascontiguousarray(np.asarray(st)[k]).reshape(-1) for k in FIELDS)
     if nan_policy == "raise" and (np.isnan(mean) & (n > 0)).any():
         bad = np.asarray((~da.isfinite(x)).sum(axis=axes).compute())
         raise InputError(nonfinite_message(bad, kept))

@@ -38,10 +38,15 @@ A framework adapter implements the :class:`Adapter` protocol and nothing else:
 ``sequential_passes(layers, first) -> list[list[NormLayer]]``
     The groups of layers for ``mode="sequential"``, in the order they must be calibrated (a
     layer after everything upstream of it): PyTorch runs ``first()`` (the first batch) with
-    hooks to find the forward order; ONNX groups nodes by depth in the graph.
+    hooks to find the forward order (:func:`forward_order`); ONNX groups nodes by depth in the
+    graph.
 ``remote() -> callable``
     A picklable factory that rebuilds the adapter, with the statistics written so far, on a Dask
     worker (used only with ``client=``).
+
+An adapter that sees each layer's input during a forward pass (hooks, patched calls) derives
+from :class:`WatchedAdapter`, which provides ``run`` and ``sequential_passes`` from one method
+``call_model(batch, current)`` that runs the model and calls ``current.hand(name, x)``.
 
 The adapter validates its own arguments, builds a :class:`Stream` (``Stream.of``) and
 :class:`Settings` (``Settings.checked``), calls :func:`calibrate` and restores the model if it
@@ -50,6 +55,7 @@ raises. Two adapters never import each other; what they share belongs here.
 
 from ._data import Dataset, FileShard, Stream, input_of, iter_batches, open_data, shards
 from ._distributed import get_client, map_merge, merge_results
+from ._layers import ForwardPass, StopPass, WatchedAdapter, forward_order, select_layers
 from ._plot import SampleCurve, plot_samples
 from ._progress import progress_bar
 from ._report import CalibrationReport, LayerReport, Stats, layer_report
@@ -78,6 +84,7 @@ __all__ = [
     "Dataset",
     "Emit",
     "FileShard",
+    "ForwardPass",
     "LayerReport",
     "LayerResult",
     "LayerStats",
@@ -88,9 +95,12 @@ __all__ = [
     "Stats",
     "Stream",
     "StatsSpec",
+    "StopPass",
     "Trace",
+    "WatchedAdapter",
     "calibrate",
     "check_budget",
+    "forward_order",
     "get_client",
     "input_of",
     "iter_batches",
@@ -100,6 +110,7 @@ __all__ = [
     "open_data",
     "plot_samples",
     "progress_bar",
+    "select_layers",
     "shards",
     "shard_pass",
 ]

@@ -594,6 +594,18 @@ class Stream:
             seen += size
             yield batch
 
+    def check_passes(
+        self, mode: str, kind: str = "BatchNorm", examples: str = "a list, an array"
+    ) -> None:
+        """``InputTypeError`` when ``mode="sequential"`` would pass several times over a one-shot
+        iterator (``kind``: what the framework calls the layers; ``examples``: the re-iterables
+        it takes)."""
+        if mode == "sequential" and not self.arraylike and iter(self.data) is self.data:
+            raise InputTypeError(
+                f"mode='sequential' passes over the data once per {kind} layer; pass a "
+                f"re-iterable ({examples}), not a one-shot iterator or generator"
+            )
+
     def first(self) -> Any:
         """The first batch (``InputError`` when there is none)."""
         for batch in self.batches():

@@ -276,9 +276,25 @@ def calibrate(
 
     ``one-pass`` collects every layer in one pass; ``sequential`` makes one pass per group of
     :meth:`Adapter.sequential_passes` and writes each group's statistics before the next pass.
-    All results of a group are computed and checked before any is written. The caller restores
-    the model if this raises.
+    All results of a group are computed and checked before any is written. If anything raises
+    (``KeyboardInterrupt`` included), ``undo()`` puts the old statistics back before the
+    exception propagates; the adapter's other changes to the model (modes, momenta) are the
+    caller's to restore.
     """
+    try:
+        return _calibrate(adapter, stream, settings, undo)
+    except BaseException:
+        if undo is not None:
+            undo()
+        raise
+
+
+def _calibrate(
+    adapter: Adapter,
+    stream: Stream,
+    settings: Settings,
+    undo: Callable[[], None] | None,
+) -> CalibrationReport:
     _check_distributed(stream, settings)
     layers = adapter.layers()
     before = {x.name: adapter.read(x) for x in layers}

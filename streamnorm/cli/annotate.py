@@ -15,17 +15,7 @@ import numpy as np
 
 from .._errors import InputError
 from ..calibrate import open_data
-
-
-def _count(text: str) -> int:
-    """An integer >= 1 (argparse ``type=``)."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {n}")
-    return n
+from ._args import count
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,10 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "or a Conv",
     )
     parser.add_argument(
-        "--num-samples", metavar="N", type=_count, default=None, help="use the first N samples"
+        "--num-samples", metavar="N", type=count, default=None, help="use the first N samples"
     )
     parser.add_argument(
-        "--batch-size", metavar="B", type=_count, default=64, help="samples per batch (64)"
+        "--batch-size", metavar="B", type=count, default=64, help="samples per batch (64)"
     )
     parser.add_argument("--key", metavar="NAME", default=None, help="array of a .npz data file")
     parser.add_argument(

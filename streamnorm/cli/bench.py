@@ -34,7 +34,7 @@ from . import UsageError
 
 
 @njit(nogil=True, cache=True, fastmath=True)
-def _sum(x):  # type: ignore[no-untyped-def]
+def _sum(x):
     acc = 0.0
     for i in range(x.shape[0]):
         acc += x[i]
@@ -42,7 +42,7 @@ def _sum(x):  # type: ignore[no-untyped-def]
 
 
 @njit(nogil=True, cache=True, fastmath=True, parallel=True)
-def parallel_sum(x):  # type: ignore[no-untyped-def]
+def parallel_sum(x):
     """Plain parallel sum of a contiguous 1-D array: the memory-read limit for benchmarks.
 
     Float64 accumulation as in the moments kernels, every fastmath flag on; the vectorized loop

@@ -24,22 +24,12 @@ from .._errors import InputError, InputNotFoundError, OutputPathError
 from .._extras import require
 from .._io import atomic_write, check_output
 from ..calibrate import ESTIMATORS, MODES, Dataset, open_data
-
-
-def _count(text: str) -> int:
-    """An integer >= 1 (argparse ``type=``)."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {n}")
-    return n
+from ._args import count
 
 
 def _samples(text: str) -> int | str:
     """An integer >= 1 or ``auto`` (argparse ``type=``)."""
-    return "auto" if text.strip().lower() == "auto" else _count(text)
+    return "auto" if text.strip().lower() == "auto" else count(text)
 
 
 def _number(text: str) -> float:
@@ -99,7 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="PNG of the error against the samples seen, with the standard-error band",
     )
     parser.add_argument(
-        "--batch-size", metavar="B", type=_count, default=64, help="samples per batch (64)"
+        "--batch-size", metavar="B", type=count, default=64, help="samples per batch (64)"
     )
     parser.add_argument(
         "--arch",
@@ -131,7 +121,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--workers",
         metavar="N",
-        type=_count,
+        type=count,
         default=None,
         help="run on a local Dask cluster of N processes",
     )

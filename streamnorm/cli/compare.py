@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from . import UsageError
+from ._args import keywords
 
 
 def _drop(text: str) -> float | int:
@@ -107,18 +108,7 @@ def run(args: Any) -> int:
     check_output_dir(args.out)  # fail before training, not after
     if not args.no_plot:
         require("matplotlib")
-    result = compare(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        momentum=args.momentum,
-        drop_first=args.drop_first,
-        drop_last=args.drop_last,
-        seeds=args.seeds,
-        lr=args.lr,
-        schedule=args.schedule,
-        threads=args.threads,
-        progress=not args.quiet,
-    )
+    result = compare(**keywords(compare, args, progress=not args.quiet))
     paths = result.save(args.out, plot=not args.no_plot)
     print(result.table())
     print()

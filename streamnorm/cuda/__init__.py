@@ -69,7 +69,7 @@ def _workspace() -> dict[Any, Any]:
     work = cache.setdefault(dev, {})
     if len(work) > 64:  # many different shapes: start over rather than grow
         work.clear()
-    return work  # type: ignore[no-any-return]
+    return work
 
 
 def host_state(x: Any, axis: Axis, weights: Any, nan_policy: str) -> State | None:

@@ -52,9 +52,9 @@ def _geometry(
 ) -> tuple[tuple[int, ...], int, tuple[int, ...], int]:
     """``(axes, samples per dimension, kept shape, dimensions)``, cached for hashable ``axis``."""
     try:
-        return _geometry_cached(shape, axis)  # type: ignore[arg-type]
+        return _geometry_cached(shape, axis)
     except TypeError:  # an unhashable axis (a list)
-        return _geometry_cached.__wrapped__(shape, axis)  # type: ignore[arg-type]
+        return _geometry_cached.__wrapped__(shape, axis)
 
 
 @lru_cache(maxsize=256)

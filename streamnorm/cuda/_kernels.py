@@ -48,7 +48,7 @@ _CACHE: dict[tuple[Any, ...], Any] = {}
 
 
 @cuda.jit(device=True)
-def chan(na, ma, qa, nb, mb, qb):  # type: ignore[no-untyped-def]
+def chan(na, ma, qa, nb, mb, qb):
     """Chan merge of ``(nb, mb, qb)`` into ``(na, ma, qa)``; returns the merged triple."""
     if nb == 0.0:
         return na, ma, qa
@@ -61,7 +61,7 @@ def chan(na, ma, qa, nb, mb, qb):  # type: ignore[no-untyped-def]
 
 
 @cuda.jit(device=True)
-def chan_dd(na, ma, la, qa, nb, mb, lb, qb):  # type: ignore[no-untyped-def]
+def chan_dd(na, ma, la, qa, nb, mb, lb, qb):
     """Chan merge with double-double means ``m + l`` (as the CPU's ``chan_merge_dd``)."""
     if nb == 0.0:
         return na, ma, la, qa
@@ -78,7 +78,7 @@ def chan_dd(na, ma, la, qa, nb, mb, lb, qb):  # type: ignore[no-untyped-def]
 
 
 @cuda.jit(device=True)
-def dec_plain(raw):  # type: ignore[no-untyped-def]
+def dec_plain(raw):
     """A stored element as float64 (float16/32/64, ints).
 
     ``np.float64`` rather than ``float``: for a float16 element ``float`` stays a half on the
@@ -88,7 +88,7 @@ def dec_plain(raw):  # type: ignore[no-untyped-def]
 
 
 @cuda.jit(device=True)
-def dec_bf16(raw):  # type: ignore[no-untyped-def]
+def dec_bf16(raw):
     """A bfloat16 element stored as its 16 raw bits (uint16 or int16) as float64."""
     b = int(raw) & 0xFFFF
     e = (b >> 7) & 0xFF
@@ -105,7 +105,7 @@ def dec_bf16(raw):  # type: ignore[no-untyped-def]
 
 
 @cuda.jit(device=True)
-def is_finite(v):  # type: ignore[no-untyped-def]
+def is_finite(v):
     return not (math.isinf(v) or math.isnan(v))
 
 
@@ -125,12 +125,12 @@ def _vector_intrinsics() -> tuple[Any, Any]:
     from numba.cuda.extending import intrinsic
 
     @intrinsic
-    def load4(typingctx, arr, idx):  # type: ignore[no-untyped-def]
+    def load4(typingctx, arr, idx):
         if not isinstance(arr, types.Array) or not isinstance(idx, types.Integer):
             return None
         sig = types.UniTuple(arr.dtype, 4)(arr, idx)
 
-        def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        def codegen(context, builder, signature, args):
             aryty, idxty = signature.args
             ary = context.make_array(aryty)(context, builder, args[0])
             i = context.cast(builder, args[1], idxty, types.intp)
@@ -154,12 +154,12 @@ def _vector_intrinsics() -> tuple[Any, Any]:
         return sig, codegen
 
     @intrinsic
-    def phase4(typingctx, arr):  # type: ignore[no-untyped-def]
+    def phase4(typingctx, arr):
         if not isinstance(arr, types.Array):
             return None
         sig = types.intp(arr)
 
-        def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        def codegen(context, builder, signature, args):
             aryty = signature.args[0]
             if aryty.dtype != types.float32:
                 return ir.Constant(ir.IntType(64), 0)
@@ -175,14 +175,14 @@ def _vector_intrinsics() -> tuple[Any, Any]:
 
 
 def _simulated_vector_helpers() -> tuple[Any, Any]:
-    def load4(x, i):  # type: ignore[no-untyped-def]
+    def load4(x, i):
         if x.dtype == np.float32:
             addr = x.ctypes.data + int(i) * 4
             if addr % 16:
                 raise AssertionError(f"16-byte load at a misaligned address ({addr % 16})")
         return x[i], x[i + 1], x[i + 2], x[i + 3]
 
-    def phase4(x):  # type: ignore[no-untyped-def]
+    def phase4(x):
         return (x.ctypes.data // 4) % 4 if x.dtype == np.float32 else 0
 
     return cuda.jit(device=True)(load4), cuda.jit(device=True)(phase4)
@@ -195,7 +195,7 @@ def vector_helpers() -> tuple[Any, Any]:
     key = ("vec", simulated())
     if key not in _CACHE:
         _CACHE[key] = _simulated_vector_helpers() if simulated() else _vector_intrinsics()
-    return _CACHE[key]  # type: ignore[no-any-return]
+    return _CACHE[key]
 
 
 def _make_goff(ng: int, mg: int) -> Callable[..., Any]:
@@ -206,20 +206,20 @@ def _make_goff(ng: int, mg: int) -> Callable[..., Any]:
     if ng == 0:
 
         @cuda.jit(device=True)
-        def goff0(r, itab):  # type: ignore[no-untyped-def]
+        def goff0(r, itab):
             return 0
 
-        return goff0  # type: ignore[no-any-return]
+        return goff0
     if ng == 1:
 
         @cuda.jit(device=True)
-        def goff1(r, itab):  # type: ignore[no-untyped-def]
+        def goff1(r, itab):
             return r * itab[mg]
 
-        return goff1  # type: ignore[no-any-return]
+        return goff1
 
     @cuda.jit(device=True)
-    def goffn(r, itab):  # type: ignore[no-untyped-def]
+    def goffn(r, itab):
         off = 0
         for j in range(ng - 1, 0, -1):
             q = r // itab[j]
@@ -227,10 +227,10 @@ def _make_goff(ng: int, mg: int) -> Callable[..., Any]:
             r = q
         return off + r * itab[mg]
 
-    return goffn  # type: ignore[no-any-return]
+    return goffn
 
 
-def _block_tree(sh_n, sh_m, sh_q, t, lane, nlanes, width):  # type: ignore[no-untyped-def]
+def _block_tree(sh_n, sh_m, sh_q, t, lane, nlanes, width):
     """Merge slot ``t + s * width`` into slot ``t`` for ``s = nlanes/2, ..., 1`` (a fixed tree).
 
     ``lane`` is this thread's position among the ``nlanes`` threads (a power of two) that share a
@@ -291,7 +291,7 @@ def rows_kernel(ng: int, ktab: bool, use_w: bool, omit: bool, bf16: bool) -> Any
     FKU, INV_KU = _tile_code(KU)
 
     @_jit(REG)
-    def kern(x, itab, kbase, kstride, D, R, rows_per_chunk, ntiles,  # type: ignore[no-untyped-def]
+    def kern(x, itab, kbase, kstride, D, R, rows_per_chunk, ntiles,
              w, w_inner, w_n, ref, part):  # fmt: skip
         tx = cuda.threadIdx.x
         ty = cuda.threadIdx.y
@@ -421,7 +421,7 @@ def cf_kernel(ng: int, ktab: bool, use_w: bool, omit: bool, bf16: bool) -> Any:
     FKV, INV_KV = _tile_code(4 * KU)  # a vector tile: KU loads of 4 elements
 
     @_jit(REG)
-    def kern(x, itab, kbase, kstride, D, A, L, nseg_row, seg_len, items_per_chunk, P, rg,  # type: ignore[no-untyped-def]
+    def kern(x, itab, kbase, kstride, D, A, L, nseg_row, seg_len, items_per_chunk, P, rg,
              w, w_inner, w_n, ref, part):  # fmt: skip
         tid = cuda.threadIdx.x
         nth = cuda.blockDim.x
@@ -620,7 +620,7 @@ def finalize_kernel() -> Any:
     f8 = np.float64
 
     @cuda.jit
-    def kern(part, P, ref, state, init):  # type: ignore[no-untyped-def]
+    def kern(part, P, ref, state, init):
         d = cuda.blockIdx.x
         t = cuda.threadIdx.x
         nth = cuda.blockDim.x
@@ -681,7 +681,7 @@ def merge_kernel() -> Any:
         return _CACHE[key]
 
     @cuda.jit
-    def kern(a, b):  # type: ignore[no-untyped-def]
+    def kern(a, b):
         d = cuda.grid(1)
         if d < a.shape[1]:
             n, m, lo, q = chan_dd(

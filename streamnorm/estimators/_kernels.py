@@ -17,11 +17,35 @@ from __future__ import annotations
 
 from numba import njit
 
-from .._config import JIT
+from .._config import JIT, STRICT_JIT
+
+
+@njit(**STRICT_JIT)
+def file_row(rows, i, mean, lo, m2):
+    """File one batch's mean and M2 as ``rows[0, i]`` and ``rows[1, i]`` (``rows`` (2, k, D)).
+
+    The mean filed is ``mean + lo`` (the double-double mean rounded to float64) when some
+    residual ``lo`` is not zero, and ``mean`` itself otherwise, exactly as ``numpy`` forms it.
+    Compiled without fastmath, so that the sum is the plain float64 one.
+    """
+    D = mean.shape[0]
+    any_lo = False
+    for d in range(D):
+        if lo[d] != 0.0:
+            any_lo = True
+            break
+    if any_lo:
+        for d in range(D):
+            rows[0, i, d] = mean[d] + lo[d]
+    else:
+        for d in range(D):
+            rows[0, i, d] = mean[d]
+    for d in range(D):
+        rows[1, i, d] = m2[d]
 
 
 @njit(**JIT)
-def add_rows(acc, n, uniform):  # type: ignore[no-untyped-def]
+def add_rows(acc, n, uniform):
     """``acc += n[0] + n[1] + ...`` per dimension, in order."""
     k = n.shape[0]
     D = acc.shape[0]
@@ -38,7 +62,7 @@ def add_rows(acc, n, uniform):  # type: ignore[no-untyped-def]
 
 
 @njit(**JIT)
-def chan_rows(n, mu, m2, cnt, mean, q, uniform):  # type: ignore[no-untyped-def]
+def chan_rows(n, mu, m2, cnt, mean, q, uniform):
     """Chan-merge every batch into the pooled state ``(cnt, mean, q)``, in order.
 
     ``n = na + nb; d = mb - ma; mean = ma + d nb / n; M2 = M2a + M2b + d^2 na nb / n``; a
@@ -88,7 +112,7 @@ def chan_rows(n, mu, m2, cnt, mean, q, uniform):  # type: ignore[no-untyped-def]
 
 
 @njit(**JIT)
-def ema_rows(n, mu, m2, decay, rate, mean, var_u, var_b, uniform):  # type: ignore[no-untyped-def]
+def ema_rows(n, mu, m2, decay, rate, mean, var_u, var_b, uniform):
     """``s <- decay * s + rate * x`` for the mean, the unbiased and the biased batch variance."""
     k, D = mu.shape
     for i in range(k):
@@ -110,7 +134,7 @@ def ema_rows(n, mu, m2, decay, rate, mean, var_u, var_b, uniform):  # type: igno
 
 
 @njit(**JIT)
-def cumulative_rows(n, mu, m2, t, mean, s, var_u, var_b, uniform, pooled):  # type: ignore[no-untyped-def]
+def cumulative_rows(n, mu, m2, t, mean, s, var_u, var_b, uniform, pooled):
     """Equal weight per batch: running mean of the batch means and of the batch variances.
 
     With ``pooled``, ``s`` accumulates the pooled sum ``sum_b v_b + sum_b (mu_b - mean)^2`` (law
@@ -152,7 +176,7 @@ def cumulative_rows(n, mu, m2, t, mean, s, var_u, var_b, uniform, pooled):  # ty
 
 
 @njit(**JIT)
-def sums_rows(n, mu, m2, sum_mu, sum_u, sum_v, uniform):  # type: ignore[no-untyped-def]
+def sums_rows(n, mu, m2, sum_mu, sum_u, sum_v, uniform):
     """Add each batch's mean, unbiased and biased variance to per-epoch sums."""
     k, D = mu.shape
     for i in range(k):

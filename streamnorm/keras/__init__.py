@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from typing import Any
 
 from .._errors import MissingExtraError
-from .._extras import require
+from .._extras import lazy_names, require
 
 if importlib.util.find_spec("keras") is None:
     require("keras")
@@ -30,24 +29,6 @@ except ImportError as e:  # keras is there, its backend is not
         "imported"
     ) from e
 
-_NAMES = {
-    "track": "._adapter",
-    "bn_layers": "._adapter",
-    "recalibrate": "._adapter",
-    "recalibrate_file": "._adapter",
-}
+__all__ = ["bn_layers", "recalibrate", "recalibrate_file", "track"]
 
-__all__ = sorted(_NAMES)
-
-
-def __getattr__(name: str) -> Any:
-    module = _NAMES.get(name)
-    if module is None:
-        raise AttributeError(f"module 'streamnorm.keras' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __package__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_NAMES))
+__getattr__, __dir__ = lazy_names(__name__, {"._adapter": __all__})

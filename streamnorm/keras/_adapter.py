@@ -20,33 +20,17 @@ from typing import Any
 
 import numpy as np
 
+from .. import calibrate as core
 from .._errors import InputError, InputNotFoundError, InputTypeError, OutputPathError
 from .._extras import require
 from .._io import atomic_write, check_output
-from .._validate import check_callable, check_fraction
-from ..calibrate import (
-    CalibrationReport,
-    Emit,
-    LayerResult,
-    NormLayer,
-    Settings,
-    Stats,
-    StatsSpec,
-    Stream,
-    calibrate,
-    input_of,
-)
+from .._validate import check_callable, check_fraction, check_tracker
 
 keras = require("keras")
 
 __all__ = ["bn_layers", "recalibrate", "recalibrate_file", "track"]
 
 _MISSING = object()
-
-
-class _Stop(BaseException):
-    """Ends a forward pass once the layers of interest had their input. A ``BaseException``, so
-    that Keras' traceback filtering (which rewraps ``Exception``) lets it through unchanged."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -86,26 +70,6 @@ def bn_layers(model: Any) -> list[tuple[str, Any]]:
 
     walk(model, "")
     return out
-
-
-def _select(model: Any, layers: Iterable[str] | None) -> list[tuple[str, Any]]:
-    found = bn_layers(model)
-    if layers is None:
-        return found
-    if isinstance(layers, str):
-        raise InputTypeError(
-            f"layers must be an iterable of layer names, got the string {layers!r}"
-        )
-    by_name = dict(found)
-    chosen = []
-    for name in layers:
-        if name not in by_name:
-            raise InputError(
-                f"layer {name!r} is not a BatchNormalization layer of the model; "
-                f"its BatchNormalization layers are {sorted(by_name)}"
-            )
-        chosen.append((name, by_name[name]))
-    return chosen
 
 
 def _reduce_axes(layer: Any, ndim: int) -> tuple[int, ...]:
@@ -203,8 +167,8 @@ def track(model: Any, tracker: Any, *, layers: Iterable[str] | None = None) -> I
 
     Yields
     ------
-    tracker
-        The same ``tracker``.
+    tracker : streamnorm.Tracker
+        The ``tracker`` given, fed by the patched ``call`` methods until the block exits.
 
     Notes
     -----
@@ -227,12 +191,8 @@ def track(model: Any, tracker: Any, *, layers: Iterable[str] | None = None) -> I
     >>> with streamnorm.keras.track(model, tracker):                  # doctest: +SKIP
     ...     model.fit(x, y, epochs=3)
     """
-    if not callable(getattr(tracker, "update", None)):
-        raise InputTypeError(
-            "tracker must have an update(layer, x, axis=...) method (e.g. streamnorm.Tracker), "
-            f"got {type(tracker).__name__}"
-        )
-    chosen = _select(model, layers)
+    check_tracker(tracker)
+    chosen = core.select_layers(bn_layers(model), layers, "BatchNormalization")
 
     def make(name: str, layer: Any, original: Callable[..., Any]) -> Callable[..., Any]:
         def call(inputs: Any, training: Any = None, mask: Any = None) -> Any:
@@ -253,16 +213,7 @@ def track(model: Any, tracker: Any, *, layers: Iterable[str] | None = None) -> I
 
 
 @dataclass
-class _Pass:
-    """The layers a running forward pass collects, and where their inputs go."""
-
-    emit: Emit
-    pending: set[str]
-    stop_early: bool
-
-
-@dataclass
-class _KerasAdapter:
+class _KerasAdapter(core.WatchedAdapter):
     """:class:`streamnorm.calibrate.Adapter` for a Keras model whose BatchNormalization layers'
     ``call`` is patched with :meth:`make_call` (see :func:`recalibrate`).
 
@@ -284,36 +235,33 @@ class _KerasAdapter:
     one_pass: bool
     forward_fn: Callable[[Any, Any], Any] | None = None
     input_key: str | None = None
-    current: _Pass | None = field(default=None, init=False)
+    current: core.ForwardPass | None = field(default=None, init=False)
 
     def make_call(self, name: str, layer: Any, original: Callable[..., Any]) -> Any:
         def call(inputs: Any, training: Any = None, mask: Any = None) -> Any:
             cur = self.current
             if cur is not None and name in cur.pending:
                 _check_mask(name, mask)
-                cur.emit(name, _numpy(inputs))
-                cur.pending.discard(name)
-                if cur.stop_early and not cur.pending:
-                    raise _Stop
+                cur.hand(name, _numpy(inputs))
             return original(inputs, training=self.one_pass, mask=mask)
 
         return call
 
-    def layers(self) -> list[NormLayer]:
+    def layers(self) -> list[core.NormLayer]:
         return [
-            NormLayer(
+            core.NormLayer(
                 name, int(m.moving_mean.shape[0]), float(m.epsilon), "biased", self.axes[name]
             )
             for name, m in self.bns.items()
         ]
 
-    def read(self, layer: NormLayer) -> Stats:
+    def read(self, layer: core.NormLayer) -> core.Stats:
         m = self.bns[layer.name]
-        return Stats(
+        return core.Stats(
             _numpy(m.moving_mean).astype(np.float64), _numpy(m.moving_variance).astype(np.float64)
         )
 
-    def write(self, layer: NormLayer, result: LayerResult) -> None:
+    def write(self, layer: core.NormLayer, result: core.LayerResult) -> None:
         """``moving_variance`` biased (Keras' convention), in the variables' dtype."""
         m = self.bns[layer.name]
         m.moving_mean.assign(keras.ops.cast(result.mean, m.moving_mean.dtype))
@@ -323,38 +271,18 @@ class _KerasAdapter:
         if self.forward_fn is not None:
             self.forward_fn(self.model, batch)
             return
-        x = input_of(batch, self.input_key)
+        x = core.input_of(batch, self.input_key)
         if isinstance(x, np.ndarray) and x.dtype.kind == "f":
             x = x.astype(keras.backend.floatx(), copy=False)
         self.model(x, training=False)
 
-    def run(self, batch: Any, targets: Sequence[NormLayer], emit: Emit) -> None:
-        self._run(batch, targets, emit, stop_early=not self.one_pass)
-
-    def _run(
-        self, batch: Any, targets: Sequence[NormLayer], emit: Emit, *, stop_early: bool
-    ) -> None:
-        self.current = _Pass(emit, {x.name for x in targets}, stop_early)
+    def call_model(self, batch: Any, current: core.ForwardPass) -> None:
+        """A forward pass whose patched calls hand their inputs to ``current``."""
+        self.current = current
         try:
             self._call(batch)
-        except _Stop:
-            pass
         finally:
             self.current = None
-
-    def sequential_passes(
-        self, layers: list[NormLayer], first: Callable[[], Any]
-    ) -> list[list[NormLayer]]:
-        """One layer per pass, in the order a forward pass on the first batch reaches them."""
-        order: list[str] = []
-
-        def record(name: str, x: np.ndarray) -> None:
-            order.append(name)
-
-        self._run(first(), layers, record, stop_early=False)
-        by_name = {x.name: x for x in layers}
-        rest = [x.name for x in layers if x.name not in order]
-        return [[by_name[n]] for n in order + rest]
 
     def remote(self) -> Callable[[], _KerasAdapter]:
         raise InputError("Keras models are recalibrated locally; client= is not supported")
@@ -418,7 +346,7 @@ def recalibrate(
     forward_fn: Callable[[Any, Any], Any] | None = None,
     input_key: str | None = None,
     progress: bool = True,
-) -> CalibrationReport:
+) -> core.CalibrationReport:
     """Re-estimate every BatchNormalization layer's ``moving_mean`` / ``moving_variance``.
 
     Parameters
@@ -473,14 +401,10 @@ def recalibrate(
     m = check_fraction(
         "momentum (Keras' convention: the old state's weight)", momentum, closed="left"
     )
-    settings = Settings.checked(StatsSpec.checked(estimator, 1.0 - m), mode, progress)
+    settings = core.Settings.checked(core.StatsSpec.checked(estimator, 1.0 - m), mode, progress)
     check_callable("forward_fn", forward_fn)
-    stream = Stream.of(data, batch_size, num_samples, input_key)
-    if settings.mode == "sequential" and not stream.arraylike and iter(stream.data) is stream.data:
-        raise InputTypeError(
-            "mode='sequential' passes over the data once per BatchNormalization layer; pass a "
-            "re-iterable (a list, an array), not a one-shot iterator or generator"
-        )
+    stream = core.Stream.of(data, batch_size, num_samples, input_key)
+    stream.check_passes(settings.mode, "BatchNormalization")
     one_pass = settings.mode == "one-pass"
     adapter = _KerasAdapter(model, bns, axes, one_pass, forward_fn, input_key)
     snap = _Snapshot(bns)
@@ -491,10 +415,7 @@ def recalibrate(
                 if not layer.trainable:
                     layer.trainable = True
         with _patched(list(bns.items()), adapter.make_call):
-            return calibrate(adapter, stream, settings, undo=snap.restore_values)
-    except BaseException:
-        snap.restore_values()
-        raise
+            return core.calibrate(adapter, stream, settings, undo=snap.restore_values)
     finally:
         snap.restore_modes()
 
@@ -526,7 +447,7 @@ def recalibrate_file(
     data: Any,
     out_path: str | os.PathLike[str],
     **options: Any,
-) -> CalibrationReport:
+) -> core.CalibrationReport:
     """Write a copy of a ``.keras`` model whose BatchNormalization statistics are recalibrated.
 
     Parameters

@@ -10,27 +10,11 @@ loads Lightning and a missing extra reports itself clearly.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
-from .._extras import require
+from .._extras import lazy_names, require
 
 require("lightning")
 require("torch", "lightning")
 
-_NAMES = {"RecalibrateBN": "._callback"}
+__all__ = ["RecalibrateBN"]
 
-__all__ = sorted(_NAMES)
-
-
-def __getattr__(name: str) -> Any:
-    module = _NAMES.get(name)
-    if module is None:
-        raise AttributeError(f"module 'streamnorm.lightning' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __package__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_NAMES))
+__getattr__, __dir__ = lazy_names(__name__, {"._callback": __all__})

@@ -19,8 +19,18 @@ from .._errors import InputError, InputTypeError
 from .._extras import require
 from .._moments import Moments
 from .._validate import check_bool, check_callable, check_optional_positive_int
-from ..calibrate import CalibrationReport, LayerReport, Stats, input_of, layer_report
-from ..torch import all_reduce_moments, bn_axes, bn_layers
+from ..calibrate import (
+    CalibrationReport,
+    LayerReport,
+    LayerResult,
+    LayerStats,
+    StatsSpec,
+    input_of,
+    layer_report,
+)
+from ..estimators import Population
+from ..torch import all_reduce_moments, bn_layers
+from ..torch._calibrate import Forward, Snapshot, TorchAdapter, configure, norm_list
 
 torch = require("torch", "lightning")
 pl = require("lightning.pytorch", "lightning")
@@ -31,6 +41,9 @@ __all__ = ["RecalibrateBN"]
 
 #: the prefix of the metrics logged per layer (``<prefix>/<layer>/mean_shift`` and ``std_shift``)
 METRIC_PREFIX = "recalibrate_bn"
+
+#: every layer's statistics: the exact population, written unbiased
+_POPULATION = StatsSpec("population")
 
 
 def _averaging_callbacks() -> tuple[type, ...]:
@@ -49,41 +62,27 @@ def _is_sharded(loader: Any) -> bool:
     return isinstance(sampler, dist_sampler) or isinstance(inner, dist_sampler)
 
 
+def _call_module(model: Any, x: Any) -> None:
+    """The default forward: the module on the batch's (converted) input."""
+    model(x)
+
+
+def _all_reduce(st: LayerStats) -> LayerStats:
+    """The statistics of all ranks together (the same on every rank); ``batches`` is 0 when no
+    rank saw the layer."""
+    est = st.estimator
+    local = est.moments if isinstance(est, Population) and st.batches else Moments()
+    merged = all_reduce_moments(local)
+    if merged.shape is None:
+        return LayerStats(st.name, Population())
+    return LayerStats(st.name, Population().update(merged), batches=1)
+
+
 def _batch_len(x: Any) -> int:
     shape = getattr(x, "shape", None)
     if shape is not None and len(shape) > 0:
         return int(shape[0])
     return 1
-
-
-class _Frozen:
-    """A model in calibration mode: everything in eval, the BatchNorm layers in training mode with
-    momentum 0 (batch statistics normalize, buffers stay); :meth:`restore` puts back the modes,
-    momenta and buffers exactly."""
-
-    def __init__(self, model: Any, bns: list[tuple[str, Any]]) -> None:
-        self.flags = [(m, m.training) for m in model.modules()]
-        self.momenta = [(m, m.momentum) for _, m in bns]
-        self.buffers = [
-            (m, {k: b.detach().clone() for k, b in m.named_buffers(recurse=False)}) for _, m in bns
-        ]
-        model.eval()
-        for _, m in bns:
-            m.train()
-            m.momentum = 0.0
-
-    def restore_modes(self) -> None:
-        for m, flag in self.flags:
-            m.training = flag
-        for m, p in self.momenta:
-            m.momentum = p
-
-    def restore_buffers(self) -> None:
-        with torch.no_grad():
-            for m, saved in self.buffers:
-                for k, b in m.named_buffers(recurse=False):
-                    if k in saved:
-                        b.copy_(saved[k])
 
 
 class RecalibrateBN(Callback):
@@ -208,12 +207,9 @@ class RecalibrateBN(Callback):
         CalibrationReport or None
             ``None`` when the module has no BatchNorm layer with running statistics.
         """
-        bns = [
-            (n, m)
-            for n, m in bn_layers(pl_module)
-            if m.track_running_stats and m.running_mean is not None
-        ]
-        if not bns:
+        bns = {name for name, _ in bn_layers(pl_module)}
+        found = [layer for layer in norm_list(pl_module) if layer[0] in bns]
+        if not found:
             return None
         loader = self.dataloader if self.dataloader is not None else trainer.train_dataloader
         if loader is None:
@@ -226,72 +222,65 @@ class RecalibrateBN(Callback):
                 f"{type(loader).__name__} (several train dataloaders?): pass dataloader="
             )
         world = max(1, int(trainer.world_size))
-        frozen = _Frozen(pl_module, bns)
+        snap = Snapshot(pl_module, found)
         try:
-            acc, samples, batches = self._collect(trainer, pl_module, bns, loader, world)
-            report = self._write(trainer, pl_module, bns, acc, (samples, batches), frozen)
+            configure(pl_module, found, one_pass=True)
+            call = self.forward_fn if self.forward_fn is not None else _call_module
+            adapter = TorchAdapter(pl_module, found, Forward(forward_fn=call), snap.base)
+            stats, samples, batches = self._collect(trainer, adapter, loader, world)
+            report = self._write(trainer, adapter, stats, (samples, batches), snap)
         except BaseException:
-            frozen.restore_buffers()
+            snap.restore_buffers()
             raise
         finally:
-            frozen.restore_modes()
+            snap.restore_modes()
         self.reports.append(report)
         self._log(trainer, report)
         return report
 
     def _collect(
-        self, trainer: Any, pl_module: Any, bns: list[tuple[str, Any]], loader: Any, world: int
-    ) -> tuple[dict[str, Moments], int, int]:
-        """This rank's moments of every layer's input, and its samples and batches."""
-        acc = {name: Moments() for name, _ in bns}
+        self, trainer: Any, adapter: TorchAdapter, loader: Any, world: int
+    ) -> tuple[dict[str, LayerStats], int, int]:
+        """This rank's statistics of every layer's input, and its samples and batches."""
+        layers = adapter.layers()
+        stats = {x.name: LayerStats.new(x, _POPULATION) for x in layers}
+        axis = {x.name: x.channel_axis for x in layers}
 
-        def make_hook(name: str) -> Callable[..., None]:
-            def hook(module: Any, args: tuple[Any, ...]) -> None:
-                x = args[0].detach()
-                if x.dtype in (torch.float16, torch.bfloat16):
-                    x = x.float()
-                acc[name].update(x.cpu().numpy(), axis=bn_axes(x.ndim))
-
-            return hook
+        def emit(name: str, x: np.ndarray) -> None:
+            stats[name].add(x, axis[name])
 
         rank = int(trainer.global_rank)
         stride = 1 if world == 1 or self.dataloader is None or _is_sharded(loader) else world
         budget = None if self.num_samples is None else math.ceil(self.num_samples / world)
         precision = trainer.precision_plugin
         samples = batches = 0
-        handles = [m.register_forward_pre_hook(make_hook(name)) for name, m in bns]
-        try:
-            with torch.no_grad(), precision.forward_context():
-                for i, batch in enumerate(loader):
-                    if i % stride != rank % stride:
-                        continue
-                    batch = trainer.strategy.batch_to_device(batch)
-                    if self.forward_fn is not None:
-                        n = _batch_len(input_of(batch, self.input_key))
-                        self.forward_fn(pl_module, batch)
-                    else:
-                        x = input_of(batch, self.input_key)
-                        if budget is not None:
-                            x = x[: budget - samples]
-                        n = _batch_len(x)
-                        pl_module(precision.convert_input(x))
-                    samples += n
-                    batches += 1
-                    if budget is not None and samples >= budget:
-                        break
-        finally:
-            for h in handles:
-                h.remove()
-        return acc, samples, batches
+        with torch.no_grad(), precision.forward_context():
+            for i, batch in enumerate(loader):
+                if i % stride != rank % stride:
+                    continue
+                batch = trainer.strategy.batch_to_device(batch)
+                if self.forward_fn is not None:
+                    n = _batch_len(input_of(batch, self.input_key))
+                else:
+                    x = input_of(batch, self.input_key)
+                    if budget is not None:
+                        x = x[: budget - samples]
+                    n = _batch_len(x)
+                    batch = precision.convert_input(x)
+                adapter.run(batch, layers, emit)
+                samples += n
+                batches += 1
+                if budget is not None and samples >= budget:
+                    break
+        return stats, samples, batches
 
     def _write(
         self,
         trainer: Any,
-        pl_module: Any,
-        bns: list[tuple[str, Any]],
-        acc: dict[str, Moments],
+        adapter: TorchAdapter,
+        stats: dict[str, LayerStats],
         seen: tuple[int, int],
-        frozen: _Frozen,
+        snap: Snapshot,
     ) -> CalibrationReport:
         """Merge across ranks, check every layer, then write all of them."""
         distributed = (
@@ -300,8 +289,8 @@ class RecalibrateBN(Callback):
             and torch.distributed.is_initialized()
         )
         if distributed:
-            acc = {name: all_reduce_moments(acc[name]) for name, _ in bns}
-            counts = torch.tensor(seen, dtype=torch.float64, device=pl_module.device)
+            stats = {name: _all_reduce(st) for name, st in stats.items()}
+            counts = torch.tensor(seen, dtype=torch.float64, device=adapter.model.device)
             counts = trainer.strategy.reduce(counts, reduce_op="sum")
             samples, batches = (int(round(float(c))) for c in counts.cpu())
         else:
@@ -309,44 +298,16 @@ class RecalibrateBN(Callback):
         if samples == 0:
             raise InputError("RecalibrateBN got no data: the dataloader yielded no batch")
         staged = []
-        for name, m in bns:
-            mom = acc[name]
-            if mom.shape is None:
-                raise InputError(f"no batch reached BatchNorm layer {name!r} during calibration")
-            n = float(np.min(np.asarray(mom.count)))
-            if n < 2:
-                raise InputError(
-                    f"layer {name!r} saw {n:g} value(s) per channel; an unbiased variance needs "
-                    "at least 2: give more samples"
-                )
-            mean = np.array(mom.mean, dtype=np.float64).reshape(-1)  # writable copies
-            var = np.array(mom.var(ddof=1), dtype=np.float64).reshape(-1)
-            if mean.shape != tuple(m.running_mean.shape):
-                raise InputError(
-                    f"the input of layer {name!r} has {mean.size} channels, the layer "
-                    f"{m.running_mean.numel()}"
-                )
-            if not (np.isfinite(mean).all() and np.isfinite(var).all()):
-                raise InputError(
-                    f"the input of layer {name!r} has non-finite values (NaN/Inf); the "
-                    "statistics were not changed"
-                )
-            staged.append((name, m, mean, var))
+        for x in adapter.layers():
+            if not stats[x.name].batches:
+                raise InputError(f"no batch reached BatchNorm layer {x.name!r} during calibration")
+            staged.append((x, stats[x.name].result(x)))
         reports: list[LayerReport] = []
-        with torch.no_grad():
-            for name, m, mean, var in staged:
-                old = Stats(
-                    m.running_mean.detach().double().cpu().numpy(),
-                    m.running_var.detach().double().cpu().numpy(),
-                )
-                m.running_mean.copy_(torch.from_numpy(mean))
-                m.running_var.copy_(torch.from_numpy(var))
-                if m.num_batches_tracked is not None:
-                    m.num_batches_tracked.fill_(batches)
-                reports.append(
-                    layer_report(name, samples, batches, old, Stats(mean, var), float(m.eps))
-                )
-        return CalibrationReport(reports, "population", "one-pass", samples, frozen.restore_buffers)
+        for x, new in staged:
+            old = adapter.read(x)
+            adapter.write(x, LayerResult(new.mean, new.var, samples, batches, continued=False))
+            reports.append(layer_report(x.name, samples, batches, old, new, x.eps))
+        return CalibrationReport(reports, "population", "one-pass", samples, snap.restore_buffers)
 
     def _log(self, trainer: Any, report: CalibrationReport) -> None:
         metrics: dict[str, float] = {}

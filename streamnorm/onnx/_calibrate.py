@@ -12,10 +12,11 @@ the model (see :mod:`streamnorm.onnx._metadata`). The input file is never modifi
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -213,36 +214,24 @@ class _OnnxAdapter:
         ]
 
     def remote(self) -> Callable[[], _OnnxAdapter]:
-        return _Remote(
-            self.model_bytes,
-            self.plan,
-            dict(self.feeds),
-            dict(self.assumed),
-            self.source,
-            self.providers,
-        )
+        """A picklable factory of a new adapter (its own runner, built where it is called) with
+        the statistics written so far."""
+        return functools.partial(_rebuild, _init_args(self))
 
 
-@dataclass(frozen=True)
-class _Remote:
-    """Rebuilds the adapter, with the statistics written so far, on a Dask worker."""
+def _init_args(adapter: _OnnxAdapter) -> dict[str, Any]:
+    """The constructor arguments of ``adapter``, its dicts (statistics) copied."""
+    return _copies({f.name: getattr(adapter, f.name) for f in fields(adapter) if f.init})
 
-    model_bytes: bytes
-    plan: _Plan
-    feeds: dict[str, np.ndarray]
-    assumed: dict[str, core.Stats]
-    source: ModelInput
-    providers: list[str] | None
 
-    def __call__(self) -> _OnnxAdapter:
-        return _OnnxAdapter(
-            self.model_bytes,
-            self.plan,
-            dict(self.feeds),
-            dict(self.assumed),
-            self.source,
-            self.providers,
-        )
+def _copies(args: dict[str, Any]) -> dict[str, Any]:
+    """``args`` with every dict value copied, so that adapters built from it share none."""
+    return {k: dict(v) if isinstance(v, dict) else v for k, v in args.items()}
+
+
+def _rebuild(args: dict[str, Any]) -> _OnnxAdapter:
+    """A new adapter from :func:`_init_args` (runs on a Dask worker)."""
+    return _OnnxAdapter(**_copies(args))
 
 
 # --------------------------------------------------------------------------------------------

@@ -95,7 +95,7 @@ def _errors(model: Any, x: Any, y: Any) -> int:
 
 
 def _adapt_groups(model: Any, name: str, groups: int) -> Any:
-    return require("streamnorm.torch._adapt", "torch").adapt_groups(model, name, groups)
+    return require("streamnorm.torch", "torch").adapt_groups(model, name, groups)
 
 
 def _stream_errors(model: Any, name: str, xs: Any, y: Any, bs: int, cfg: ShiftConfig) -> list[Any]:

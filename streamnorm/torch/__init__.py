@@ -6,37 +6,17 @@ streamnorm.torch`` stays cheap and a missing piece reports itself clearly.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
-from .._extras import require
+from .._extras import lazy_names, require
 
 require("torch")
 
-_NAMES = {
-    "adapt": "._adapt",
-    "track": "._hooks",
-    "load_estimates": "._hooks",
-    "bn_layers": "._hooks",
-    "bn_axes": "._hooks",
-    "register_norm": "._hooks",
-    "recalibrate": "._calibrate",
-    "CalibrationReport": "._calibrate",
-    "LayerReport": "._calibrate",
-    "all_reduce_moments": "._distributed",
+_MODULES = {
+    "._adapt": ("adapt", "adapt_groups"),
+    "._calibrate": ("CalibrationReport", "LayerReport", "recalibrate"),
+    "._distributed": ("all_reduce_moments",),
+    "._hooks": ("bn_axes", "bn_layers", "load_estimates", "register_norm", "track"),
 }
 
-__all__ = sorted(_NAMES)
+__all__ = sorted(name for names in _MODULES.values() for name in names)
 
-
-def __getattr__(name: str) -> Any:
-    module = _NAMES.get(name)
-    if module is None:
-        raise AttributeError(f"module 'streamnorm.torch' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __package__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_NAMES))
+__getattr__, __dir__ = lazy_names(__name__, _MODULES)

@@ -1,6 +1,6 @@
 """Recalibrate the BatchNorm statistics of a PyTorch model from data (PreciseBN, AdaBN).
 
-The PyTorch side of :mod:`streamnorm.calibrate`: :class:`_TorchAdapter` finds the registered
+The PyTorch side of :mod:`streamnorm.calibrate`: :class:`TorchAdapter` finds the registered
 norm layers (:func:`~streamnorm.torch.register_norm`: every ``_BatchNorm``, torchvision's
 ``FrozenBatchNorm2d``, anything registered), runs forward passes with pre-hooks that hand each
 layer's input to the core, and reads and writes their statistics buffers; :func:`recalibrate`
@@ -11,7 +11,7 @@ happens.
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +22,7 @@ from .._extras import require
 from .._validate import check_callable
 from ..calibrate import (
     CalibrationReport,
-    Emit,
+    ForwardPass,
     LayerReport,
     LayerResult,
     NormLayer,
@@ -30,6 +30,7 @@ from ..calibrate import (
     Stats,
     StatsSpec,
     Stream,
+    WatchedAdapter,
     calibrate,
     check_budget,
     input_of,
@@ -41,18 +42,14 @@ torch = require("torch")
 __all__ = ["CalibrationReport", "LayerReport", "recalibrate"]
 
 
-class _Stop(Exception):
-    """Raised by a hook once the layers of interest have their input (the rest is not needed)."""
-
-
 # --------------------------------------------------------------------------------------------
 # model state
 
 
-_Layers = list[tuple[str, Any, NormSpec]]
+Layers = list[tuple[str, Any, NormSpec]]
 
 
-def _norm_list(model: Any) -> _Layers:
+def norm_list(model: Any) -> Layers:
     """The registered norm layers with statistics (a ``_BatchNorm`` must track them)."""
     return [
         (n, m, spec) for n, m, spec in norm_layers(model) if getattr(m, "track_running_stats", True)
@@ -64,7 +61,7 @@ def _collecting(m: Any, spec: NormSpec) -> bool:
     return spec.batch_stats and hasattr(m, "momentum")
 
 
-def _configure(model: Any, layers: _Layers, one_pass: bool) -> None:
+def configure(model: Any, layers: Layers, one_pass: bool) -> None:
     """Everything in eval mode; for ``one_pass``, the layers that normalize with batch
     statistics in training mode with momentum 0 (their buffers stay as they are)."""
     model.eval()
@@ -79,10 +76,10 @@ def _numpy(t: Any) -> np.ndarray:
     return np.asarray(t.detach().double().cpu().numpy())
 
 
-class _Snapshot:
+class Snapshot:
     """Training flags, momenta and BN buffers of a model, to put back exactly."""
 
-    def __init__(self, model: Any, layers: _Layers) -> None:
+    def __init__(self, model: Any, layers: Layers) -> None:
         self.flags = [(m, m.training) for m in model.modules()]
         self.momenta = [(m, m.momentum) for _, m, spec in layers if _collecting(m, spec)]
         self.buffers = {
@@ -145,7 +142,7 @@ def _tensor_converter(model: Any) -> Callable[[Any], Any]:
 
 
 @dataclass(frozen=True)
-class _Forward:
+class Forward:
     """How batches reach the model: converted (array data) or not, through ``forward_fn``; in
     ``one_pass`` mode or not (sequential passes stop a forward once its layer had its input)."""
 
@@ -155,17 +152,22 @@ class _Forward:
     one_pass: bool = True
 
 
-class _TorchAdapter:
-    """:class:`streamnorm.calibrate.Adapter` for a ``torch.nn.Module`` (already configured)."""
+class TorchAdapter(WatchedAdapter):
+    """:class:`streamnorm.calibrate.Adapter` for a ``torch.nn.Module`` (already configured).
 
-    def __init__(self, model: Any, forward: _Forward, base: Callable[[str], int | None]) -> None:
+    ``found`` are the layers it calibrates: :func:`norm_list` of the model, or some of them.
+    """
+
+    def __init__(
+        self, model: Any, found: Layers, forward: Forward, base: Callable[[str], int | None]
+    ) -> None:
         self.model = model
         self.forward = forward
         self.base = base
-        found = _norm_list(model)
         self.modules = {name: m for name, m, _ in found}
         self.specs = {name: spec for name, _, spec in found}
         self.convert = _tensor_converter(model) if forward.convert else None
+        self.one_pass = forward.one_pass
 
     def layers(self) -> list[NormLayer]:
         out = []
@@ -208,54 +210,30 @@ class _TorchAdapter:
         else:
             self.model(input_of(batch, self.forward.input_key))
 
-    def run(self, batch: Any, targets: Sequence[NormLayer], emit: Emit) -> None:
-        self._run(batch, targets, emit, stop_early=not self.forward.one_pass)
-
-    def _run(
-        self, batch: Any, targets: Sequence[NormLayer], emit: Emit, *, stop_early: bool
-    ) -> None:
-        pending: set[str] = {x.name for x in targets}
+    def call_model(self, batch: Any, current: ForwardPass) -> None:
+        """A forward pass with a pre-hook on each pending layer (removed afterwards)."""
 
         def make_hook(name: str) -> Callable[..., None]:
             def hook(module: Any, args: tuple[Any, ...]) -> None:
                 x = args[0].detach()
                 if x.dtype in (torch.float16, torch.bfloat16):
                     x = x.float()
-                emit(name, x.cpu().numpy())
-                pending.discard(name)
-                if stop_early and not pending:
-                    raise _Stop
+                current.hand(name, x.cpu().numpy())
 
             return hook
 
         handles = [
-            self.modules[x.name].register_forward_pre_hook(make_hook(x.name)) for x in targets
+            self.modules[name].register_forward_pre_hook(make_hook(name))
+            for name in current.pending
         ]
         try:
             with torch.no_grad():
                 self._call(batch)
-        except _Stop:
-            pass
         finally:
             for h in handles:
                 h.remove()
 
-    def sequential_passes(
-        self, layers: list[NormLayer], first: Callable[[], Any]
-    ) -> list[list[NormLayer]]:
-        """One layer per pass, in the order a forward pass on the first batch reaches them."""
-        order: list[str] = []
-
-        def record(name: str, x: np.ndarray) -> None:
-            if name not in order:
-                order.append(name)
-
-        self._run(first(), layers, record, stop_early=False)
-        by_name = {x.name: x for x in layers}
-        rest = [x.name for x in layers if x.name not in order]
-        return [[by_name[n]] for n in order + rest]
-
-    def remote(self) -> Callable[[], _TorchAdapter]:
+    def remote(self) -> Callable[[], TorchAdapter]:
         buf = io.BytesIO()
         torch.save(self.model, buf)
         return _Remote(buf.getvalue(), self.forward)
@@ -266,12 +244,13 @@ class _Remote:
     """Rebuilds the adapter from a pickled model on a Dask worker."""
 
     model_bytes: bytes
-    forward: _Forward
+    forward: Forward
 
-    def __call__(self) -> _TorchAdapter:
+    def __call__(self) -> TorchAdapter:
         model = torch.load(io.BytesIO(self.model_bytes), weights_only=False)
-        _configure(model, _norm_list(model), self.forward.one_pass)
-        return _TorchAdapter(model, self.forward, lambda name: None)
+        layers = norm_list(model)
+        configure(model, layers, self.forward.one_pass)
+        return TorchAdapter(model, layers, self.forward, lambda name: None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -408,23 +387,16 @@ def recalibrate(
     settings = Settings.checked(StatsSpec.checked(estimator, momentum), mode, progress, client, tol)
     check_callable("forward_fn", forward_fn)
     stream = Stream.of(data, batch_size, budget, input_key)
-    if settings.mode == "sequential" and not stream.arraylike and iter(stream.data) is stream.data:
-        raise InputTypeError(
-            "mode='sequential' passes over the data once per BatchNorm layer; pass a "
-            "re-iterable (a list, an array, a DataLoader), not a one-shot iterator or generator"
-        )
-    layers = _norm_list(model)
+    stream.check_passes(settings.mode, "BatchNorm", "a list, an array, a DataLoader")
+    layers = norm_list(model)
     if not layers:
         raise InputError(_no_layers_message(model))
     one_pass = settings.mode == "one-pass"
-    snap = _Snapshot(model, layers)
-    forward = _Forward(input_key, forward_fn, stream.arraylike, one_pass)
+    snap = Snapshot(model, layers)
+    forward = Forward(input_key, forward_fn, stream.arraylike, one_pass)
     try:
-        _configure(model, layers, one_pass)
-        adapter = _TorchAdapter(model, forward, snap.base)
+        configure(model, layers, one_pass)
+        adapter = TorchAdapter(model, layers, forward, snap.base)
         return calibrate(adapter, stream, settings, undo=snap.restore_buffers)
-    except BaseException:
-        snap.restore_buffers()
-        raise
     finally:
         snap.restore_modes()

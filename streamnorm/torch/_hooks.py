@@ -21,7 +21,8 @@ import numpy as np
 
 from .._errors import InputError, InputTypeError
 from .._extras import require
-from .._validate import check_int, check_var_convention
+from .._validate import check_int, check_tracker, check_var_convention
+from ..calibrate import select_layers
 
 torch = require("torch")
 
@@ -257,26 +258,6 @@ def bn_axes(ndim: int) -> tuple[int, ...]:
     return (0, *range(2, ndim))
 
 
-def _select(model: Any, layers: Iterable[str] | None) -> list[tuple[str, Any]]:
-    found = bn_layers(model)
-    if layers is None:
-        return found
-    if isinstance(layers, str):
-        raise InputTypeError(
-            f"layers must be an iterable of layer names, got the string {layers!r}"
-        )
-    by_name = dict(found)
-    chosen = []
-    for name in layers:
-        if name not in by_name:
-            raise InputError(
-                f"layer {name!r} is not a BatchNorm layer of the model; "
-                f"its BatchNorm layers are {sorted(by_name)}"
-            )
-        chosen.append((name, by_name[name]))
-    return chosen
-
-
 def _make_hook(tracker: Any, name: str) -> Any:
     def hook(module: Any, args: tuple[Any, ...]) -> None:
         if not module.training or not args:
@@ -307,8 +288,8 @@ def track(model: Any, tracker: Any, *, layers: Iterable[str] | None = None) -> I
 
     Yields
     ------
-    tracker
-        The same ``tracker``.
+    tracker : streamnorm.Tracker
+        The ``tracker`` given, fed by the hooks until the block exits.
 
     Notes
     -----
@@ -328,12 +309,8 @@ def track(model: Any, tracker: Any, *, layers: Iterable[str] | None = None) -> I
     >>> with track(model, tracker):                                    # doctest: +SKIP
     ...     train(model, x, y, epochs=5, batch_size=32, on_epoch=lambda e: tracker.next_epoch())
     """
-    if not callable(getattr(tracker, "update", None)):
-        raise InputTypeError(
-            f"tracker must have an update(layer, x, axis=...) method (e.g. streamnorm.Tracker), "
-            f"got {type(tracker).__name__}"
-        )
-    chosen = _select(model, layers)
+    check_tracker(tracker)
+    chosen = select_layers(bn_layers(model), layers)
     handles = []
     try:
         for name, module in chosen:

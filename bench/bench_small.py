@@ -1,0 +1,93 @@
+"""Small batches: the cost of one ``Moments.update`` on a stream of (256, 512) float32 batches.
+
+Times, interleaved in one process and reported as the best block of ``--reps`` calls (the
+machine is shared; the minimum is what the code costs, the rest is other jobs):
+
+1. ``Moments.update`` on a long-lived state (the fast path: kernel and merge in one call);
+2. the same kernel pass alone, parallel (``rows_moments``) and serial (its twin);
+3. the kernel, then the merge as a second compiled call (what the fast path saves);
+4. ``streamnorm.moments`` (one batch, a new ``Moments``);
+5. the fixed cost of a parallel launch: an empty ``prange`` kernel with two iterations.
+
+Run: ``python bench/bench_small.py [--rows 256] [--dim 512] [--blocks 40] [--reps 100]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from numba import njit, prange
+
+import streamnorm
+from streamnorm import _kernels as K
+from streamnorm._config import SERIAL_BYTES
+from streamnorm._reduce import run_rows
+
+
+@njit(parallel=True, cache=False)
+def empty_launch(k: int) -> float:
+    s = np.zeros(k)
+    for i in prange(k):
+        s[i] = i
+    return float(s[0])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=256)
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--blocks", type=int, default=40)
+    ap.add_argument("--reps", type=int, default=100)
+    args = ap.parse_args()
+
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal((args.rows, args.dim), dtype=np.float32) for _ in range(8)]
+    R, D = xs[0].shape
+    # the blocking run_rows uses (BLOCK_BYTES rows a block, one block a chunk at this size)
+    br, cb = max(1, 256 * 1024 // (D * 4)), 1
+    m = streamnorm.Moments(xs[0])
+    acc = [np.zeros(D) for _ in range(4)]
+
+    def unfused(x: np.ndarray) -> None:
+        n, mu, q, lo = run_rows(x, None, False)
+        K.chan_merge_dd(acc[0], acc[1], acc[2], acc[3], n, mu, lo, q)
+
+    cases: dict[str, Callable[[np.ndarray], Any]] = {
+        "`Moments.update` (kernel + merge, one call)": m.update,
+        "kernel alone, parallel (`rows_moments`)": lambda x: K.rows_moments(x, br, cb),
+        "kernel alone, serial (`rows_moments_serial`)": lambda x: K.rows_moments_serial(x, br, cb),
+        "kernel, then merge as a second call": unfused,
+        "`streamnorm.moments(x, 0)` (new Moments)": lambda x: streamnorm.moments(x, 0),
+        "empty parallel launch (prange over 2)": lambda x: empty_launch(2),
+    }
+    for f in cases.values():
+        f(xs[0])
+    best = dict.fromkeys(cases, float("inf"))
+    for _ in range(args.blocks):
+        for name, f in cases.items():
+            t = time.perf_counter()
+            for i in range(args.reps):
+                f(xs[i & 7])
+            best[name] = min(best[name], (time.perf_counter() - t) / args.reps)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus")
+    nbytes = xs[0].nbytes
+    print(
+        f"({R}, {D}) float32 = {nbytes // 1024} KB a batch; the update path runs the "
+        f"{'parallel' if nbytes >= SERIAL_BYTES else 'serial'} kernel "
+        f"(SERIAL_BYTES = {SERIAL_BYTES // 1024} KB), "
+        f"NUMBA_NUM_THREADS={os.environ.get('NUMBA_NUM_THREADS', 'default')}"
+    )
+    print("| per batch (best block) | us |")
+    print("|---|---|")
+    for name, v in best.items():
+        print(f"| {name} | {v * 1e6:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
