@@ -9,9 +9,10 @@ and reading all the estimates, is paid inside the round). Per layer and step, in
 2. ``tracker.update(layer, x)`` on a copy of the same data: the same kernel pass plus feeding
    the five estimators.
 
-Both are timed by the wall clock and by this thread's CPU time (at this batch size the kernel
-runs serially in the calling thread; the estimators always do). Wall-clock ratios suffer from
-whatever else runs on the machine, CPU times much less, so the overhead is reported both ways.
+Both are timed by the wall clock and by this thread's CPU time (the calling thread runs one of
+the kernel's two chunks and waits for the other; the estimators always run in it). Wall-clock
+ratios suffer from whatever else runs on the machine, CPU times somewhat less, so the overhead
+is reported both ways.
 The one-off costs (a layer's first batch, which allocates its estimators) are reported
 separately.
 

@@ -280,6 +280,28 @@ def _rows_moments(x, block_rows, chunk_blocks):
 rows_moments, rows_moments_serial = twins(_rows_moments, STRICT_PARALLEL_JIT, STRICT_JIT)
 
 
+@njit(**STRICT_JIT)
+def rows_merge(x, block_rows, chunk_blocks, parallel, n, mean, lo, m2):
+    """The moments of ``x`` (rows kernel) merged into ``(n, mean, lo, m2)`` in place, one call.
+
+    ``parallel`` picks :func:`rows_moments` or its serial twin. Returns False, with the state
+    unchanged, when ``x`` is float64 and some dimension came out non-finite (the caller's
+    general path rescues overflow). Kept in this module so that Numba's on-disk cache, which
+    checks only the defining file, is invalidated together with the kernels it calls.
+    """
+    D = x.shape[1]
+    if parallel:
+        bn, bm, bq, blo = rows_moments(x, block_rows, chunk_blocks)
+    else:
+        bn, bm, bq, blo = rows_moments_serial(x, block_rows, chunk_blocks)
+    if x.itemsize == 8:
+        for d in range(D):
+            if not (np.isfinite(bm[d]) and np.isfinite(bq[d])):
+                return False
+    chan_merge_dd(n, mean, lo, m2, bn, bm, blo, bq)
+    return True
+
+
 @njit(**STRICT_PARALLEL_JIT)
 def rows_moments_general(x, ref, w, use_w, omit, block_rows, chunk_blocks):
     """Like :func:`rows_moments`, with optional per-row weights ``w`` and NaN/Inf omission.

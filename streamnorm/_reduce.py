@@ -10,7 +10,6 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
-from numba import njit
 
 from . import _kernels as K
 from ._config import (
@@ -22,14 +21,8 @@ from ._config import (
     NARROW_WIDTH,
     SEG_LEN,
     SERIAL_BYTES,
-    STRICT_JIT,
 )
 from ._layout import KERNEL_DTYPES, Plan, plan, row_weights
-
-#: The fused functions below call kernels of ``_kernels.py``. Numba's on-disk cache checks only
-#: the caller's own source file, so a cached caller would keep (and crash on) stale code of its
-#: callees after ``_kernels.py`` changes: they are compiled once per process instead.
-_FUSED_JIT: dict[str, Any] = {**STRICT_JIT, "cache": False}
 
 #: one batch from a kernel: flat float64 (n, mean, m2, lo), lo the rounding residual of mean
 Stats = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
@@ -98,31 +91,19 @@ def plain_rows(x: np.ndarray) -> bool:
     return R > 0 and NARROW_WIDTH // max(1, D) <= 1
 
 
-@njit(**_FUSED_JIT)
-def merge_rows(x, n, mean, lo, m2):
+def merge_rows(
+    x: np.ndarray, n: np.ndarray, mean: np.ndarray, lo: np.ndarray, m2: np.ndarray
+) -> bool:
     """Merge the moments of ``x`` (see :func:`plain_rows`) into a state's arrays in place.
 
-    Runs the kernel :func:`run_rows` would run, with the same blocking (computed here, as in
-    ``_rows_params``), then the Chan merge of ``_kernels.chan_merge_dd``. Returns False, with
+    Runs the kernel :func:`run_rows` would run, with the same blocking, and the Chan merge of
+    ``_kernels.chan_merge_dd`` in one compiled call (``_kernels.rows_merge``). Returns False, with
     the arrays unchanged, when ``x`` is float64 and some dimension came out non-finite: the
     caller then takes the general path, which rescues overflow.
     """
     R, D = x.shape
-    block_rows = max(1, BLOCK_BYTES // max(1, D * x.itemsize))
-    nblocks = (R + block_rows - 1) // block_rows
-    chunk_blocks = max(
-        max(1, (nblocks + MAX_CHUNKS - 1) // MAX_CHUNKS), CHUNK_ELEMS // max(1, block_rows * D)
-    )
-    if R * D * x.itemsize >= SERIAL_BYTES:
-        bn, bm, bq, blo = K.rows_moments(x, block_rows, chunk_blocks)
-    else:
-        bn, bm, bq, blo = K.rows_moments_serial(x, block_rows, chunk_blocks)
-    if x.itemsize == 8:
-        for d in range(D):
-            if not (np.isfinite(bm[d]) and np.isfinite(bq[d])):
-                return False
-    K.chan_merge_dd(n, mean, lo, m2, bn, bm, blo, bq)
-    return True
+    br, cb = _rows_params(D, x.itemsize, R)
+    return bool(K.rows_merge(x, br, cb, x.nbytes >= SERIAL_BYTES, n, mean, lo, m2))
 
 
 def _run_cf(x: np.ndarray) -> Stats:
