@@ -62,7 +62,7 @@ class _Layer(Owner):
         self.uniform = True
         self.weighted = False
         for e in self.fast:
-            e._owner = self
+            e.attach(self)
 
     def push(
         self, n: Any, mu: np.ndarray, m2: np.ndarray, epoch: int, weighted: bool, uniform: bool
@@ -97,7 +97,7 @@ class _Layer(Owner):
         weighted = self.weighted
         self.weighted = False
         for e in self.fast:
-            e._feed(self.shape, n, mu, m2, ep, weighted, self.uniform)
+            e.feed_batches(self.shape, n, mu, m2, ep, weighted, self.uniform)
 
 
 def _check_estimators(estimators: Any) -> dict[str, Any]:

@@ -221,6 +221,25 @@ def renamed_keyword(
     return old_value
 
 
+def renamed_attribute(owner: str, old: str, new: str) -> Any:
+    """A read-only property ``old`` that returns attribute ``new`` with a ``DeprecationWarning``.
+
+    For a renamed attribute kept under its old name for one release (the class ``owner``'s
+    ``old`` reads ``new``); the warning points at the code that reads it.
+    """
+
+    def read(self: Any) -> Any:
+        warnings.warn(
+            f"{owner}.{old} is deprecated and will be removed in the next release; "
+            f"use {owner}.{new}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(self, new)
+
+    return property(read, doc=f"Deprecated name of :attr:`{new}`.")
+
+
 # --------------------------------------------------------------------------------------------
 # arrays
 

@@ -330,12 +330,17 @@ def test_prototypes_are_copied():
 
 def test_pending_group_size_is_bounded():
     tr = Tracker({"pop": Population()})
-    for _ in range(3):
-        tr.update("wide", np.ones((2, 100_000)))
-    lay = tr._layers["wide"]
+    lay = None
+    for i in range(3 * tracker_module.MAX_PENDING):
+        tr.update("wide", np.full((2, 100_000), float(i)))
+        lay = tr._layers["wide"]
+        assert 0 <= lay.k < lay.cap  # a full group is applied as soon as it fills
+    assert lay is not None
     assert 1 <= lay.cap <= tracker_module.MAX_PENDING
     assert lay.cap * 16 * 100_000 <= max(tracker_module.PENDING_BYTES, 16 * 100_000)
-    assert len(lay.epochs) <= lay.cap
+    # what was filed and what was applied add up to every batch
+    pop = tr.estimator("wide", "pop")
+    assert pop.batches == 3 * tracker_module.MAX_PENDING
 
 
 def test_returned_moments_can_be_changed_without_touching_the_estimators():

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from . import UsageError
+from ._args import keywords
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -19,59 +22,32 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(s.strip() for s in text.split(",") if s.strip())
 
 
+#: The flags that set a :class:`~streamnorm.shift.ShiftConfig` field of the same name
+#: (``--batch-sizes`` -> ``batch_sizes``), in ``--help`` order: ``(flag, argparse type, help)``.
+#: Their defaults are the config's.
+_CONFIG_FLAGS: tuple[tuple[str, Callable[[str], Any], str], ...] = (
+    ("--seed", int, "seed (default 0)"),
+    ("--epochs", int, "training epochs"),
+    ("--corruptions", _names, "comma-separated corruption names (default: all eight)"),
+    ("--severities", _ints, "comma-separated severities 1..5 (default: all)"),
+    ("--batch-sizes", _ints, "comma-separated test batch sizes (default 1,8,32,128)"),
+    ("--estimators", _names, "comma-separated adapt names (default: all five)"),
+    ("--online-samples", int, "stream length at batch size 1 per cell"),
+    ("--max-batches", int, "batches streamed per estimator and batch size > 1 (default 16)"),
+    ("--warmup", int, "samples streamed before the frozen batch-size-1 check"),
+    ("--threads", int, "PyTorch and Numba threads (default 1)"),
+)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``streamnorm shift``."""
     from ..shift import ShiftConfig
 
     d = ShiftConfig()
     parser.add_argument("--out", default="shift", help="output folder (default ./shift)")
-    parser.add_argument("--seed", type=int, default=d.seed, help="seed (default 0)")
-    parser.add_argument("--epochs", type=int, default=d.epochs, help="training epochs")
-    parser.add_argument(
-        "--corruptions",
-        type=_names,
-        default=d.corruptions,
-        help="comma-separated corruption names (default: all eight)",
-    )
-    parser.add_argument(
-        "--severities",
-        type=_ints,
-        default=d.severities,
-        help="comma-separated severities 1..5 (default: all)",
-    )
-    parser.add_argument(
-        "--batch-sizes",
-        type=_ints,
-        default=d.batch_sizes,
-        help="comma-separated test batch sizes (default 1,8,32,128)",
-    )
-    parser.add_argument(
-        "--estimators",
-        type=_names,
-        default=d.estimators,
-        help="comma-separated adapt names (default: all five)",
-    )
-    parser.add_argument(
-        "--online-samples",
-        type=int,
-        default=d.online_samples,
-        help="stream length at batch size 1 per cell",
-    )
-    parser.add_argument(
-        "--max-batches",
-        type=int,
-        default=d.max_batches,
-        help="batches streamed per estimator and batch size > 1 (default 16)",
-    )
-    parser.add_argument(
-        "--warmup",
-        type=int,
-        default=d.warmup,
-        help="samples streamed before the frozen batch-size-1 check",
-    )
-    parser.add_argument(
-        "--threads", type=int, default=d.threads, help="PyTorch and Numba threads (default 1)"
-    )
+    for flag, kind, text in _CONFIG_FLAGS:
+        default = getattr(d, flag[2:].replace("-", "_"))
+        parser.add_argument(flag, type=kind, default=default, help=text)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -83,19 +59,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         out = check_output_dir(args.out)
-        cfg = ShiftConfig(
-            seed=args.seed,
-            epochs=args.epochs,
-            corruptions=args.corruptions,
-            severities=args.severities,
-            batch_sizes=args.batch_sizes,
-            estimators=args.estimators,
-            online_samples=args.online_samples,
-            max_batches=args.max_batches,
-            warmup=args.warmup,
-            threads=args.threads,
-            progress=not args.no_progress,
-        ).checked()
+        flags = keywords(ShiftConfig, args, progress=not args.no_progress)
+        cfg = ShiftConfig(**flags).checked()
     except ValueError as e:
         raise UsageError(str(e)) from None
     result = run_shift(cfg)

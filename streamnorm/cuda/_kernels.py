@@ -109,6 +109,47 @@ def is_finite(v):
     return not (math.isinf(v) or math.isnan(v))
 
 
+@cuda.jit(device=True)
+def tile_push(k, m0, s1, s2, qs, base, s, q, inv):
+    """Add a full tile to a thread's run of ``k`` tiles; returns the run's new sums.
+
+    The tile's elements are ``x0 + v_i`` (``v_0 = 0``): ``base`` is ``x0`` less the reference,
+    ``s`` and ``q`` the sums of ``v_i`` and ``v_i^2``, ``inv`` one over its count. The run keeps
+    the first tile's mean ``m0``, the sums ``s1``, ``s2`` of the tiles' means less ``m0`` and of
+    their squares, and the sum ``qs`` of the tiles' M2 (no division until the run ends).
+    """
+    mt = base + s * inv
+    q -= s * (s * inv)
+    if q < 0.0:
+        q = 0.0
+    if k == 0:
+        m0 = mt
+    dm = mt - m0
+    return k + 1, m0, s1 + dm, s2 + dm * dm, qs + q
+
+
+@cuda.jit(device=True)
+def run_merge(na, ma, qa, k, m0, s1, s2, qs, size):
+    """Chan-merge a run of ``k > 0`` full tiles of ``size`` elements (:func:`tile_push`'s sums)
+    into ``(na, ma, qa)``; the tiles' scatter is added to their M2 exactly once."""
+    fk = float(k)
+    between = s2 - s1 * s1 / fk
+    if not between > 0.0:
+        between = between if between != between else 0.0  # keep NaN, clip -0
+    return chan(na, ma, qa, fk * size, m0 + s1 / fk, qs + size * between)
+
+
+@cuda.jit(device=True)
+def welford_add(cnt, mt, q, v, wt):
+    """Add the value ``v`` of weight ``wt`` (skipped unless ``> 0``) to ``(cnt, mt, q)``."""
+    if wt > 0.0:
+        cnt += wt
+        dv = v - mt
+        mt += dv * (wt / cnt)
+        q += wt * dv * (v - mt)
+    return cnt, mt, q
+
+
 # --------------------------------------------------------------------------------------------
 # 16-byte loads
 #
@@ -339,17 +380,7 @@ def rows_kernel(ng: int, ktab: bool, use_w: bool, omit: bool, bf16: bool) -> Any
                         v = dec(x[o]) - x0
                         s += v
                         q += v * v
-                    mt = (x0 - rv) + s * INV_KU
-                    q -= s * (s * INV_KU)
-                    if q < 0.0:
-                        q = 0.0
-                    if k == 0:
-                        m0 = mt
-                    dm = mt - m0
-                    s1 += dm
-                    s2 += dm * dm
-                    qs += q
-                    k += 1
+                    k, m0, s1, s2, qs = tile_push(k, m0, s1, s2, qs, x0 - rv, s, q, INV_KU)
                     r += KU * TY
                     continue
                 cnt = 0.0
@@ -365,20 +396,12 @@ def rows_kernel(ng: int, ktab: bool, use_w: bool, omit: bool, bf16: bool) -> Any
                         if omit:
                             if not is_finite(v):
                                 wt = 0.0
-                        if wt > 0.0:
-                            cnt += wt
-                            dv = v - mt
-                            mt += dv * (wt / cnt)
-                            q += wt * dv * (v - mt)
+                        cnt, mt, q = welford_add(cnt, mt, q, v, wt)
                 if cnt > 0.0:
                     na, ma, qa = chan(na, ma, qa, cnt, mt, q)
                 r += KU * TY
             if k > 0:
-                fk = float(k)
-                between = s2 - s1 * s1 / fk
-                if not between > 0.0:
-                    between = between if between != between else 0.0  # keep NaN, clip -0
-                na, ma, qa = chan(na, ma, qa, fk * FKU, m0 + s1 / fk, qs + FKU * between)
+                na, ma, qa = run_merge(na, ma, qa, k, m0, s1, s2, qs, FKU)
         t = ty * TX + tx
         sh_n[t] = na
         sh_m[t] = ma
@@ -498,17 +521,7 @@ def cf_kernel(ng: int, ktab: bool, use_w: bool, omit: bool, bf16: bool) -> Any:
                             v3 = dec(e3) - x0
                             s += (v0 + v1) + (v2 + v3)
                             q += (v0 * v0 + v1 * v1) + (v2 * v2 + v3 * v3)
-                        mt = (x0 - rv) + s * INV_KV
-                        q -= s * (s * INV_KV)
-                        if q < 0.0:
-                            q = 0.0
-                        if k == 0:
-                            m0 = mt
-                        dm = mt - m0
-                        s1 += dm
-                        s2 += dm * dm
-                        qs += q
-                        k += 1
+                        k, m0, s1, s2, qs = tile_push(k, m0, s1, s2, qs, x0 - rv, s, q, INV_KV)
                     else:
                         # this lane's last, shorter tile: the same one-pass, its own count
                         x0 = dec(x[p])
@@ -542,17 +555,7 @@ def cf_kernel(ng: int, ktab: bool, use_w: bool, omit: bool, bf16: bool) -> Any:
                         v = dec(x[ao + li + i * rg]) - x0
                         s += v
                         q += v * v
-                    mt = (x0 - rv) + s * INV_KU
-                    q -= s * (s * INV_KU)
-                    if q < 0.0:
-                        q = 0.0
-                    if k == 0:
-                        m0 = mt
-                    dm = mt - m0
-                    s1 += dm
-                    s2 += dm * dm
-                    qs += q
-                    k += 1
+                    k, m0, s1, s2, qs = tile_push(k, m0, s1, s2, qs, x0 - rv, s, q, INV_KU)
                     li += step
                     continue
                 cnt = 0.0
@@ -568,21 +571,12 @@ def cf_kernel(ng: int, ktab: bool, use_w: bool, omit: bool, bf16: bool) -> Any:
                         if omit:
                             if not is_finite(v):
                                 wt = 0.0
-                        if wt > 0.0:
-                            cnt += wt
-                            dv = v - mt
-                            mt += dv * (wt / cnt)
-                            q += wt * dv * (v - mt)
+                        cnt, mt, q = welford_add(cnt, mt, q, v, wt)
                 if cnt > 0.0:
                     na, ma, qa = chan(na, ma, qa, cnt, mt, q)
                 li += step
         if k > 0:
-            fk = float(k)
-            between = s2 - s1 * s1 / fk
-            if not between > 0.0:
-                between = between if between != between else 0.0  # keep NaN, clip -0
-            fku = FKV if VEC else FKU
-            na, ma, qa = chan(na, ma, qa, fk * fku, m0 + s1 / fk, qs + fku * between)
+            na, ma, qa = run_merge(na, ma, qa, k, m0, s1, s2, qs, FKV if VEC else FKU)
         if VEC:
             na, ma, qa = chan(na, ma, qa, wc, wm, wq)
         sh_n[tid] = na

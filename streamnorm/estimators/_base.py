@@ -174,6 +174,10 @@ class Estimator(abc.ABC):
         self._uniform = True
         self._clear_state()
 
+    def attach(self, owner: Owner | None) -> None:
+        """Let ``owner`` hold batches not yet applied; it is flushed before any read or reset."""
+        self._owner = owner
+
     def _sync(self) -> None:
         if self._owner is not None:
             self._owner.flush()
@@ -209,7 +213,7 @@ class Estimator(abc.ABC):
         self.check_batch(shape, cmin)
         self._check_epoch_order(epoch)
         ep = np.array([epoch], dtype=np.int64)
-        self._feed(shape, n[None], mu[None], m2[None], ep, weighted, uniform)
+        self.feed_batches(shape, n[None], mu[None], m2[None], ep, weighted, uniform)
         return self
 
     def check_batch(self, shape: tuple[int, ...], min_count: float) -> None:
@@ -232,7 +236,7 @@ class Estimator(abc.ABC):
                 "a batch with an empty dimension (all values omitted as NaN?)"
             )
 
-    def _feed(
+    def feed_batches(
         self,
         shape: tuple[int, ...],
         n: np.ndarray,
@@ -243,6 +247,9 @@ class Estimator(abc.ABC):
         uniform: bool,
     ) -> None:
         """Apply ``k`` validated batches: ``(k, D)`` float64 arrays, C-contiguous.
+
+        The interface for a producer that has already validated and stacked the batches (the
+        :class:`~streamnorm.Tracker`); ordinary use goes through :meth:`update`.
 
         With ``uniform`` (every dimension of each batch has the same count) ``n`` may be
         ``(k, 1)``. Once a batch with per-dimension counts was fed, the state's counts may

@@ -6,12 +6,12 @@ from typing import Any
 
 import numpy as np
 
-from .._validate import check_fraction, check_var_convention
-from ._base import Estimator, state_array
-from .prior_mix import SourceStats, mix, need_source, prime, restore_source
+from .._validate import check_fraction
+from ._base import Estimator
+from ._source import SourcePooled, mix
 
 
-class AlphaMix(Estimator):
+class AlphaMix(SourcePooled, Estimator):
     """alpha-BN: ``alpha * batch + (1 - alpha) * source`` for the mean and the variance.
 
     Parameters
@@ -50,47 +50,19 @@ class AlphaMix(Estimator):
     ([1.0], [1.0])
     """
 
+    latest = True
+
     def __init__(
         self, source: Any = None, alpha: float = 0.1, source_var: str = "unbiased"
     ) -> None:
         self.alpha = check_fraction("alpha", alpha, low=0.0, high=1.0, closed="both")
-        self.source_var = check_var_convention(source_var, "source_var")
-        self.source = None if source is None else SourceStats(source, self.source_var)
-        super().__init__()
-
-    @property
-    def var_convention(self) -> str:
-        return "biased"
-
-    @property
-    def min_batch_count(self) -> int:
-        return 1
-
-    def check_batch(self, shape: tuple[int, ...], min_count: float) -> None:
-        need_source(self, self.source)
-        super().check_batch(shape, min_count)
+        super().__init__(source, source_var)
 
     def _params(self) -> dict[str, Any]:
         return {"alpha": self.alpha, "source_var": self.source_var}
 
-    def _clear_state(self) -> None:
-        self._init_state(0)
-        prime(self, getattr(self, "source", None))
-
-    def _init_state(self, D: int) -> None:
-        self._n = np.zeros(D)
-        self._mu = np.zeros(D)
-        self._m2 = np.zeros(D)
-
-    def _apply(
-        self, n: np.ndarray, mu: np.ndarray, m2: np.ndarray, epochs: np.ndarray, uniform: bool
-    ) -> None:
-        self._n = np.broadcast_to(n[-1], mu[-1].shape).astype(np.float64)
-        self._mu = mu[-1].astype(np.float64)
-        self._m2 = m2[-1].astype(np.float64)
-
     def _mix(self, convention: str) -> tuple[np.ndarray, np.ndarray]:
-        src = need_source(self, self.source)
+        src = self._need_source()
         c = self._n
         w = np.where(c > 0, 1.0 - self.alpha, 1.0)
         ddof = 1.0 if convention == "unbiased" else 0.0
@@ -104,15 +76,3 @@ class AlphaMix(Estimator):
 
     def _var_flat(self, convention: str) -> np.ndarray:
         return self._mix(convention)[1]
-
-    def _state(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"n": self._n, "mean": self._mu, "m2": self._m2}
-        if self.source is not None:
-            out.update(self.source.state())
-        return out
-
-    def _set_state(self, d: Any, D: int) -> None:
-        self.source = restore_source(d, D, self._shape, self.source_var)
-        self._n = state_array(d, "n", (D,))
-        self._mu = state_array(d, "mean", (D,))
-        self._m2 = state_array(d, "m2", (D,))

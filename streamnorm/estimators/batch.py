@@ -7,10 +7,11 @@ from typing import Any
 import numpy as np
 
 from .._errors import InputError
-from ._base import Estimator, state_array
+from ._base import Estimator
+from ._pooled import PooledState
 
 
-class BatchStats(Estimator):
+class BatchStats(PooledState, Estimator):
     """The statistics of the latest batch alone (prediction-time BN, Nado et al. 2020).
 
     With a model's BatchNorm layers this is what training mode normalizes with, at test time:
@@ -40,12 +41,7 @@ class BatchStats(Estimator):
     ([2.0], [1.0], [2.0])
     """
 
-    def __init__(self) -> None:
-        super().__init__()
-
-    @property
-    def var_convention(self) -> str:
-        return "biased"
+    latest = True
 
     def check_batch(self, shape: tuple[int, ...], min_count: float) -> None:
         if not min_count > 1:
@@ -60,34 +56,5 @@ class BatchStats(Estimator):
     def _params(self) -> dict[str, Any]:
         return {}
 
-    def _clear_state(self) -> None:
-        self._init_state(0)
-
-    def _init_state(self, D: int) -> None:
-        self._n = np.zeros(D)
-        self._mu = np.zeros(D)
-        self._m2 = np.zeros(D)
-
-    def _apply(
-        self, n: np.ndarray, mu: np.ndarray, m2: np.ndarray, epochs: np.ndarray, uniform: bool
-    ) -> None:
-        self._n = np.broadcast_to(n[-1], mu[-1].shape).astype(np.float64)
-        self._mu = mu[-1].astype(np.float64)
-        self._m2 = m2[-1].astype(np.float64)
-
     def _mean_flat(self) -> np.ndarray:
         return self._mu.copy()
-
-    def _var_flat(self, convention: str) -> np.ndarray:
-        den = self._n - (1.0 if convention == "unbiased" else 0.0)
-        out = np.full(self._n.shape, np.nan)
-        np.divide(self._m2, den, out=out, where=den > 0)
-        return out
-
-    def _state(self) -> dict[str, Any]:
-        return {"n": self._n, "mean": self._mu, "m2": self._m2}
-
-    def _set_state(self, d: Any, D: int) -> None:
-        self._n = state_array(d, "n", (D,))
-        self._mu = state_array(d, "mean", (D,))
-        self._m2 = state_array(d, "m2", (D,))

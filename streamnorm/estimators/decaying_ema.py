@@ -6,12 +6,12 @@ from typing import Any
 
 import numpy as np
 
-from .._validate import check_fraction, check_var_convention
+from .._validate import check_fraction
 from ._base import Estimator, state_array
-from .prior_mix import SourceStats, prime, restore_source
+from ._source import SourceMixin
 
 
-class DecayingEMA(Estimator):
+class DecayingEMA(SourceMixin, Estimator):
     """Exponential moving average with a decaying momentum ``m_t = max(m_min, m0 decay^t)``.
 
     The schedule of DUA (Mirza et al. 2022): early target batches move the estimate quickly,
@@ -60,6 +60,8 @@ class DecayingEMA(Estimator):
     [1.75]
     """
 
+    requires_source = False
+
     def __init__(
         self,
         source: Any = None,
@@ -71,17 +73,7 @@ class DecayingEMA(Estimator):
         self.m0 = check_fraction("m0", m0, low=0.0, high=1.0, closed="both")
         self.decay = check_fraction("decay", decay, low=0.0, high=1.0, closed="both")
         self.m_min = check_fraction("m_min", m_min, low=0.0, high=1.0, closed="both")
-        self.source_var = check_var_convention(source_var, "source_var")
-        self.source = None if source is None else SourceStats(source, self.source_var)
-        super().__init__()
-
-    @property
-    def var_convention(self) -> str:
-        return "biased"
-
-    @property
-    def min_batch_count(self) -> int:
-        return 1
+        super().__init__(source, source_var)
 
     def _params(self) -> dict[str, Any]:
         return {
@@ -91,13 +83,8 @@ class DecayingEMA(Estimator):
             "source_var": self.source_var,
         }
 
-    def _clear_state(self) -> None:
-        self._init_state(0)
-        self._t = 0
-        prime(self, getattr(self, "source", None))
-
     def _init_state(self, D: int) -> None:
-        src = getattr(self, "source", None)
+        src = self.source
         if src is not None and src.mean.size == D:
             self._mu = src.mean.copy()
             self._var_b = src.var.copy()
@@ -134,18 +121,17 @@ class DecayingEMA(Estimator):
         return (self._var_u if convention == "unbiased" else self._var_b).copy()
 
     def _state(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "mean": self._mu,
-            "var_biased": self._var_b,
-            "var_unbiased": self._var_u,
-            "t": np.float64(self._t),
-        }
-        if self.source is not None:
-            out.update(self.source.state())
-        return out
+        return self._with_source(
+            {
+                "mean": self._mu,
+                "var_biased": self._var_b,
+                "var_unbiased": self._var_u,
+                "t": np.float64(self._t),
+            }
+        )
 
     def _set_state(self, d: Any, D: int) -> None:
-        self.source = restore_source(d, D, self._shape, self.source_var)
+        self._restore_source(d, D)
         self._mu = state_array(d, "mean", (D,))
         self._var_b = state_array(d, "var_biased", (D,))
         self._var_u = state_array(d, "var_unbiased", (D,))

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, ClassVar
 
 import numpy as np
 
-from .._validate import check_bool, check_choice, check_fraction, check_momentum, renamed_keyword
+from .._validate import (
+    check_bool,
+    check_choice,
+    check_fraction,
+    check_momentum,
+    renamed_attribute,
+    renamed_keyword,
+)
 from . import _kernels as EK
 from ._base import Estimator, state_array
 
@@ -90,15 +96,8 @@ class EMA(Estimator):
         self.bias_correction = check_bool("bias_correction", bias_correction)
         super().__init__()
 
-    @property
-    def convention(self) -> str:
-        """Deprecated name of :attr:`style` (``"torch"`` or ``"keras"``)."""
-        warnings.warn(
-            "EMA.convention is deprecated and will be removed in the next release; use EMA.style",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return self.style
+    #: Deprecated name of :attr:`style` (``"torch"`` or ``"keras"``).
+    convention = renamed_attribute("EMA", "convention", "style")
 
     @property
     def var_convention(self) -> str:

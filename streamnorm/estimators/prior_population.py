@@ -6,22 +6,12 @@ from typing import Any, cast
 
 import numpy as np
 
-from .._kernels import chan_merge_into
-from .._validate import check_nonnegative, check_var_convention
-from . import _kernels as EK
-from ._base import Estimator, state_array
-from .prior_mix import (
-    SourceStats,
-    check_positions,
-    mix,
-    need_source,
-    prime,
-    restore_source,
-    share,
-)
+from .._validate import check_nonnegative
+from ._base import Estimator
+from ._source import SourcePooled, check_positions, mix, share
 
 
-class PriorPopulation(Estimator):
+class PriorPopulation(SourcePooled, Estimator):
     """Online prior-population: a source prior worth ``N`` samples plus every target sample.
 
     The exact mean and variance of the union of two sets: ``N`` samples drawn from the source
@@ -83,45 +73,29 @@ class PriorPopulation(Estimator):
     ) -> None:
         self.prior = check_nonnegative("prior", prior, allow_inf=True)
         self.positions = check_positions(positions)
-        self.source_var = check_var_convention(source_var, "source_var")
-        self.source = None if source is None else SourceStats(source, self.source_var)
-        super().__init__()
-
-    @property
-    def var_convention(self) -> str:
-        return "biased"
+        super().__init__(source, source_var)
 
     @property
     def min_batch_count(self) -> int:
         return 0
 
-    def check_batch(self, shape: tuple[int, ...], min_count: float) -> None:
-        need_source(self, self.source)
-        super().check_batch(shape, min_count)
-
     def _params(self) -> dict[str, Any]:
         return {"prior": self.prior, "positions": self.positions, "source_var": self.source_var}
 
-    def _clear_state(self) -> None:
-        self._init_state(0)
-        prime(self, getattr(self, "source", None))
-
     def _init_state(self, D: int) -> None:
         self._cache: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-        self._n = np.zeros(D)
-        self._mu = np.zeros(D)
-        self._m2 = np.zeros(D)
+        super()._init_state(D)
 
     def _apply(
         self, n: np.ndarray, mu: np.ndarray, m2: np.ndarray, epochs: np.ndarray, uniform: bool
     ) -> None:
-        EK.chan_rows(n, mu, m2, self._n, self._mu, self._m2, uniform)
+        super()._apply(n, mu, m2, epochs, uniform)
         self._cache = None
 
     def _pool(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if self._cache is not None:
             return self._cache
-        src = need_source(self, self.source)
+        src = self._need_source()
         c = self._n
         values = self.prior * self.positions
         w = share(self.prior, c / self.positions)
@@ -142,18 +116,9 @@ class PriorPopulation(Estimator):
         np.divide(var * total, total - 1.0, out=out, where=total > 1)
         return np.where(np.isinf(total), var, out)
 
-    def _state(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"n": self._n, "mean": self._mu, "m2": self._m2}
-        if self.source is not None:
-            out.update(self.source.state())
-        return out
-
     def _set_state(self, d: Any, D: int) -> None:
-        self.source = restore_source(d, D, self._shape, self.source_var)
+        super()._set_state(d, D)
         self._cache = None
-        self._n = state_array(d, "n", (D,))
-        self._mu = state_array(d, "mean", (D,))
-        self._m2 = state_array(d, "m2", (D,))
 
     def merge(self, other: Estimator) -> PriorPopulation:
         """A new estimator: the prior once, with both inputs' target samples (exact)."""
@@ -166,13 +131,6 @@ class PriorPopulation(Estimator):
                 "cannot merge PriorPopulation estimators with different source statistics; "
                 "the prior is shared, so both must be built from the same (mean, var)"
             )
-        self._sync()
-        other._sync()
-        out = cast(PriorPopulation, self._merge_base(other))
+        out = cast(PriorPopulation, self._merge_pooled(other))
         out.source = self.source
-        D = int(np.prod(out._shape, dtype=np.int64)) if out._shape is not None else 0
-        out._init_state(D)
-        for src in (self, other):
-            if src._shape is not None:
-                chan_merge_into(out._n, out._mu, out._m2, src._n, src._mu, src._m2)
         return out

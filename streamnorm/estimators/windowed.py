@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import warnings
 from fractions import Fraction
 from typing import Any, ClassVar, cast
 
 import numpy as np
 
 from .._kernels import chan_merge_into
-from .._validate import check_bool, check_choice, check_drop, renamed_keyword
+from .._validate import check_bool, check_choice, check_drop, renamed_attribute, renamed_keyword
 from . import _kernels as EK
 from ._base import Estimator, state_array
 
@@ -97,16 +96,8 @@ class WindowedAverage(Estimator):
         self.unbiased = check_bool("unbiased", unbiased)
         super().__init__()
 
-    @property
-    def mode(self) -> str:
-        """Deprecated name of :attr:`var_mode` (``"pooled"`` or ``"mean_of_batch"``)."""
-        warnings.warn(
-            "WindowedAverage.mode is deprecated and will be removed in the next release; use "
-            "WindowedAverage.var_mode",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return self.var_mode
+    #: Deprecated name of :attr:`var_mode` (``"pooled"`` or ``"mean_of_batch"``).
+    mode = renamed_attribute("WindowedAverage", "mode", "var_mode")
 
     @property
     def var_convention(self) -> str:
