@@ -13,11 +13,11 @@ from ._compute import lean_rows, lean_state
 from ._errors import InputError, InputTypeError, RecordError
 from ._io import atomic_write, check_header, read_npz, record_scalar
 from ._moments import Moments, moments
-from ._validate import Axis
+from ._validate import Axis, check_epoch, check_var_convention
 from .estimators import Estimator, default_estimators
 from .estimators import _kernels as EK
 from .estimators import from_dict as estimator_from_dict
-from .estimators._base import Owner, check_convention, check_epoch, unpack
+from .estimators._base import Owner, unpack
 
 FORMAT_NAME = "streamnorm.Tracker"
 FORMAT_VERSION = 1
@@ -332,7 +332,7 @@ class Tracker:
             every variance in PyTorch's ``running_var`` convention; ``"biased"``: Keras/ONNX.
         """
         if convention is not None:
-            check_convention(convention)
+            check_var_convention(convention)
         out: dict[str, dict[str, tuple[Any, Any]]] = {}
         for layer, lay in self._layers.items():
             lay.flush()

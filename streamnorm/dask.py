@@ -323,21 +323,14 @@ def moments(
     else:
         st, ws = dask.compute(red, w.sum())
         total = float(ws) * (nsamp // x.shape[axes[0]])
-    n, mean, lo, m2 = (np.ascontiguousarray(np.asarray(st)[k]).reshape(-1) for k in FIELDS)
-    if nan_policy == "raise" and (np.isnan(mean) & (n > 0)).any():
+    fields = {k: np.ascontiguousarray(np.asarray(st)[k]).reshape(-1) for k in FIELDS}
+    if nan_policy == "raise" and (np.isnan(fields["mean"]) & (fields["n"] > 0)).any():
         bad = np.asarray((~da.isfinite(x)).sum(axis=axes).compute())
         raise InputError(nonfinite_message(bad, kept))
-    state = State(
-        n=n,
-        mean=mean,
-        lo=lo,
-        m2=m2,
-        shape=kept,
-        total=total,
-        weighted=weights is not None,
-        per_dim=nan_policy == "omit",
+    omit = nan_policy == "omit"
+    return Moments.from_state(
+        State(**fields, shape=kept, total=total, weighted=weights is not None, per_dim=omit)
     )
-    return Moments.from_state(state)
 
 
 def _chunk_with(nan_policy: str) -> Any:

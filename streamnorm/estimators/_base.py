@@ -16,7 +16,7 @@ import numpy as np
 from .._errors import RecordError
 from .._io import check_header
 from .._moments import Moments
-from .._validate import is_int
+from .._validate import check_epoch, check_var_convention, is_int
 from . import _kernels as EK
 
 FORMAT_NAME = "streamnorm.Estimator"
@@ -56,30 +56,6 @@ def unpack(batch: Any) -> Unpacked:
     return st.shape, st.n, mean, st.m2, st.min_count, st.weighted, not st.per_dim
 
 
-def check_epoch(epoch: Any) -> int:
-    """A non-negative int epoch, or a clear error."""
-    if isinstance(epoch, (bool, np.bool_)) or not isinstance(epoch, (int, np.integer)):
-        raise TypeError(f"epoch must be a non-negative int, got {epoch!r}")
-    if epoch < 0:
-        raise ValueError(f"epoch must be >= 0, got {epoch}; number epochs 0, 1, 2, ...")
-    return int(epoch)
-
-
-def check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-    return bool(value)
-
-
-def check_convention(convention: Any) -> str:
-    if convention not in CONVENTIONS:
-        raise ValueError(
-            f"convention must be 'biased' (divide by n) or 'unbiased' (divide by n - 1), "
-            f"got {convention!r}"
-        )
-    return str(convention)
-
-
 def _scalar(v: Any) -> Any:
     a = np.asarray(v)
     if a.shape != ():
@@ -114,6 +90,8 @@ class Estimator(abc.ABC):
     _registry: ClassVar[dict[str, type[Estimator]]] = {}
     #: Renamed parameters, ``{old name: new name}``: records written under the old name still load.
     _renamed_params: ClassVar[dict[str, str]] = {}
+    #: the constructor keywords that define the estimator (its record's ``param_*`` entries)
+    _param_names: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -142,8 +120,9 @@ class Estimator(abc.ABC):
     @abc.abstractmethod
     def _var_flat(self, convention: str) -> np.ndarray: ...
 
-    @abc.abstractmethod
-    def _params(self) -> dict[str, Any]: ...
+    def _params(self) -> dict[str, Any]:
+        """The constructor's parameters (``_param_names``), as recorded and compared in merges."""
+        return {k: getattr(self, k) for k in self._param_names}
 
     @abc.abstractmethod
     def _state(self) -> dict[str, Any]: ...
@@ -151,10 +130,14 @@ class Estimator(abc.ABC):
     @abc.abstractmethod
     def _set_state(self, d: Any, D: int) -> None: ...
 
+    #: whether :attr:`var` is built from Bessel-corrected (``n - 1``) variances; estimators with
+    #: an ``unbiased`` parameter set it per instance
+    unbiased: bool = False
+
     @property
-    @abc.abstractmethod
     def var_convention(self) -> str:
-        """``"biased"`` or ``"unbiased"``: the convention of :attr:`var`."""
+        """``"biased"`` or ``"unbiased"``: the convention of :attr:`var` (from ``unbiased``)."""
+        return "unbiased" if self.unbiased else "biased"
 
     @property
     def min_batch_count(self) -> int:
@@ -330,7 +313,7 @@ class Estimator(abc.ABC):
         -------
         ndarray, float64, the batches' dimension shape
         """
-        convention = check_convention(convention)
+        convention = check_var_convention(convention)
         self._sync()
         self._need_data()
         return self._out(self._var_flat(convention))

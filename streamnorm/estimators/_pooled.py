@@ -34,10 +34,6 @@ class PooledState(EstimatorMixin):
     #: keep only the latest batch (True) or pool every batch (False)
     latest: ClassVar[bool] = False
 
-    @property
-    def var_convention(self) -> str:
-        return "biased"
-
     def _clear_state(self) -> None:
         self._init_state(0)
 

@@ -144,10 +144,6 @@ class SourceMixin(EstimatorMixin):
         super().__init__()
 
     @property
-    def var_convention(self) -> str:
-        return "biased"
-
-    @property
     def min_batch_count(self) -> int:
         return 1
 

@@ -52,14 +52,13 @@ class AlphaMix(SourcePooled, Estimator):
 
     latest = True
 
+    _param_names = ("alpha", "source_var")
+
     def __init__(
         self, source: Any = None, alpha: float = 0.1, source_var: str = "unbiased"
     ) -> None:
         self.alpha = check_fraction("alpha", alpha, low=0.0, high=1.0, closed="both")
         super().__init__(source, source_var)
-
-    def _params(self) -> dict[str, Any]:
-        return {"alpha": self.alpha, "source_var": self.source_var}
 
     def _mix(self, convention: str) -> tuple[np.ndarray, np.ndarray]:
         src = self._need_source()

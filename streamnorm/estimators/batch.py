@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from .._errors import InputError
@@ -52,9 +50,6 @@ class BatchStats(PooledState, Estimator):
                 "statistics (PriorPopulation, PriorMix) for batch size 1"
             )
         super().check_batch(shape, min_count)
-
-    def _params(self) -> dict[str, Any]:
-        return {}
 
     def _mean_flat(self) -> np.ndarray:
         return self._mu.copy()

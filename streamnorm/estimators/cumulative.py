@@ -58,21 +58,16 @@ class CumulativeAverage(Estimator):
     ([6.0], [1.0], [26.0])
     """
 
+    _param_names = ("unbiased", "var_mode")
+
     def __init__(self, unbiased: bool = True, var_mode: str = "mean_of_batch") -> None:
         self.unbiased = check_bool("unbiased", unbiased)
         self.var_mode = check_choice("var_mode", var_mode, VAR_MODES)
         super().__init__()
 
     @property
-    def var_convention(self) -> str:
-        return "unbiased" if self.unbiased else "biased"
-
-    @property
     def min_batch_count(self) -> int:
         return 2 if (self.unbiased and self.var_mode == "mean_of_batch") else 1
-
-    def _params(self) -> dict[str, Any]:
-        return {"unbiased": self.unbiased, "var_mode": self.var_mode}
 
     def _clear_state(self) -> None:
         self._init_state(0)

@@ -62,6 +62,8 @@ class DecayingEMA(SourceMixin, Estimator):
 
     requires_source = False
 
+    _param_names = ("m0", "decay", "m_min", "source_var")
+
     def __init__(
         self,
         source: Any = None,
@@ -74,14 +76,6 @@ class DecayingEMA(SourceMixin, Estimator):
         self.decay = check_fraction("decay", decay, low=0.0, high=1.0, closed="both")
         self.m_min = check_fraction("m_min", m_min, low=0.0, high=1.0, closed="both")
         super().__init__(source, source_var)
-
-    def _params(self) -> dict[str, Any]:
-        return {
-            "m0": self.m0,
-            "decay": self.decay,
-            "m_min": self.m_min,
-            "source_var": self.source_var,
-        }
 
     def _init_state(self, D: int) -> None:
         src = self.source

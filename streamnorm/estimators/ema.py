@@ -68,6 +68,8 @@ class EMA(Estimator):
 
     _renamed_params: ClassVar[dict[str, str]] = {"convention": "style"}
 
+    _param_names = ("momentum", "style", "unbiased", "bias_correction")
+
     def __init__(
         self,
         momentum: float = 0.1,
@@ -100,20 +102,8 @@ class EMA(Estimator):
     convention = renamed_attribute("EMA", "convention", "style")
 
     @property
-    def var_convention(self) -> str:
-        return "unbiased" if self.unbiased else "biased"
-
-    @property
     def min_batch_count(self) -> int:
         return 2 if self.unbiased else 1
-
-    def _params(self) -> dict[str, Any]:
-        return {
-            "momentum": self.momentum,
-            "style": self.style,
-            "unbiased": self.unbiased,
-            "bias_correction": self.bias_correction,
-        }
 
     def _clear_state(self) -> None:
         self._mu = np.zeros(0)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import cast
 
 from .._moments import Moments
 from ._base import Estimator
@@ -39,9 +39,6 @@ class Population(PooledState, Estimator):
     >>> pop.mean.tolist(), pop.var.tolist(), pop.count
     ([5.0, 6.0], [11.666666666666666, 11.666666666666666], 6)
     """
-
-    def _params(self) -> dict[str, Any]:
-        return {}
 
     @property
     def moments(self) -> Moments:

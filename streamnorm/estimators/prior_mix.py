@@ -67,6 +67,8 @@ class PriorMix(SourcePooled, Estimator):
 
     latest = True
 
+    _param_names = ("prior", "positions", "pooled", "source_var")
+
     def __init__(
         self,
         source: Any = None,
@@ -79,14 +81,6 @@ class PriorMix(SourcePooled, Estimator):
         self.positions = check_positions(positions)
         self.pooled = check_bool("pooled", pooled)
         super().__init__(source, source_var)
-
-    def _params(self) -> dict[str, Any]:
-        return {
-            "prior": self.prior,
-            "positions": self.positions,
-            "pooled": self.pooled,
-            "source_var": self.source_var,
-        }
 
     def _mix(self, convention: str) -> tuple[np.ndarray, np.ndarray]:
         src = self._need_source()

@@ -64,6 +64,8 @@ class PriorPopulation(SourcePooled, Estimator):
     ([2.0], [5.0])
     """
 
+    _param_names = ("prior", "positions", "source_var")
+
     def __init__(
         self,
         source: Any = None,
@@ -78,9 +80,6 @@ class PriorPopulation(SourcePooled, Estimator):
     @property
     def min_batch_count(self) -> int:
         return 0
-
-    def _params(self) -> dict[str, Any]:
-        return {"prior": self.prior, "positions": self.positions, "source_var": self.source_var}
 
     def _init_state(self, D: int) -> None:
         self._cache: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None

@@ -77,6 +77,8 @@ class WindowedAverage(Estimator):
 
     _renamed_params: ClassVar[dict[str, str]] = {"mode": "var_mode"}
 
+    _param_names = ("drop_first", "drop_last", "var_mode", "unbiased")
+
     def __init__(
         self,
         drop_first: int | float = 0.25,
@@ -100,22 +102,10 @@ class WindowedAverage(Estimator):
     mode = renamed_attribute("WindowedAverage", "mode", "var_mode")
 
     @property
-    def var_convention(self) -> str:
-        return "unbiased" if self.unbiased else "biased"
-
-    @property
     def min_batch_count(self) -> int:
         if self.var_mode == "pooled":
             return 0
         return 2 if self.unbiased else 1
-
-    def _params(self) -> dict[str, Any]:
-        return {
-            "drop_first": self.drop_first,
-            "drop_last": self.drop_last,
-            "var_mode": self.var_mode,
-            "unbiased": self.unbiased,
-        }
 
     # per-epoch rows: pooled -> (count, mean, m2); mean_of_batch -> (sum_mean, sum_u, sum_v)
     def _clear_state(self) -> None:

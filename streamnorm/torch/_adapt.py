@@ -133,9 +133,16 @@ class Adaptation:
             )
         if self.groups > 1:
             return self._normalize_groups(name, module, x)
+        mean, var = self._estimate(name, module, x, math.prod(x.shape[2:]), 1)
+        return torch.nn.functional.batch_norm(
+            x, mean, var, module.weight, module.bias, False, 0.0, module.eps
+        )
+
+    def _estimate(self, name: str, module: Any, x: Any, positions: int, groups: int) -> Any:
+        """Update layer ``name``'s estimator with ``x`` (NC...) and return its (mean, var)."""
         est = self.estimators.get(name)
         if est is None:
-            est = layer_estimator(self.template, module, math.prod(x.shape[2:]))
+            est = layer_estimator(self.template, module, positions, groups)
             self.estimators[name] = est
         xd = x.detach()
         if xd.dtype in _UPCAST and not xd.is_cuda:
@@ -143,9 +150,7 @@ class Adaptation:
         est.update(moments(xd, axis=bn_axes(x.ndim)))
         mean = torch.as_tensor(est.mean, dtype=x.dtype, device=x.device)
         var = torch.as_tensor(est.running_var("biased"), dtype=x.dtype, device=x.device)
-        return torch.nn.functional.batch_norm(
-            x, mean, var, module.weight, module.bias, False, 0.0, module.eps
-        )
+        return mean, var
 
     def _normalize_groups(self, name: str, module: Any, x: Any) -> Any:
         """``groups`` consecutive blocks of the batch, each normalized with its own estimate.
@@ -162,16 +167,7 @@ class Adaptation:
             )
         n, c, rest = x.shape[0] // g, x.shape[1], tuple(x.shape[2:])
         side = x.reshape(g, n, c, *rest).transpose(0, 1).reshape(n, g * c, *rest)
-        est = self.estimators.get(name)
-        if est is None:
-            est = layer_estimator(self.template, module, math.prod(rest), g)
-            self.estimators[name] = est
-        xd = side.detach()
-        if xd.dtype in _UPCAST and not xd.is_cuda:
-            xd = xd.float()
-        est.update(moments(xd, axis=bn_axes(x.ndim)))
-        mean = torch.as_tensor(est.mean, dtype=x.dtype, device=x.device)
-        var = torch.as_tensor(est.running_var("biased"), dtype=x.dtype, device=x.device)
+        mean, var = self._estimate(name, module, side, math.prod(rest), g)
         weight = None if module.weight is None else module.weight.repeat(g)
         bias = None if module.bias is None else module.bias.repeat(g)
         out = torch.nn.functional.batch_norm(side, mean, var, weight, bias, False, 0.0, module.eps)
