@@ -165,7 +165,7 @@ def compute(x: Any, axis: Axis, weights: Any, nan_policy: str) -> State | None:
     nan_policy = check_nan_policy(nan_policy)
     if on_cuda_device(x):
         cuda = require("streamnorm.cuda", "cuda")
-        return cuda.host_state(x, axis, weights, nan_policy)  # type: ignore[no-any-return]
+        return cuda.host_state(x, axis, weights, nan_policy)
     if isinstance(x, np.ma.MaskedArray):
         return _compute_masked(x, axis, weights, nan_policy)
     a = check_real_dtype(as_host_array(x))

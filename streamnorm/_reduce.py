@@ -66,10 +66,10 @@ def run_rows(x: np.ndarray, w: np.ndarray | None, omit: bool) -> Stats:
     br, cb = _rows_params(D, x.itemsize, R)
     if w is None and not omit:
         kernel = K.rows_moments_serial if x.nbytes < SERIAL_BYTES else K.rows_moments
-        return kernel(x, br, cb)  # type: ignore[no-any-return]
+        return kernel(x, br, cb)
     ref = K.first_finite_rows(x) if omit else K.finite_or_zero(x[0])
     ww = w if w is not None else np.empty(0)
-    return K.rows_moments_general(x, ref, ww, w is not None, omit, br, cb)  # type: ignore[no-any-return]
+    return K.rows_moments_general(x, ref, ww, w is not None, omit, br, cb)
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,10 +113,10 @@ def _run_cf(x: np.ndarray) -> Stats:
         rows_per = max(1, min(-(-CF_RUN_ELEMS // max(1, L)), -(-A // 8)))
         parallel = x.nbytes >= SERIAL_BYTES
         kernel = K.cf_rows_moments if parallel else K.cf_rows_moments_serial
-        return kernel(x, rows_per)  # type: ignore[no-any-return]
+        return kernel(x, rows_per)
     seg, cs = _cf_params(A, L)
     kernel = K.cf_moments_serial if x.nbytes < SERIAL_BYTES else K.cf_moments
-    return kernel(x, seg, cs)  # type: ignore[no-any-return]
+    return kernel(x, seg, cs)
 
 
 def _generic(p: Plan, axes: tuple[int, ...], w: np.ndarray | None, omit: bool) -> Stats:

@@ -243,7 +243,7 @@ class Tracker:
             m = self._reduce(m)
             if not isinstance(m, Moments):
                 raise InputTypeError(f"reduce must return a Moments, got {type(m).__name__}")
-        lay = self._layers.get(layer)  # type: ignore[arg-type]
+        lay = self._layers.get(layer)
         st = m.state() if isinstance(m, Moments) else None
         if (
             lay is not None
@@ -460,4 +460,4 @@ def _record(name: str, est: Any) -> dict[str, Any]:
             f"estimator {name!r} ({type(est).__name__}) cannot be saved: only streamnorm "
             "estimators (subclasses of streamnorm.estimators.Estimator) can"
         )
-    return to_dict()  # type: ignore[no-any-return]
+    return to_dict()

@@ -127,8 +127,7 @@ def check_var_convention(value: Any, name: str = "convention") -> str:
     """``"biased"`` (divide by n) or ``"unbiased"`` (divide by n - 1)."""
     if value not in VAR_CONVENTIONS:
         raise InputError(
-            f"{name} must be 'biased' (divide by n) or 'unbiased' (divide by n - 1), "
-            f"got {value!r}"
+            f"{name} must be 'biased' (divide by n) or 'unbiased' (divide by n - 1), got {value!r}"
         )
     return str(value)
 

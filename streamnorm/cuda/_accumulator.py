@@ -366,15 +366,41 @@ class DeviceMoments:
             if p.kind == "rows":
                 kern = K.rows_kernel(ng, ktab, use_w, omit, d.bf16)
                 kern[ntiles * P, (TX, TY), st](
-                    x, itab, p.kbase, p.kstride, D, p.rows, rpc, ntiles,
-                    wd, p.w_inner, p.w_n, ref, part,
-                )  # fmt: skip
+                    x,
+                    itab,
+                    p.kbase,
+                    p.kstride,
+                    D,
+                    p.rows,
+                    rpc,
+                    ntiles,
+                    wd,
+                    p.w_inner,
+                    p.w_n,
+                    ref,
+                    part,
+                )
             else:
                 kern = K.cf_kernel(ng, ktab, use_w, omit, d.bf16)
                 kern[D * P, NT, st](
-                    x, itab, p.kbase, p.kstride, D, p.rows, p.L, nseg_row, seg,
-                    C.CF_ITEMS_PER_CHUNK, P, rg, wd, p.w_inner, p.w_n, ref, part,
-                )  # fmt: skip
+                    x,
+                    itab,
+                    p.kbase,
+                    p.kstride,
+                    D,
+                    p.rows,
+                    p.L,
+                    nseg_row,
+                    seg,
+                    C.CF_ITEMS_PER_CHUNK,
+                    P,
+                    rg,
+                    wd,
+                    p.w_inner,
+                    p.w_n,
+                    ref,
+                    part,
+                )
             FT = _pow2_at_least(P, C.FINAL_THREADS)
             K.finalize_kernel()[D, FT, st](part, P, ref, self._state, self._fresh)
         self._fresh = False

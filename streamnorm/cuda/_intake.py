@@ -238,9 +238,14 @@ def describe(x: Any) -> DeviceInput:
         if isinstance(x, FakeCUDAArray):
             a = x._ary
             return DeviceInput(
-                a.ctypes.data, a.shape, _elem_strides(a.strides, a.itemsize),
-                _storage_dtype(a.dtype, False), False, x, None,
-            )  # fmt: skip
+                a.ctypes.data,
+                a.shape,
+                _elem_strides(a.strides, a.itemsize),
+                _storage_dtype(a.dtype, False),
+                False,
+                x,
+                None,
+            )
     stream = None
     bf16 = False
     if hasattr(x, "detach") and getattr(x, "is_cuda", False):  # a torch CUDA tensor

@@ -332,8 +332,7 @@ def rows_kernel(ng: int, ktab: bool, use_w: bool, omit: bool, bf16: bool) -> Any
     FKU, INV_KU = _tile_code(KU)
 
     @_jit(REG)
-    def kern(x, itab, kbase, kstride, D, R, rows_per_chunk, ntiles,
-             w, w_inner, w_n, ref, part):  # fmt: skip
+    def kern(x, itab, kbase, kstride, D, R, rows_per_chunk, ntiles, w, w_inner, w_n, ref, part):
         tx = cuda.threadIdx.x
         ty = cuda.threadIdx.y
         TX = cuda.blockDim.x
@@ -444,8 +443,25 @@ def cf_kernel(ng: int, ktab: bool, use_w: bool, omit: bool, bf16: bool) -> Any:
     FKV, INV_KV = _tile_code(4 * KU)  # a vector tile: KU loads of 4 elements
 
     @_jit(REG)
-    def kern(x, itab, kbase, kstride, D, A, L, nseg_row, seg_len, items_per_chunk, P, rg,
-             w, w_inner, w_n, ref, part):  # fmt: skip
+    def kern(
+        x,
+        itab,
+        kbase,
+        kstride,
+        D,
+        A,
+        L,
+        nseg_row,
+        seg_len,
+        items_per_chunk,
+        P,
+        rg,
+        w,
+        w_inner,
+        w_n,
+        ref,
+        part,
+    ):
         tid = cuda.threadIdx.x
         nth = cuda.blockDim.x
         b = cuda.blockIdx.x
