@@ -1,4 +1,4 @@
-"""The ``streamnorm`` command line: ``streamnorm compare | calibrate | bench``.
+"""The ``streamnorm`` command line: ``streamnorm compare | calibrate | annotate | shift | bench``.
 
 Each subcommand lives in its own module, imported only when that subcommand runs. A module
 provides ``add_arguments(parser)`` and ``run(args) -> int``.
