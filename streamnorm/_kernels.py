@@ -194,18 +194,23 @@ def _rows_block_shifted(x, r0, r1, ref, s, q, x0):
     """
     D = x.shape[1]
     nb = r1 - r0
-    r4 = r0 + nb // 4 * 4
+    p = nb // 4
+    r4 = r0 + 4 * p
     for d in range(D):
         x0[d] = x[r0, d]
     s[:] = 0.0
     q[:] = 0.0
     # four rows at a time: each accumulator is loaded and stored once per four rows, not once
-    # per element (a loop over one row at a time is bound by those loads and stores)
-    for r in range(r0, r4, 4):
+    # per element (a loop over one row at a time is bound by those loads and stores). The four
+    # rows are two consecutive rows from each half of the block: two sequential streams, which
+    # the hardware prefetcher follows while the loop computes (four consecutive rows a step read
+    # memory about 30 % slower on one thread, as if reading and computing took turns)
+    for i in range(p):
+        r = r0 + 2 * i
         a0 = x[r]
         a1 = x[r + 1]
-        a2 = x[r + 2]
-        a3 = x[r + 3]
+        a2 = x[r + 2 * p]
+        a3 = x[r + 2 * p + 1]
         for d in range(D):
             c = x0[d]
             v0 = a0[d] - c
