@@ -1,0 +1,150 @@
+"""How the order of rows changes the read rate of the one-pass moments loop (one thread).
+
+Run: ``NUMBA_NUM_THREADS=1 python bench/bench_streams.py``. Each loop does the rows kernel's
+arithmetic (shift, sum, sum of squares in float64) over a (2e6, 128) float32 array, taking rows
+in a different order: four consecutive rows a step, one row a step, four rows from the four
+quarters of the array, two rows from its two halves, and two consecutive rows from each half of
+every 256 KB block (what ``streamnorm._kernels`` does). Printed: GB/s from memory and from cache
+(a 256 KB array), best of several runs, each loop three times in turn, next to a fastmath Numba
+sum over the same memory.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from numba import njit, prange
+
+OPT = dict(fastmath={"nsz", "arcp", "contract", "afn"}, error_model="numpy", boundscheck=False)
+
+
+@njit(**OPT)
+def consecutive4(x, br):
+    R, D = x.shape
+    s, q, c = np.zeros(D), np.zeros(D), x[0].astype(np.float64)
+    for r in range(0, R - 3, 4):
+        a0, a1, a2, a3 = x[r], x[r + 1], x[r + 2], x[r + 3]
+        for d in range(D):
+            w0, w1, w2, w3 = a0[d] - c[d], a1[d] - c[d], a2[d] - c[d], a3[d] - c[d]
+            s[d] += (w0 + w1) + (w2 + w3)
+            qd = q[d]
+            qd += w0 * w0
+            qd += w1 * w1
+            qd += w2 * w2
+            qd += w3 * w3
+            q[d] = qd
+    return s, q
+
+
+@njit(**OPT)
+def one_row(x, br):
+    R, D = x.shape
+    s, q, c = np.zeros(D), np.zeros(D), x[0].astype(np.float64)
+    for r in range(R):
+        a0 = x[r]
+        for d in range(D):
+            w0 = a0[d] - c[d]
+            s[d] += w0
+            q[d] += w0 * w0
+    return s, q
+
+
+@njit(**OPT)
+def quarters(x, br):
+    R, D = x.shape
+    s, q, c = np.zeros(D), np.zeros(D), x[0].astype(np.float64)
+    Q = R // 4
+    for i in range(Q):
+        a0, a1, a2, a3 = x[i], x[Q + i], x[2 * Q + i], x[3 * Q + i]
+        for d in range(D):
+            w0, w1, w2, w3 = a0[d] - c[d], a1[d] - c[d], a2[d] - c[d], a3[d] - c[d]
+            s[d] += (w0 + w1) + (w2 + w3)
+            qd = q[d]
+            qd += w0 * w0
+            qd += w1 * w1
+            qd += w2 * w2
+            qd += w3 * w3
+            q[d] = qd
+    return s, q
+
+
+@njit(**OPT)
+def halves(x, br):
+    R, D = x.shape
+    s, q, c = np.zeros(D), np.zeros(D), x[0].astype(np.float64)
+    H = R // 2
+    for i in range(H):
+        a0, a1 = x[i], x[H + i]
+        for d in range(D):
+            w0, w1 = a0[d] - c[d], a1[d] - c[d]
+            s[d] += w0 + w1
+            qd = q[d]
+            qd += w0 * w0
+            qd += w1 * w1
+            q[d] = qd
+    return s, q
+
+
+@njit(**OPT)
+def block_halves(x, br):
+    R, D = x.shape
+    s, q, c = np.zeros(D), np.zeros(D), x[0].astype(np.float64)
+    p = br // 4
+    for r0 in range(0, R - br + 1, br):
+        for i in range(p):
+            r = r0 + 2 * i
+            a0, a1, a2, a3 = x[r], x[r + 1], x[r + 2 * p], x[r + 2 * p + 1]
+            for d in range(D):
+                w0, w1, w2, w3 = a0[d] - c[d], a1[d] - c[d], a2[d] - c[d], a3[d] - c[d]
+                s[d] += (w0 + w1) + (w2 + w3)
+                qd = q[d]
+            qd += w0 * w0
+            qd += w1 * w1
+            qd += w2 * w2
+            qd += w3 * w3
+            q[d] = qd
+    return s, q
+
+
+@njit(fastmath=True, parallel=True)
+def flat_sum(a):
+    t = 0.0
+    for i in prange(a.size):
+        t += a[i]
+    return t
+
+
+def _best(f, n):
+    f()
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main() -> None:
+    x = np.random.default_rng(0).normal(3.0, 1.0, (2_000_000, 128)).astype(np.float32)
+    small = x[:512].copy()  # 256 KB: cache-resident
+    br = 512  # rows of a 256 KB block
+    t = _best(lambda: flat_sum(x.reshape(-1)), 7)
+    print(f"{'numba sum':32s} memory {x.nbytes / t / 1e9:6.2f} GB/s")
+    for name, f in 3 * [
+        ("four consecutive rows a step", consecutive4),
+        ("one row a step", one_row),
+        ("four quarters of the array", quarters),
+        ("two halves of the array", halves),
+        ("two rows from each block half", block_halves),
+    ]:
+        tm = _best(lambda f=f: f(x, br), 7)
+        tc = _best(lambda f=f: f(small, br), 200)
+        print(
+            f"{name:32s} memory {x.nbytes / tm / 1e9:6.2f} GB/s   "
+            f"cache {small.nbytes / tc / 1e9:6.2f} GB/s"
+        )
+
+
+if __name__ == "__main__":
+    main()
