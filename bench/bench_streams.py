@@ -99,11 +99,11 @@ def block_halves(x, br):
                 w0, w1, w2, w3 = a0[d] - c[d], a1[d] - c[d], a2[d] - c[d], a3[d] - c[d]
                 s[d] += (w0 + w1) + (w2 + w3)
                 qd = q[d]
-            qd += w0 * w0
-            qd += w1 * w1
-            qd += w2 * w2
-            qd += w3 * w3
-            q[d] = qd
+                qd += w0 * w0
+                qd += w1 * w1
+                qd += w2 * w2
+                qd += w3 * w3
+                q[d] = qd
     return s, q
 
 

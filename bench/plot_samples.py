@@ -38,7 +38,7 @@ from torch.optim.swa_utils import AveragedModel, update_bn
 
 from streamnorm import digits as D
 from streamnorm.calibrate import SampleCurve, plot_samples
-from streamnorm.torch import recalibrate
+from streamnorm.torch import bn_layers, recalibrate
 
 BATCH = 64
 
@@ -81,8 +81,7 @@ class Augmented:
 def buffers(model: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return {
         n: (m.running_mean.double().numpy().copy(), m.running_var.double().numpy().copy())
-        for n, m in model.named_modules()
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+        for n, m in bn_layers(model)
     }
 
 

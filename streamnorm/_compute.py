@@ -181,11 +181,7 @@ def compute(x: Any, axis: Axis, weights: Any, nan_policy: str) -> State | None:
         and a.shape[0] > 0
         and a.shape[1] > 0
     ):  # the fast path: (R, D) C-contiguous float, axis 0
-        n, m, q, lo = call_kernel(run_rows, a, None, False)
-        st = State(n, m, lo, q, (a.shape[1],), float(a.shape[0]))
-        if a.dtype.itemsize == 8:
-            _rescue_overflow(a, (0,), None, False, st)
-        return st
+        return lean_state(a)
     axes = check_axes(axis, a.ndim)
     w = None if weights is None else _weights(weights, a, axes)
     return _reduce(a, axes, w, nan_policy)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -11,7 +10,7 @@ from . import _kernels_normalize as KN
 from ._config import CHUNK_ELEMS, GENERIC_BLOCK_BYTES, SEG_LEN, SERIAL_BYTES
 from ._extras import require
 from ._layout import KERNEL_DTYPES, plan
-from ._validate import Axis, check_axes, is_torch_tensor
+from ._validate import Axis, check_axes, check_nonnegative, is_torch_tensor
 
 _OUT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -170,12 +169,7 @@ def normalize(
     red = set(axes)
     kept_axes = [i for i in range(a.ndim) if i not in red]
     kept = tuple(a.shape[i] for i in kept_axes)
-    if isinstance(eps, (bool, np.bool_)) or not isinstance(
-        eps, (int, float, np.integer, np.floating)
-    ):
-        raise TypeError(f"eps must be a number, got {eps!r}")
-    if not (math.isfinite(float(eps)) and eps >= 0):
-        raise ValueError(f"eps must be finite and >= 0, got {eps!r}")
+    eps = check_nonnegative("eps", eps)
     mu = _param(mean, "mean", kept, 0.0)
     v = _param(var, "var", kept, 1.0)
     g = _param(gamma, "gamma", kept, 1.0)
@@ -184,7 +178,7 @@ def normalize(
         raise ValueError(
             f"var must be >= 0, got {int(np.sum(v < 0))} negative value(s) (min {v.min()!r})"
         )
-    den = v + float(eps)
+    den = v + eps
     if np.any(den == 0):
         raise ValueError("var + eps is 0 for some dimension (constant data and eps=0); use eps > 0")
     scale = g / np.sqrt(den)

@@ -197,7 +197,6 @@ def reduce_batch(
 
 
 __all__ = [
-    "KERNEL_DTYPES",
     "Stats",
     "merge_rows",
     "plain_rows",

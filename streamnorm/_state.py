@@ -71,7 +71,7 @@ class State:
         )
 
 
-def empty_state(shape: tuple[int, ...], total: float = 0.0, weighted: bool = False) -> State:
+def empty_state(shape: tuple[int, ...]) -> State:
     """A state of ``shape`` whose dimensions have seen nothing (count 0, mean NaN)."""
     size = int(np.prod(shape, dtype=np.int64))
     zeros = np.zeros(size)
@@ -81,8 +81,7 @@ def empty_state(shape: tuple[int, ...], total: float = 0.0, weighted: bool = Fal
         lo=zeros.copy(),
         m2=zeros.copy(),
         shape=tuple(shape),
-        total=float(total),
-        weighted=weighted,
+        total=0.0,
     )
 
 

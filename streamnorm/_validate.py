@@ -358,7 +358,7 @@ def nonfinite_message(bad_per_dim: np.ndarray, shape: tuple[int, ...]) -> str:
 
 
 def check_state_arrays(count: np.ndarray, mean: np.ndarray, m2: np.ndarray, what: str) -> None:
-    """Reject impossible moment states: negative or NaN counts, negative M2, NaN M2 with data.
+    """Reject impossible moment states: negative, infinite or NaN counts, and negative M2.
 
     ``what`` names the record for the message (e.g. ``"Moments record"``).
     """

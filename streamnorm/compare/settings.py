@@ -16,19 +16,18 @@ from .._validate import (
     check_positive_int,
     is_int,
 )
+from ..digits import SCHEDULES
 
 #: estimators compared by default, in table order
 DEFAULT_ESTIMATORS = ("population", "ema", "ema_keras", "cumulative", "windowed")
-#: learning-rate schedules of :func:`streamnorm.digits.train`
-SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
 class Settings:
     """Checked settings of one comparison (see :func:`streamnorm.compare.compare`).
 
-    ``last_steps`` is ``None`` until the number of steps per epoch is known
-    (:meth:`with_data`).
+    ``last_steps`` is ``None`` for one epoch's steps (the run plan resolves it once the steps
+    per epoch are known).
     """
 
     epochs: int

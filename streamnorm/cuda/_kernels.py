@@ -140,6 +140,16 @@ def run_merge(na, ma, qa, k, m0, s1, s2, qs, size):
 
 
 @cuda.jit(device=True)
+def welford_one(cnt, mt, q, v):
+    """Add the value ``v`` (weight 1) to ``(cnt, mt, q)``."""
+    cnt += 1.0
+    dv = v - mt
+    mt += dv / cnt
+    q += dv * (v - mt)
+    return cnt, mt, q
+
+
+@cuda.jit(device=True)
 def welford_add(cnt, mt, q, v, wt):
     """Add the value ``v`` of weight ``wt`` (skipped unless ``> 0``) to ``(cnt, mt, q)``."""
     if wt > 0.0:
@@ -510,18 +520,10 @@ def cf_kernel(ng: int, ktab: bool, use_w: bool, omit: bool, bf16: bool) -> Any:
                 he = hb + 4 * nv
                 e = l0 + lane
                 if e < hb:
-                    v = dec(x[ao + e]) - rv
-                    wc += 1.0
-                    dv = v - wm
-                    wm += dv / wc
-                    wq += dv * (v - wm)
+                    wc, wm, wq = welford_one(wc, wm, wq, dec(x[ao + e]) - rv)
                 e = he + lane
                 if e < l1:
-                    v = dec(x[ao + e]) - rv
-                    wc += 1.0
-                    dv = v - wm
-                    wm += dv / wc
-                    wq += dv * (v - wm)
+                    wc, wm, wq = welford_one(wc, wm, wq, dec(x[ao + e]) - rv)
                 j = lane
                 while j < nv:
                     p = ao + hb + 4 * j

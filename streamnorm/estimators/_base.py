@@ -14,14 +14,14 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .._errors import RecordError
-from .._io import check_header
+from .._io import check_header, record_scalar
 from .._moments import Moments
-from .._validate import check_epoch, check_var_convention, is_int
+from .._validate import VAR_CONVENTIONS, check_epoch, check_var_convention, is_int
 from . import _kernels as EK
 
 FORMAT_NAME = "streamnorm.Estimator"
 FORMAT_VERSION = 1
-CONVENTIONS = ("biased", "unbiased")
+CONVENTIONS = VAR_CONVENTIONS
 
 
 class Owner:
@@ -54,13 +54,6 @@ def unpack(batch: Any) -> Unpacked:
         return None, _NOTHING, _NOTHING, _NOTHING, 0.0, False, True
     mean = st.mean if not st.lo.any() else st.mean + st.lo
     return st.shape, st.n, mean, st.m2, st.min_count, st.weighted, not st.per_dim
-
-
-def _scalar(v: Any) -> Any:
-    a = np.asarray(v)
-    if a.shape != ():
-        raise RecordError(f"expected a scalar in the estimator record, got shape {a.shape}")
-    return a.item()
 
 
 #: state entries that are counts or sums of squares (variances are recognised by their name):
@@ -397,11 +390,12 @@ class Estimator(abc.ABC):
     @classmethod
     def from_dict(cls, d: Any) -> Estimator:
         """Rebuild an estimator from :meth:`to_dict`'s output (also read back from ``.npz``)."""
-        check_header(d, FORMAT_NAME, FORMAT_VERSION, "estimator")
+        what = "estimator"
+        check_header(d, FORMAT_NAME, FORMAT_VERSION, what)
         for key in ("estimator", "empty", "shape", "count", "batches"):
             if key not in d.keys():
                 raise RecordError(f"not a streamnorm estimator record: missing {key!r}")
-        name = str(_scalar(d["estimator"]))
+        name = str(record_scalar(d, "estimator", what))
         klass = Estimator._registry.get(name)
         if klass is None:
             raise ValueError(
@@ -411,12 +405,12 @@ class Estimator(abc.ABC):
         if cls is not Estimator and not issubclass(klass, cls):
             raise ValueError(f"the record holds a {name}, not a {cls.__name__}")
         params = {
-            klass._renamed_params.get(str(k)[6:], str(k)[6:]): _scalar(d[k])
+            klass._renamed_params.get(str(k)[6:], str(k)[6:]): record_scalar(d, k, what)
             for k in d.keys()
             if str(k).startswith("param_")
         }
         obj = klass(**params)
-        if bool(_scalar(d["empty"])):
+        if bool(record_scalar(d, "empty", what)):
             return obj
         shape = tuple(int(s) for s in np.asarray(d["shape"]).reshape(-1))
         D = int(np.prod(shape, dtype=np.int64))
@@ -425,14 +419,17 @@ class Estimator(abc.ABC):
             raise RecordError(f"corrupt estimator record: count does not match shape {shape}")
         if not np.all(np.isfinite(count)) or np.any(count < 0):
             raise RecordError("impossible estimator record: counts must be finite and >= 0")
-        batches = _scalar(d["batches"])
+        batches = record_scalar(d, "batches", what)
         if not is_int(batches) or batches < 0:
             raise RecordError(f"impossible estimator record: batches {batches!r}")
         obj._shape = shape
         obj._count = count.copy()
         obj._batches = int(batches)
-        obj._weighted = bool(_scalar(d.get("weighted", False)))
-        obj._uniform = bool(_scalar(d.get("uniform", False))) and (
+        flags = {
+            k: bool(record_scalar(d, k, what)) for k in ("weighted", "uniform") if k in d.keys()
+        }
+        obj._weighted = flags.get("weighted", False)
+        obj._uniform = flags.get("uniform", False) and (
             count.size == 0 or bool(np.all(count == count[0]))
         )
         obj._init_state(D)

@@ -115,6 +115,16 @@ class _Runner:
         return arr[:n], {k: np.asarray(v)[:n] for k, v in zip(out_names, res, strict=True)}
 
 
+def _runner(cal: Any, feed: ModelInput, providers: list[str] | None, doing: str) -> _Runner:
+    """A runner of the calibration model ``cal``, which must fit in one protobuf message."""
+    if cal.ByteSize() >= MAX_PROTO:
+        raise InputError(
+            f"the model is larger than 2 GiB once loaded; {doing} such models through "
+            "onnxruntime sessions from memory is not supported"
+        )
+    return _Runner(cal.SerializeToString(), feed, providers)
+
+
 @dataclass
 class _OnnxAdapter:
     """:class:`streamnorm.calibrate.Adapter` for a calibration model (statistics and folded
@@ -495,22 +505,11 @@ def recalibrate(
     _check_data_file(loaded, op)
 
     inits = {t.name: t for t in model.graph.initializer}
-    names = [n for b in bns for n in (b.mean, b.var)] + [
-        n for f in folded for n in (f.weight, f.bias)
-    ]
+    weights = [n for f in folded for n in (f.weight, f.bias)]
+    names = [n for b in bns for n in (b.mean, b.var)] + weights
     feeds = {n: onnx.numpy_helper.to_array(inits[n]) for n in names}
-    cal = calibration_model(
-        model,
-        bns,
-        fed=[n for f in folded for n in (f.weight, f.bias)],
-        exposed=[f.output for f in folded],
-    )
-    if cal.ByteSize() >= MAX_PROTO:
-        raise InputError(
-            "the model is larger than 2 GiB once loaded; recalibration of such models through "
-            "onnxruntime sessions from memory is not supported"
-        )
-    runner = _Runner(cal.SerializeToString(), feed, providers)
+    cal = calibration_model(model, bns, fed=weights, exposed=[f.output for f in folded])
+    runner = _runner(cal, feed, providers, "recalibration of")
     measured: dict[str, Moments] = {}
     if src_data is not None and folded:
         src_stream = core.Stream.of(src_data, feed.fixed_batch or bs)
@@ -614,13 +613,7 @@ def annotate(
     check_output(op, input_files(loaded, opened))
     _check_data_file(loaded, op)
     outputs = [n.output[0] for n in nodes]
-    cal = calibration_model(model, [], exposed=outputs)
-    if cal.ByteSize() >= MAX_PROTO:
-        raise InputError(
-            "the model is larger than 2 GiB once loaded; annotating such models through "
-            "onnxruntime sessions from memory is not supported"
-        )
-    runner = _Runner(cal.SerializeToString(), feed, providers)
+    runner = _runner(calibration_model(model, [], exposed=outputs), feed, providers, "annotating")
     measured, samples = _measure(runner, {}, outputs, stream, progress)
     for o in outputs:
         _stats(measured[o], o)

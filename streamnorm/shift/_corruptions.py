@@ -80,6 +80,20 @@ def _occlusion(x: np.ndarray, side: float, rng: np.random.Generator) -> np.ndarr
     return out
 
 
+def check_corruption(corruption: str) -> str:
+    """``corruption`` if it is one of :data:`CORRUPTIONS`, else :class:`InputError`."""
+    if corruption not in CORRUPTIONS:
+        raise InputError(f"unknown corruption {corruption!r}; choose from {CORRUPTIONS}")
+    return corruption
+
+
+def check_severity(severity: int) -> int:
+    """``severity`` if it is one of :data:`SEVERITIES`, else :class:`InputError`."""
+    if severity not in SEVERITIES:
+        raise InputError(f"severity must be one of {SEVERITIES}, got {severity!r}")
+    return severity
+
+
 _FUNCS: dict[str, Callable[[np.ndarray, float, np.random.Generator], np.ndarray]] = {
     "gaussian_noise": _gaussian_noise,
     "shot_noise": _shot_noise,
@@ -113,10 +127,8 @@ def corrupt(x: np.ndarray, corruption: str, severity: int, seed: int = 0) -> np.
     ndarray, shape and dtype of ``x``
         Not clipped (brightness may leave [0, 1], as a camera's gain would before saturation).
     """
-    if corruption not in _FUNCS:
-        raise InputError(f"unknown corruption {corruption!r}; choose from {CORRUPTIONS}")
-    if severity not in SEVERITIES:
-        raise InputError(f"severity must be one of {SEVERITIES}, got {severity!r}")
+    check_corruption(corruption)
+    check_severity(severity)
     a = np.asarray(x)
     if a.ndim != 4 or a.dtype.kind != "f":
         raise InputError(

@@ -12,7 +12,7 @@ import numpy as np
 from .._errors import InputError
 from .._extras import require
 from .._validate import check_positive_int
-from ._corruptions import CORRUPTIONS, SEVERITIES, corrupt
+from ._corruptions import CORRUPTIONS, SEVERITIES, check_corruption, check_severity, corrupt
 
 #: the test-time estimators compared, by their ``streamnorm.torch.adapt`` names
 ESTIMATORS = ("batch", "prior_mix", "alpha_mix", "decaying_ema", "prior_population")
@@ -71,11 +71,9 @@ class ShiftConfig:
         for name in ("epochs", "online_samples", "max_batches", "warmup", "threads"):
             check_positive_int(name, getattr(self, name))
         for c in self.corruptions:
-            if c not in CORRUPTIONS:
-                raise InputError(f"unknown corruption {c!r}; choose from {CORRUPTIONS}")
+            check_corruption(c)
         for s in (*self.severities, self.warmup_severity):
-            if s not in SEVERITIES:
-                raise InputError(f"severity must be one of {SEVERITIES}, got {s!r}")
+            check_severity(s)
         for b in self.batch_sizes:
             check_positive_int("batch size", b)
         for e in self.estimators:

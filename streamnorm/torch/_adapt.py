@@ -25,7 +25,7 @@ from ..estimators import (
     PriorMix,
     PriorPopulation,
 )
-from ._hooks import bn_axes, bn_layers
+from ._hooks import UPCAST, bn_axes, bn_layers
 
 #: estimator names ``adapt`` accepts, with the class each builds with its defaults
 ESTIMATORS: dict[str, type[Estimator]] = {
@@ -36,8 +36,6 @@ ESTIMATORS: dict[str, type[Estimator]] = {
     "prior_population": PriorPopulation,
     "population": Population,
 }
-
-_UPCAST = (torch.float16, torch.bfloat16)
 
 
 def _template(estimator: Any) -> Estimator:
@@ -145,7 +143,7 @@ class Adaptation:
             est = layer_estimator(self.template, module, positions, groups)
             self.estimators[name] = est
         xd = x.detach()
-        if xd.dtype in _UPCAST and not xd.is_cuda:
+        if xd.dtype in UPCAST and not xd.is_cuda:
             xd = xd.float()
         est.update(moments(xd, axis=bn_axes(x.ndim)))
         mean = torch.as_tensor(est.mean, dtype=x.dtype, device=x.device)
@@ -282,8 +280,6 @@ def adapt_groups(
 
 
 def _chosen(model: Any, layers: Iterable[str] | None) -> list[tuple[str, Any]]:
-    if not isinstance(model, torch.nn.Module):
-        raise InputTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     found = bn_layers(model)
     if layers is None:
         chosen = found

@@ -35,7 +35,7 @@ from ..calibrate import (
     check_budget,
     input_of,
 )
-from ._hooks import NormSpec, norm_candidates, norm_layers
+from ._hooks import UPCAST, NormSpec, norm_candidates, norm_layers
 
 torch = require("torch")
 
@@ -216,7 +216,7 @@ class TorchAdapter(WatchedAdapter):
         def make_hook(name: str) -> Callable[..., None]:
             def hook(module: Any, args: tuple[Any, ...]) -> None:
                 x = args[0].detach()
-                if x.dtype in (torch.float16, torch.bfloat16):
+                if x.dtype in UPCAST:
                     x = x.float()
                 current.hand(name, x.cpu().numpy())
 

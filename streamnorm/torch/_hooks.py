@@ -29,6 +29,7 @@ torch = require("torch")
 from torch.nn.modules.batchnorm import _BatchNorm  # noqa: E402
 
 __all__ = [
+    "UPCAST",
     "NormSpec",
     "bn_axes",
     "bn_layers",
@@ -40,8 +41,8 @@ __all__ = [
     "track",
 ]
 
-# dtypes numpy cannot view; converted to float32 (a copy, the only one)
-_UPCAST = (torch.float16, torch.bfloat16)
+#: half-precision dtypes that CPU inputs are converted from to float32 (a copy, the only one)
+UPCAST = (torch.float16, torch.bfloat16)
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,7 +267,7 @@ def _make_hook(tracker: Any, name: str) -> Any:
         if not isinstance(x, torch.Tensor) or x.ndim < 2 or x.numel() == 0:
             return  # BatchNorm itself reports a malformed input
         x = x.detach()
-        if x.dtype in _UPCAST and not x.is_cuda:  # the GPU kernels read half precision as is
+        if x.dtype in UPCAST and not x.is_cuda:  # the GPU kernels read half precision as is
             x = x.float()
         tracker.update(name, x, axis=bn_axes(x.ndim))
 
