@@ -455,26 +455,51 @@ def _cf_moments(x, seg_len, chunk_blocks):
 
 @njit(**JIT)
 def _cf_rows_block(x, a0, a1, ref, s, q, x0):
-    """Every channel of samples ``a0:a1`` of ``x`` (A, C, L), read in address order.
+    """Every channel of samples ``a0:a1`` of ``x`` (A, C, L), read as two sequential streams.
 
     Per channel one pass over ``v = x - x0[c]`` (``x0[c]`` the block's first element of that
     channel), checked and redone as a two-pass as in :func:`_rows_block_shifted`. Writes the
-    mean relative to ``ref`` into ``s`` and M2 into ``q``.
+    mean relative to ``ref`` into ``s`` and M2 into ``q``. Sample ``a`` of the first half of the
+    run is read together with sample ``a + h`` of the second half (a sample left over: the two
+    halves of its rows): two address-ordered streams that the prefetcher follows while the loop
+    computes (one stream a step read about 20 % slower, the same effect as in the rows kernel).
     """
     C = x.shape[1]
     L = x.shape[2]
     n = (a1 - a0) * L
+    h = (a1 - a0) // 2
     s1 = np.zeros(C)
     s2 = np.zeros(C)
     for c in range(C):
         x0[c] = np.float64(x[a0, c, 0])
-    for a in range(a0, a1):
+    for a in range(a0, a0 + h):
+        for c in range(C):
+            row = x[a, c]
+            far = x[a + h, c]
+            xc = x0[c]
+            t1 = 0.0
+            t2 = 0.0
+            for i in range(L):
+                v = row[i] - xc
+                w = far[i] - xc
+                t1 += v + w
+                t2 += v * v + w * w
+            s1[c] += t1
+            s2[c] += t2
+    # a sample left over (an odd run, or a run of one): the two halves of each of its rows
+    hl = L // 2
+    for a in range(a0 + 2 * h, a1):
         for c in range(C):
             row = x[a, c]
             xc = x0[c]
             t1 = 0.0
             t2 = 0.0
-            for i in range(L):
+            for i in range(hl):
+                v = row[i] - xc
+                w = row[i + hl] - xc
+                t1 += v + w
+                t2 += v * v + w * w
+            for i in range(2 * hl, L):
                 v = row[i] - xc
                 t1 += v
                 t2 += v * v
@@ -550,7 +575,7 @@ LEAF_LOOPS = {
         ORDERED_JIT,
         "two reads; convert, 2 subtract, add; then convert, 3 subtract, multiply-add",
     ),
-    "channels-first, one sample's rows": (
+    "channels-first, two samples' rows": (
         _cf_rows_block,
         JIT,
         "convert, subtract, add, multiply-add: 4 vector ops, 3 flops",

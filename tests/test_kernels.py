@@ -62,6 +62,36 @@ def test_rows_kernel_every_remainder_of_the_four_row_step(rows, block_rows):
         assert _rel(q, m2) < 1e-12
 
 
+@pytest.mark.parametrize("A", [1, 2, 3, 4, 5, 7, 12])
+@pytest.mark.parametrize("rows_per", [1, 2, 3, 5])
+@pytest.mark.parametrize("L", [1, 2, 7, 49])
+def test_cf_rows_kernel_every_pairing_of_samples_and_row_halves(A, rows_per, L):
+    """Samples are read two at a time (a, a + h); a left-over sample by the halves of its rows."""
+    rng = np.random.default_rng(A * 100 + rows_per * 10 + L)
+    x = (rng.standard_normal((A, 3, L)) * 2 + 5e3).astype(np.float32)
+    n, m, q, lo = K.cf_rows_moments(x, rows_per)
+    n_s, m_s, q_s, lo_s = K.cf_rows_moments_serial(x, rows_per)
+    for a, b in ((n, n_s), (m, m_s), (q, q_s), (lo, lo_s)):
+        assert np.array_equal(a, b)
+    cnt, mean, m2 = moments_ld(x, (0, 2))
+    assert np.array_equal(n, cnt.astype(np.float64))
+    assert _rel(np.longdouble(m) + np.longdouble(lo), mean) < 1e-15
+    if A * L > 1:
+        assert _rel(q, m2) < 1e-12
+
+
+@pytest.mark.parametrize("rows_per", [1, 3, 4])
+def test_cf_rows_kernel_refines_a_run_that_starts_with_an_outlier(rows_per):
+    """Each run's one-pass sums are shifted by its first element: an outlier there costs ~3000x
+    cancellation, above REFINE, so the run is redone with a two-pass (else ~3e-13)."""
+    rng = np.random.default_rng(rows_per)
+    x = rng.standard_normal((12, 2, 3001)) * 1e-3 + 1.0
+    x[::rows_per, :, 0] = 1e3
+    cnt, mean, m2 = moments_ld(x, (0, 2))
+    n, m, q, lo = K.cf_rows_moments(x, rows_per)
+    assert _rel(q, m2) < 1e-14
+
+
 def test_merge_slots_uniform_counts_equal_per_dim_counts():
     rng = np.random.default_rng(1)
     c_mean = rng.standard_normal((5, 3))
