@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -197,12 +199,12 @@ def _reduce(
     a: np.ndarray, axes: tuple[int, ...], w: np.ndarray | None, nan_policy: str
 ) -> State | None:
     """The general path: ``a`` validated, ``axes`` normalized, ``w`` checked."""
-    nsamp = int(np.prod([a.shape[i] for i in axes], dtype=np.int64))
+    nsamp = math.prod(a.shape[i] for i in axes)
     kept = tuple(s for i, s in enumerate(a.shape) if i not in axes)
     if nsamp == 0:
         return None
     total = float(nsamp) if w is None else float(w.sum()) * (nsamp // a.shape[axes[0]])
-    if int(np.prod(kept, dtype=np.int64)) == 0:
+    if math.prod(kept) == 0:
         e = np.zeros(0)
         return State(e, e.copy(), e.copy(), e.copy(), kept, total, w is not None)
     n, m, q, lo = call_kernel(reduce_batch, a, axes, w, nan_policy)

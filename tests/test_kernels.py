@@ -160,6 +160,36 @@ def test_plan_with_out_merges_only_where_both_arrays_allow():
     assert np.shares_memory(p.out_view, out)
 
 
+@pytest.mark.parametrize(
+    ("shape", "axes"),
+    [
+        ((5, 3), (0,)),
+        ((4, 6, 5), (0, 1)),
+        ((4, 6, 5), (0, 2)),
+        ((2, 3, 4, 5), (0, 2, 3)),
+        ((2, 3, 4, 5), (0, 1, 2)),
+        ((2, 3, 4, 5, 6), (0, 2, 3, 4)),
+        ((1, 3, 4, 5), (0, 2, 3)),
+        ((2, 1, 4, 5), (0, 2, 3)),
+        ((2, 3, 1, 5), (0, 2, 3)),
+        ((7, 1), (0,)),
+        ((4, 6, 5), (1, 2)),
+    ],
+)
+def test_quick_plan_equals_the_general_search(monkeypatch, shape, axes):
+    """The shortcut for C-contiguous NCHW / (N, D) arrays finds exactly the general plan."""
+    from streamnorm import _layout
+
+    x = np.zeros(shape, np.float32)
+    quick = plan(x, axes)
+    monkeypatch.setattr(_layout, "_quick_plan", lambda x, axes: None)
+    full = plan(x, axes)
+    assert (quick.kind, quick.kept_phys, quick.red_phys) == (full.kind, full.kept_phys, full.red_phys)
+    assert quick.view.shape == full.view.shape and quick.view.strides == full.view.strides
+    assert quick.kept_shape == full.kept_shape and not quick.view.flags.writeable
+    assert np.shares_memory(quick.view, x)
+
+
 @pytest.mark.slow
 def test_leaf_loops_vectorize():
     from streamnorm.cli.bench import vector_report
