@@ -33,6 +33,17 @@ from ._jit import twins
 
 
 @njit(**STRICT_JIT)
+def zeros(rows, cols):
+    """A zeroed float64 (rows, cols) array, for the parallel kernels to allocate with.
+
+    Inside a ``parallel=True`` function Numba turns ``np.zeros`` into a parallel loop of its own,
+    one more launch of the thread pool (about 2 us each, three per small batch before this);
+    allocated in a plain compiled function it is a ``calloc``-like serial fill.
+    """
+    return np.zeros((rows, cols))
+
+
+@njit(**STRICT_JIT)
 def chan_merge_into(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     """Merge state ``b`` into state ``a`` in place (flat float64 arrays of one length)."""
     for d in range(n_a.shape[0]):
@@ -253,9 +264,9 @@ def _rows_moments(x, block_rows, chunk_blocks):
     ref = finite_or_zero(x[0])
     nblocks = (R + block_rows - 1) // block_rows
     nchunks = (nblocks + chunk_blocks - 1) // chunk_blocks
-    c_n = np.zeros((nchunks, 1))
-    c_mean = np.zeros((nchunks, D))
-    c_m2 = np.zeros((nchunks, D))
+    c_n = zeros(nchunks, 1)
+    c_mean = zeros(nchunks, D)
+    c_m2 = zeros(nchunks, D)
     for k in prange(nchunks):
         s = np.empty(D)
         q = np.empty(D)
@@ -317,9 +328,9 @@ def rows_moments_general(x, ref, w, use_w, omit, block_rows, chunk_blocks):
     R, D = x.shape
     nblocks = (R + block_rows - 1) // block_rows
     nchunks = (nblocks + chunk_blocks - 1) // chunk_blocks
-    c_n = np.zeros((nchunks, D))
-    c_mean = np.zeros((nchunks, D))
-    c_m2 = np.zeros((nchunks, D))
+    c_n = zeros(nchunks, D)
+    c_mean = zeros(nchunks, D)
+    c_m2 = zeros(nchunks, D)
     for k in prange(nchunks):
         s = np.empty(D)
         q = np.empty(D)
@@ -416,9 +427,9 @@ def _cf_moments(x, seg_len, chunk_blocks):
         seg_per_row = 1
         nblk = (A + rows_per - 1) // rows_per
     ncpc = (nblk + chunk_blocks - 1) // chunk_blocks
-    c_n = np.zeros((ncpc, C))
-    c_mean = np.zeros((ncpc, C))
-    c_m2 = np.zeros((ncpc, C))
+    c_n = zeros(ncpc, C)
+    c_mean = zeros(ncpc, C)
+    c_m2 = zeros(ncpc, C)
     for t in prange(C * ncpc):
         # chunk-major order: consecutive tasks read neighbouring channels of the same samples,
         # so the threads stream through memory in address order
@@ -525,9 +536,9 @@ def _cf_rows_moments(x, rows_per):
     A, C, L = x.shape
     ref = finite_or_zero(x[0, :, 0])
     nt = (A + rows_per - 1) // rows_per
-    c_n = np.zeros((nt, 1))
-    c_mean = np.zeros((nt, C))
-    c_m2 = np.zeros((nt, C))
+    c_n = zeros(nt, 1)
+    c_mean = zeros(nt, C)
+    c_m2 = zeros(nt, C)
     for k in prange(nt):
         a0 = k * rows_per
         a1 = min(A, a0 + rows_per)
