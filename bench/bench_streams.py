@@ -1,12 +1,19 @@
-"""How the order of rows changes the read rate of the one-pass moments loop (one thread).
+"""How the order of rows changes the read rate of the one-pass moments loops.
 
-Run: ``NUMBA_NUM_THREADS=1 python bench/bench_streams.py``. Each loop does the rows kernel's
+Run: ``NUMBA_NUM_THREADS=1 python bench/bench_streams.py`` (rows, one thread), and
+``python bench/bench_streams.py --cf`` (channels-first, one and all threads; add
+``NUMBA_CPU_NAME=haswell`` for the AVX2 build). Each loop does the rows kernel's
 arithmetic (shift, sum, sum of squares in float64) over a (2e6, 128) float32 array, taking rows
 in a different order: four consecutive rows a step, one row a step, four rows from the four
 quarters of the array, two rows from its two halves, and two consecutive rows from each half of
 every 256 KB block (what ``streamnorm._kernels`` does). Printed: GB/s from memory and from cache
 (a 256 KB array), best of several runs, each loop three times in turn, next to a fastmath Numba
 sum over the same memory.
+
+``--cf``: the channels-first loop over NCHW (128, 64, 56, 56) and (256, 512, 7, 7) float32, each
+parallel task a run of samples as in ``streamnorm._kernels``: one sample's rows at a time (the loop
+before it changed) against two samples of the run at a time (the loop as shipped), beside the
+Numba sum and ``torch.sum`` (where torch is installed), three rounds, best of 7 each, GB/s.
 """
 
 from __future__ import annotations
@@ -115,6 +122,102 @@ def flat_sum(a):
     return t
 
 
+CF_OPT = dict(fastmath=True, error_model="numpy", boundscheck=False)
+
+
+@njit(**CF_OPT)
+def cf_one_sample(x, a0, a1, s1, s2, x0):
+    C, L = x.shape[1], x.shape[2]
+    for c in range(C):
+        x0[c] = np.float64(x[a0, c, 0])
+    for a in range(a0, a1):
+        for c in range(C):
+            row, xc, t1, t2 = x[a, c], x0[c], 0.0, 0.0
+            for i in range(L):
+                v = row[i] - xc
+                t1 += v
+                t2 += v * v
+            s1[c] += t1
+            s2[c] += t2
+
+
+@njit(**CF_OPT)
+def cf_two_samples(x, a0, a1, s1, s2, x0):
+    C, L = x.shape[1], x.shape[2]
+    h = (a1 - a0) // 2
+    for c in range(C):
+        x0[c] = np.float64(x[a0, c, 0])
+    for a in range(a0, a0 + h):
+        for c in range(C):
+            row, far, xc, t1, t2 = x[a, c], x[a + h, c], x0[c], 0.0, 0.0
+            for i in range(L):
+                v = row[i] - xc
+                w = far[i] - xc
+                t1 += v + w
+                t2 += v * v + w * w
+            s1[c] += t1
+            s2[c] += t2
+    for a in range(a0 + 2 * h, a1):
+        for c in range(C):
+            row, xc, t1, t2 = x[a, c], x0[c], 0.0, 0.0
+            for i in range(L):
+                v = row[i] - xc
+                t1 += v
+                t2 += v * v
+            s1[c] += t1
+            s2[c] += t2
+
+
+def _cf_driver(leaf):
+    @njit(parallel=True)
+    def run(x, rows_per):
+        A, C = x.shape[0], x.shape[1]
+        nt = (A + rows_per - 1) // rows_per
+        out = np.empty((nt, 3, C))
+        for k in prange(nt):
+            out[k, 0] = 0.0
+            out[k, 1] = 0.0
+            leaf(x, k * rows_per, min(A, (k + 1) * rows_per), out[k, 0], out[k, 1], out[k, 2])
+        return out
+
+    return run
+
+
+def cf_main() -> None:
+    import numba
+
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    one, two = _cf_driver(cf_one_sample), _cf_driver(cf_two_samples)
+    print(f"CPU build: {numba.config.CPU_NAME or 'native'}")
+    for shape in ((128, 64, 56, 56), (256, 512, 7, 7)):
+        x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+        A, C = shape[:2]
+        v = x.reshape(A, C, -1)
+        rows_per = max(1, min(-(-16384 // v.shape[2]), -(-A // 8)))  # as streamnorm._reduce
+        for threads in (1, numba.config.NUMBA_NUM_THREADS):
+            numba.set_num_threads(threads)
+            if torch is not None:
+                torch.set_num_threads(threads)
+            cands = [("numba sum", lambda x=x: flat_sum(x.reshape(-1)))]
+            if torch is not None:
+                tx = torch.from_numpy(x)
+                cands.append(("torch.sum", lambda tx=tx: tx.sum()))
+            cands += [
+                ("one sample's rows a step", lambda v=v, r=rows_per: one(v, r)),
+                ("two samples' rows a step", lambda v=v, r=rows_per: two(v, r)),
+            ]
+            rates: dict[str, list[float]] = {}
+            for _ in range(3):
+                for name, f in cands:
+                    rates.setdefault(name, []).append(x.nbytes / _best(f, 7) / 1e9)
+            print(f"NCHW {shape}, {threads} thread(s), runs of {rows_per} samples:")
+            for name, r in rates.items():
+                print(f"  {name:26s} " + " ".join(f"{g:6.1f}" for g in r) + " GB/s")
+
+
 def _best(f, n):
     f()
     times = []
@@ -147,4 +250,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    cf_main() if "--cf" in sys.argv[1:] else main()
