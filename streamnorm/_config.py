@@ -70,4 +70,4 @@ CF_RUN_ELEMS = 16384
 
 #: (rows, D) arrays with D below half of this are read as (rows / k, k * D) with k * D close
 #: to it, then the k column groups of each dimension are merged: narrow rows vectorize poorly.
-NARROW_WIDTH = 256
+NARROW_WIDTH = 128

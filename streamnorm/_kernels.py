@@ -213,15 +213,17 @@ def _rows_block_shifted(x, r0, r1, ref, s, q, x0):
     q[:] = 0.0
     # four rows at a time: each accumulator is loaded and stored once per four rows, not once
     # per element (a loop over one row at a time is bound by those loads and stores). The four
-    # rows are two consecutive rows from each half of the block: two sequential streams, which
-    # the hardware prefetcher follows while the loop computes (four consecutive rows a step read
-    # memory about 30 % slower on one thread, as if reading and computing took turns)
+    # rows come from the four quarters of the block: four sequential streams, which the
+    # hardware prefetcher follows while the loop computes. Four consecutive rows a step read
+    # memory about 25 % slower on one thread, as if reading and computing took turns; two
+    # consecutive rows from each half of the block lost as much at some row widths (1-2 KB
+    # rows), four streams at none (``bench/bench_streams.py``)
     for i in range(p):
-        r = r0 + 2 * i
+        r = r0 + i
         a0 = x[r]
-        a1 = x[r + 1]
+        a1 = x[r + p]
         a2 = x[r + 2 * p]
-        a3 = x[r + 2 * p + 1]
+        a3 = x[r + 3 * p]
         for d in range(D):
             c = x0[d]
             v0 = a0[d] - c
