@@ -70,4 +70,7 @@ CF_RUN_ELEMS = 16384
 
 #: (rows, D) arrays with D below half of this are read as (rows / k, k * D) with k * D close
 #: to it, then the k column groups of each dimension are merged: narrow rows vectorize poorly.
-NARROW_WIDTH = 128
+#: By item size: float32 rows of 128 columns read 3-6 % faster than rows of 256; float64 rows
+#: of 256 columns keep the blocks (256 KB) at 128 rows, whose shorter sums measure about half
+#: the rounding error at mean/std = 1e8 (7e-16 against 1.1e-15 for 128 columns).
+NARROW_WIDTH = {1: 256, 2: 256, 4: 128, 8: 256}

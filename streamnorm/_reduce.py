@@ -49,7 +49,7 @@ def _cf_params(A: int, L: int) -> tuple[int, int]:
 
 def run_rows(x: np.ndarray, w: np.ndarray | None, omit: bool) -> Stats:
     R, D = x.shape
-    k = NARROW_WIDTH // D if D else 0
+    k = NARROW_WIDTH[x.itemsize] // D if D else 0
     if k > 1 and w is None and not omit and x.flags.c_contiguous and R >= 2 * k:
         # narrow rows: k consecutive rows side by side make a (R // k, k * D) array whose rows
         # vectorize well; the k column groups of each dimension are merged afterwards
@@ -88,7 +88,7 @@ def plain_rows(x: np.ndarray) -> bool:
     (no weights, no omission, rows wide enough not to be regrouped).
     """
     R, D = x.shape
-    return R > 0 and NARROW_WIDTH // max(1, D) <= 1
+    return R > 0 and NARROW_WIDTH[x.itemsize] // max(1, D) <= 1
 
 
 def merge_rows(
