@@ -17,7 +17,9 @@ from ._config import (
     CF_RUN_ELEMS,
     CHUNK_ELEMS,
     GENERIC_BLOCK_BYTES,
+    MAX_BLOCK_BYTES,
     MAX_CHUNKS,
+    MIN_BLOCK_ROWS,
     NARROW_WIDTH,
     SEG_LEN,
     SERIAL_BYTES,
@@ -31,7 +33,8 @@ Stats = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 @lru_cache(maxsize=256)
 def _rows_params(D: int, itemsize: int, R: int) -> tuple[int, int]:
     # cached: a stream repeats a handful of shapes, and this costs 0.6 us a call, a lookup 0.1
-    block_rows = max(1, BLOCK_BYTES // max(1, D * itemsize))
+    row_bytes = max(1, D * itemsize)
+    block_rows = max(1, BLOCK_BYTES // row_bytes, min(MIN_BLOCK_ROWS, MAX_BLOCK_BYTES // row_bytes))
     nblocks = -(-R // block_rows)
     chunk_blocks = max(1, -(-nblocks // MAX_CHUNKS), CHUNK_ELEMS // max(1, block_rows * D))
     return block_rows, chunk_blocks
