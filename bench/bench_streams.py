@@ -1,14 +1,24 @@
 """How the order of rows changes the read rate of the one-pass moments loops.
 
-Run: ``NUMBA_NUM_THREADS=1 python bench/bench_streams.py`` (rows, one thread), and
-``python bench/bench_streams.py --cf`` (channels-first, one and all threads; add
-``NUMBA_CPU_NAME=haswell`` for the AVX2 build). Each loop does the rows kernel's
-arithmetic (shift, sum, sum of squares in float64) over a (2e6, 128) float32 array, taking rows
-in a different order: four consecutive rows a step, one row a step, four rows from the four
-quarters of the array, two rows from its two halves, and two consecutive rows from each half of
-every 256 KB block (what ``streamnorm._kernels`` does). Printed: GB/s from memory and from cache
+Run: ``NUMBA_NUM_THREADS=1 python bench/bench_streams.py`` (rows, one thread),
+``NUMBA_NUM_THREADS=1 python bench/bench_streams.py --widths`` (rows of every width), and
+``python bench/bench_streams.py --cf`` (channels-first, one and all threads). For the plain AVX2
+build add ``NUMBA_CPU_NAME=haswell NUMBA_CPU_FEATURES= NUMBA_CACHE_DIR=/tmp/nc-avx2``
+(``NUMBA_CPU_NAME=haswell`` alone keeps the host's AVX-512 features and emits 512-bit code).
+
+Each loop does the rows kernel's arithmetic (shift, sum, sum of squares in float64) over a
+(2e6, 128) float32 array, taking rows in a different order: four consecutive rows a step, one
+row a step, four rows from the four quarters of the array, two rows from its two halves, two
+consecutive rows from each half of every 256 KB block, and one row from each quarter of every
+256 KB block (what ``streamnorm._kernels`` does). Printed: GB/s from memory and from cache
 (a 256 KB array), best of several runs, each loop three times in turn, next to a fastmath Numba
 sum over the same memory.
+
+``--widths``: the loop with two consecutive rows from each half of a 256 KB block against one
+row from each of its four quarters, over one 512 MB float32 array seen as rows of 128 to 2048
+columns; then ``streamnorm``'s own rows kernel on the same memory regrouped to rows of 128, 256
+and 512 columns (float32 and float64: the choice of ``NARROW_WIDTH``), and on (2e5, 1024)
+float32 with blocks of 64, 128 and 256 rows (the choice of ``MIN_BLOCK_ROWS``).
 
 ``--cf``: the channels-first loop over NCHW (128, 64, 56, 56) and (256, 512, 7, 7) float32, each
 parallel task a run of samples as in ``streamnorm._kernels``: one sample's rows at a time (the loop
@@ -114,6 +124,27 @@ def block_halves(x, br):
     return s, q
 
 
+@njit(**OPT)
+def block_quarters(x, br):
+    R, D = x.shape
+    s, q, c = np.zeros(D), np.zeros(D), x[0].astype(np.float64)
+    p = br // 4
+    for r0 in range(0, R - br + 1, br):
+        for i in range(p):
+            r = r0 + i
+            a0, a1, a2, a3 = x[r], x[r + p], x[r + 2 * p], x[r + 3 * p]
+            for d in range(D):
+                w0, w1, w2, w3 = a0[d] - c[d], a1[d] - c[d], a2[d] - c[d], a3[d] - c[d]
+                s[d] += (w0 + w1) + (w2 + w3)
+                qd = q[d]
+                qd += w0 * w0
+                qd += w1 * w1
+                qd += w2 * w2
+                qd += w3 * w3
+                q[d] = qd
+    return s, q
+
+
 @njit(fastmath=True, parallel=True)
 def flat_sum(a):
     t = 0.0
@@ -183,6 +214,42 @@ def _cf_driver(leaf):
     return run
 
 
+def _rate(nbytes: int, f, *args) -> float:
+    """GB/s of ``f(*args)``, best of 5."""
+    return nbytes / _best(lambda: f(*args), 5) / 1e9
+
+
+def widths_main() -> None:
+    from streamnorm._kernels import rows_moments
+
+    def blocks(rows: int, width: int, itemsize: int, block_rows: int = 0) -> tuple[int, int]:
+        br = block_rows or max(1, 256 * 1024 // (width * itemsize))
+        nblocks = (rows + br - 1) // br
+        return br, max(1, (nblocks + 255) // 256)
+
+    flat = np.random.default_rng(0).standard_normal(128_000_000, dtype=np.float32)
+    print(f"numba sum {_rate(flat.nbytes, flat_sum, flat):6.2f} GB/s; block loops (GB/s):")
+    for width in (128, 256, 512, 1024, 2048):
+        x = flat.reshape(-1, width)
+        br = 256 * 1024 // (4 * width)
+        half = _rate(flat.nbytes, block_halves, x, br)
+        quarter = _rate(flat.nbytes, block_quarters, x, br)
+        print(f"{width:5d} columns: two from each half {half:5.1f}, four quarters {quarter:5.1f}")
+    print("rows_moments over the same memory, regrouped (GB/s, two rounds):")
+    for dtype in (np.float32, np.float64):
+        data = flat if dtype == np.float32 else flat[: flat.size // 2].astype(np.float64)
+        for width in (128, 256, 512):
+            x = data.reshape(-1, width)
+            args = (x, *blocks(x.shape[0], width, data.itemsize))
+            r = [_rate(data.nbytes, rows_moments, *args) for _ in range(2)]
+            print(f"  {np.dtype(dtype).name} rows of {width}: " + " ".join(f"{g:5.1f}" for g in r))
+    x = flat[: 200_000 * 1024].reshape(200_000, 1024)
+    for br in (64, 128, 256):
+        args = (x, *blocks(200_000, 1024, 4, br))
+        r = [_rate(x.nbytes, rows_moments, *args) for _ in range(2)]
+        print(f"  (2e5, 1024) float32, blocks of {br} rows: " + " ".join(f"{g:5.1f}" for g in r))
+
+
 def cf_main() -> None:
     import numba
 
@@ -240,6 +307,7 @@ def main() -> None:
         ("four quarters of the array", quarters),
         ("two halves of the array", halves),
         ("two rows from each block half", block_halves),
+        ("one row from each block quarter", block_quarters),
     ]:
         tm = _best(lambda f=f: f(x, br), 7)
         tc = _best(lambda f=f: f(small, br), 200)
@@ -252,4 +320,9 @@ def main() -> None:
 if __name__ == "__main__":
     import sys
 
-    cf_main() if "--cf" in sys.argv[1:] else main()
+    if "--cf" in sys.argv[1:]:
+        cf_main()
+    elif "--widths" in sys.argv[1:]:
+        widths_main()
+    else:
+        main()
