@@ -229,12 +229,13 @@ def widths_main() -> None:
 
     flat = np.random.default_rng(0).standard_normal(128_000_000, dtype=np.float32)
     print(f"numba sum {_rate(flat.nbytes, flat_sum, flat):6.2f} GB/s; block loops (GB/s):")
-    for width in (128, 256, 512, 1024, 2048):
-        x = flat.reshape(-1, width)
-        br = 256 * 1024 // (4 * width)
-        half = _rate(flat.nbytes, block_halves, x, br)
-        quarter = _rate(flat.nbytes, block_quarters, x, br)
-        print(f"{width:5d} columns: two from each half {half:5.1f}, four quarters {quarter:5.1f}")
+    for _ in range(2):
+        for width in (128, 256, 512, 1024, 2048):
+            x = flat.reshape(-1, width)
+            br = 256 * 1024 // (4 * width)
+            half = _rate(flat.nbytes, block_halves, x, br)
+            quarter = _rate(flat.nbytes, block_quarters, x, br)
+            print(f"{width:5d} columns: two from each half {half:5.1f}, quarters {quarter:5.1f}")
     print("rows_moments over the same memory, regrouped (GB/s, two rounds):")
     for dtype in (np.float32, np.float64):
         data = flat if dtype == np.float32 else flat[: flat.size // 2].astype(np.float64)
@@ -243,7 +244,8 @@ def widths_main() -> None:
             args = (x, *blocks(x.shape[0], width, data.itemsize))
             r = [_rate(data.nbytes, rows_moments, *args) for _ in range(2)]
             print(f"  {np.dtype(dtype).name} rows of {width}: " + " ".join(f"{g:5.1f}" for g in r))
-    x = flat[: 200_000 * 1024].reshape(200_000, 1024)
+    del data
+    x = np.random.default_rng(1).standard_normal((200_000, 1024), dtype=np.float32)
     for br in (64, 128, 256):
         args = (x, *blocks(200_000, 1024, 4, br))
         r = [_rate(x.nbytes, rows_moments, *args) for _ in range(2)]
