@@ -85,6 +85,7 @@ def _quick_plan(x: np.ndarray, axes: tuple[int, ...]) -> Plan | None:
     nd = len(shape)
     if nd < 2 or not x.flags.c_contiguous or min(shape) < 2:
         return None
+    view: np.ndarray
     if axes == tuple(range(nd - 1)):
         kind, kept, view = "rows", nd - 1, x.reshape(-1, shape[-1])
     elif nd >= 3 and axes == (0, *range(2, nd)):
