@@ -18,7 +18,9 @@ sum over the same memory.
 row from each of its four quarters, over one 512 MB float32 array seen as rows of 128 to 2048
 columns; then ``streamnorm``'s own rows kernel on the same memory regrouped to rows of 128, 256
 and 512 columns (float32 and float64: the choice of ``NARROW_WIDTH``), and on (2e5, 1024)
-float32 with blocks of 64, 128 and 256 rows (the choice of ``MIN_BLOCK_ROWS``).
+float32 with blocks of 64, 128 and 256 rows (the choice of ``MIN_BLOCK_ROWS``); last, on that
+array, the Numba sum, the four-quarter loop, the kernel's leaf loop alone (no merges) and the
+whole kernel, three rounds.
 
 ``--cf``: the channels-first loop over NCHW (128, 64, 56, 56) and (256, 512, 7, 7) float32, each
 parallel task a run of samples as in ``streamnorm._kernels``: one sample's rows at a time (the loop
@@ -219,6 +221,21 @@ def _rate(nbytes: int, f, *args) -> float:
     return nbytes / _best(lambda: f(*args), 5) / 1e9
 
 
+def _leaf_driver():
+    """The kernel's one-pass leaf over every block of ``x``, serially, without any merge."""
+    from streamnorm._kernels import _rows_block_shifted as leaf
+
+    @njit
+    def run(x, br):
+        R, D = x.shape
+        s, q, x0, ref = np.empty(D), np.empty(D), np.empty(D), np.zeros(D)
+        for r0 in range(0, R - br + 1, br):
+            leaf(x, r0, r0 + br, ref, s, q, x0)
+        return s
+
+    return run
+
+
 def widths_main() -> None:
     from streamnorm._kernels import rows_moments
 
@@ -250,6 +267,16 @@ def widths_main() -> None:
         args = (x, *blocks(200_000, 1024, 4, br))
         r = [_rate(x.nbytes, rows_moments, *args) for _ in range(2)]
         print(f"  (2e5, 1024) float32, blocks of {br} rows: " + " ".join(f"{g:5.1f}" for g in r))
+    leaf_only = _leaf_driver()
+    b, cb = blocks(200_000, 1024, 4, 128)
+    for _ in range(3):
+        parts = (
+            ("Numba sum", _rate(x.nbytes, flat_sum, x.reshape(-1))),
+            ("four-quarter loop", _rate(x.nbytes, block_quarters, x, b)),
+            ("kernel's leaf alone", _rate(x.nbytes, leaf_only, x, b)),
+            ("whole kernel", _rate(x.nbytes, rows_moments, x, b, cb)),
+        )
+        print("  (2e5, 1024), 128-row blocks: " + ", ".join(f"{n} {g:.1f}" for n, g in parts))
 
 
 def cf_main() -> None:
