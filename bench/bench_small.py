@@ -7,7 +7,8 @@ machine is shared; the minimum is what the code costs, the rest is other jobs):
 2. the same kernel pass alone, parallel (``rows_moments``) and serial (its twin);
 3. the kernel, then the merge as a second compiled call (what the fast path saves);
 4. ``streamnorm.moments`` (one batch, a new ``Moments``);
-5. the fixed cost of a parallel launch: an empty ``prange`` kernel with two iterations.
+5. the fixed cost of a parallel launch: an empty ``prange`` kernel with two iterations;
+6. the read limit of this stream: a fastmath parallel Numba sum of each batch.
 
 Run: ``python bench/bench_small.py [--rows 256] [--dim 512] [--blocks 40] [--reps 100]``
 """
@@ -32,10 +33,19 @@ from streamnorm._reduce import run_rows
 
 @njit(parallel=True, cache=False)
 def empty_launch(k: int) -> float:
-    s = np.zeros(k)
+    s = np.empty(k)  # np.zeros here would be a parallel loop, a launch, of its own
     for i in prange(k):
         s[i] = i
     return float(s[0])
+
+
+@njit(parallel=True, fastmath=True, cache=False)
+def parallel_sum(x: np.ndarray) -> float:
+    flat = x.reshape(-1)
+    t = 0.0
+    for i in prange(flat.shape[0]):
+        t += flat[i]
+    return t
 
 
 def main() -> None:
@@ -65,6 +75,7 @@ def main() -> None:
         "kernel, then merge as a second call": unfused,
         "`streamnorm.moments(x, 0)` (new Moments)": lambda x: streamnorm.moments(x, 0),
         "empty parallel launch (prange over 2)": lambda x: empty_launch(2),
+        "read limit: fastmath parallel Numba sum of the batch": parallel_sum,
     }
     for f in cases.values():
         f(xs[0])
