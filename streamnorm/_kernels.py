@@ -132,12 +132,33 @@ def merge_slots(c_n, c_mean, c_m2, ref):
     n_out = np.zeros(D)
     mean_out = np.zeros(D)
     m2_out = np.zeros(D)
-    nk = np.empty(D)
-    per_dim = c_n.shape[1] == D
-    for k in range(c_n.shape[0]):
-        for d in range(D):
-            nk[d] = c_n[k, d] if per_dim else c_n[k, 0]
-        chan_merge_into(n_out, mean_out, m2_out, nk, c_mean[k], c_m2[k])
+    if c_n.shape[1] == D:  # per-dimension counts
+        for k in range(c_n.shape[0]):
+            chan_merge_into(n_out, mean_out, m2_out, c_n[k], c_mean[k], c_m2[k])
+    else:
+        # one count per chunk: chan_merge_into's arithmetic with its two divisions done once
+        # per chunk instead of once per dimension (the same values, so the same bits)
+        na = 0.0
+        for k in range(c_n.shape[0]):
+            nb = c_n[k, 0]
+            if nb == 0.0:
+                continue
+            mk = c_mean[k]
+            qk = c_m2[k]
+            if na == 0.0:
+                for d in range(D):
+                    mean_out[d] = mk[d]
+                    m2_out[d] = qk[d]
+            else:
+                n = na + nb
+                f = nb / n
+                g = na * f
+                for d in range(D):
+                    delta = mk[d] - mean_out[d]
+                    mean_out[d] = mean_out[d] + delta * f
+                    m2_out[d] = m2_out[d] + qk[d] + delta * delta * g
+            na = na + nb
+        n_out[:] = na
     lo = _finish(n_out, mean_out, m2_out, ref)
     return n_out, mean_out, m2_out, lo
 

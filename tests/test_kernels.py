@@ -92,16 +92,31 @@ def test_cf_rows_kernel_refines_a_run_that_starts_with_an_outlier(rows_per):
     assert _rel(q, m2) < 1e-14
 
 
-def test_merge_slots_uniform_counts_equal_per_dim_counts():
+@pytest.mark.parametrize(
+    "counts",
+    [[3.0, 1.0, 7.0, 2.0, 4.0], [0.0, 3.0, 0.0, 7.0, 1.0], [0.0, 0.0, 0.0, 0.0, 0.0], [5.0] * 5],
+)
+def test_merge_slots_uniform_counts_bit_equal_per_dim_counts(counts):
+    """The one-count-per-chunk path (scalar divisions) gives the per-dimension path's bits."""
+    rng = np.random.default_rng(1)
+    c_mean = rng.standard_normal((5, 3)) * 1e3
+    c_mean[2, 1] = np.inf
+    c_m2 = rng.random((5, 3))
+    counts = np.array(counts)
+    ref = np.array([1.0, -2.0, 0.5])
+    a = K.merge_slots(counts[:, None].copy(), c_mean, c_m2, ref)
+    b = K.merge_slots(np.repeat(counts[:, None], 3, axis=1), c_mean, c_m2, ref)
+    for u, v in zip(a, b, strict=True):
+        assert np.array_equal(u, v, equal_nan=True)
+
+
+def test_merge_slots_against_chan_formula():
     rng = np.random.default_rng(1)
     c_mean = rng.standard_normal((5, 3))
     c_m2 = rng.random((5, 3))
     counts = np.array([3.0, 1.0, 7.0, 2.0, 4.0])
     ref = np.array([1.0, -2.0, 0.5])
     a = K.merge_slots(counts[:, None].copy(), c_mean, c_m2, ref)
-    b = K.merge_slots(np.repeat(counts[:, None], 3, axis=1), c_mean, c_m2, ref)
-    for u, v in zip(a, b, strict=True):
-        assert np.array_equal(u, v)
     # against merging the raw samples these slots stand for: Chan's formula, in float64
     n_tot = counts.sum()
     mean = (counts[:, None] * c_mean).sum(0) / n_tot
