@@ -360,6 +360,9 @@ def run_stream(repeat: int) -> dict[str, float]:
 
     m = Moments()
     out["streamnorm Moments.update"] = per_update(m.update)
+    out["read limit: parallel Numba sum of each batch"] = per_update(
+        lambda b: parallel_sum(b.reshape(-1))
+    )
     out["numpy mean+var"] = per_update(lambda b: (b.mean(0), b.var(0)))
     try:
         import torch
