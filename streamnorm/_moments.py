@@ -18,7 +18,7 @@ from . import _kernels as K
 from ._compute import compute, interrupt_in, lean_rows, lean_state
 from ._errors import InputError, InputTypeError, RecordError
 from ._io import atomic_write, check_header, read_npz, record_scalar
-from ._reduce import merge_rows, plain_rows
+from ._reduce import merge_rows, plain_rows, rows_plan
 from ._state import State
 from ._validate import Axis, check_state_arrays
 
@@ -62,7 +62,7 @@ class Moments:
     (4, [4.5, 5.5, 6.5], [11.25, 11.25, 11.25])
     """
 
-    __slots__ = ("_st", "_shared")
+    __slots__ = ("_st", "_shared", "_lean")
 
     def __init__(
         self,
@@ -75,6 +75,8 @@ class Moments:
         self._st: State | None = None
         # the arrays of _st are referenced elsewhere (see state()): copy before changing them
         self._shared = False
+        # shape, dtype and blocking of the last batch merged by the lean path (see update())
+        self._lean: tuple[tuple[int, ...], np.dtype[Any], tuple[int, int, bool]] | None = None
         if x is not None:
             self.update(x, axis, weights=weights, nan_policy=nan_policy)
 
@@ -268,17 +270,40 @@ class Moments:
         TypeError
             A dtype that is not a real number (complex, strings, objects...).
         """
-        if lean_rows(x, axis, weights, nan_policy):
+        lean = self._lean
+        if (
+            lean is not None
+            and type(x) is np.ndarray
+            and x.shape == lean[0]
+            and x.dtype is lean[1]
+            and weights is None
+            and type(axis) is int
+            and axis == 0
+            and type(nan_policy) is str
+            and nan_policy == "propagate"
+            and x.flags.c_contiguous
+            and not self._shared
+            and self._st is not None
+        ):
+            # a stream of batches like the last one: the checks of lean_rows/plain_rows, the
+            # shape test and the blocking are the same, so they are not repeated (a few us of
+            # Python per batch, 10-15 % of a (256, 512) float32 update)
+            if self._merge_rows(x, self._st, lean[2]):
+                return self
+        elif lean_rows(x, axis, weights, nan_policy):
             a = self._st
             if a is None:
                 self._st = lean_state(x)
                 self._shared = False
+                self._lean = None
                 return self
             if a.shape == x.shape[1:] and plain_rows(x):
                 if self._shared:
                     a = self._st = a.copy()
                     self._shared = False
-                if self._merge_rows(x, a):
+                blocking = rows_plan(*x.shape, x.itemsize)
+                if self._merge_rows(x, a, blocking):
+                    self._lean = (x.shape, x.dtype, blocking)
                     return self
         st = compute(x, axis, weights, nan_policy)
         if st is not None:
@@ -286,7 +311,7 @@ class Moments:
         return self
 
     @staticmethod
-    def _merge_rows(x: np.ndarray, a: State) -> bool:
+    def _merge_rows(x: np.ndarray, a: State, blocking: tuple[int, int, bool]) -> bool:
         """Merge a lean batch into the owned state ``a`` in one compiled call (see ``_reduce``).
 
         False, with ``a`` unchanged, where the batch needs the general path (float64 moments
@@ -294,7 +319,7 @@ class Moments:
         """
         n0 = a.n[0]
         try:
-            merged = merge_rows(x, a.n, a.mean, a.lo, a.m2)
+            merged = merge_rows(x, a.n, a.mean, a.lo, a.m2, blocking)
         except SystemError as e:  # a Ctrl-C during the kernel (see ``_compute.call_kernel``)
             ki = interrupt_in(e)
             if ki is None:
@@ -312,6 +337,7 @@ class Moments:
         if a is None:
             self._st = b
             self._shared = not own
+            self._lean = None
             return
         if b.shape != a.shape:
             raise InputError(

@@ -94,19 +94,35 @@ def plain_rows(x: np.ndarray) -> bool:
     return R > 0 and NARROW_WIDTH[x.itemsize] // max(1, D) <= 1
 
 
+@lru_cache(maxsize=256)
+def rows_plan(R: int, D: int, itemsize: int) -> tuple[int, int, bool]:
+    """``(block_rows, chunk_blocks, parallel)`` of the plain rows kernel for an (R, D) batch.
+
+    The blocking :func:`run_rows` uses, and whether it runs the parallel kernel; a caller that
+    streams batches of one shape may keep it (see :func:`merge_rows`).
+    """
+    br, cb = _rows_params(D, itemsize, R)
+    return br, cb, R * D * itemsize >= SERIAL_BYTES
+
+
 def merge_rows(
-    x: np.ndarray, n: np.ndarray, mean: np.ndarray, lo: np.ndarray, m2: np.ndarray
+    x: np.ndarray,
+    n: np.ndarray,
+    mean: np.ndarray,
+    lo: np.ndarray,
+    m2: np.ndarray,
+    blocking: tuple[int, int, bool] | None = None,
 ) -> bool:
     """Merge the moments of ``x`` (see :func:`plain_rows`) into a state's arrays in place.
 
-    Runs the kernel :func:`run_rows` would run, with the same blocking, and the Chan merge of
+    Runs the kernel :func:`run_rows` would run, with the same blocking (``blocking``, from
+    :func:`rows_plan`, saves looking it up again), and the Chan merge of
     ``_kernels.chan_merge_dd`` in one compiled call (``_kernels.rows_merge``). Returns False, with
     the arrays unchanged, when ``x`` is float64 and some dimension came out non-finite: the
     caller then takes the general path, which rescues overflow.
     """
-    R, D = x.shape
-    br, cb = _rows_params(D, x.itemsize, R)
-    return bool(K.rows_merge(x, br, cb, x.nbytes >= SERIAL_BYTES, n, mean, lo, m2))
+    br, cb, par = blocking if blocking is not None else rows_plan(*x.shape, x.itemsize)
+    return bool(K.rows_merge(x, br, cb, par, n, mean, lo, m2))
 
 
 def _run_cf(x: np.ndarray) -> Stats:
@@ -204,5 +220,6 @@ __all__ = [
     "merge_rows",
     "plain_rows",
     "reduce_batch",
+    "rows_plan",
     "run_rows",
 ]

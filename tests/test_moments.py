@@ -233,3 +233,56 @@ def test_each_call_returns_a_fresh_state():
     a.update(x + 5.0)
     assert b.count == 20 and a.count == 40
     np.testing.assert_array_equal(b.mean, moments(x).mean)
+
+
+def test_stream_fast_path_equals_the_general_path_bit_for_bit():
+    """Batches like the last lean one skip the repeated checks; anything else must leave that
+    shortcut: other shapes, dtypes, axes, weights, policies, layouts and subclasses."""
+    rng = np.random.default_rng(7)
+    base = (rng.standard_normal((300, 130)) * 3 + 1e3).astype(np.float32)
+    f64 = base.astype(np.float64)
+    w = rng.random(300)
+    steps = [
+        (base, {}),
+        (base, {}),  # the shortcut from here on
+        (base[:100], {}),  # other rows
+        (base, {}),
+        (f64, {}),  # other dtype
+        (base, {"axis": -2}),
+        (base, {"weights": w}),
+        (base, {"nan_policy": "omit"}),
+        (base, {}),
+        (np.asfortranarray(base), {}),
+        (base[::-1], {}),
+        (np.ma.masked_array(base, mask=base > 1e3 + 5), {}),
+        (base, {}),
+        (base.astype(">f4"), {}),
+        (base, {}),
+    ]
+    m = Moments()
+    ref = Moments()
+    for x, kw in steps:
+        m.update(x, **kw)
+        ref = ref + moments(x, **kw)  # one fresh state a batch, merged: no shortcut
+        assert np.array_equal(m.count, ref.count)
+        assert np.array_equal(m.mean, ref.mean)
+        assert np.array_equal(m.m2, ref.m2)
+
+
+def test_stream_fast_path_leaves_shared_states_alone():
+    x = np.random.default_rng(3).standard_normal((6, 130)).astype(np.float32)
+    m = Moments(x)
+    m.update(x)  # merged in place: the shortcut is armed
+    st = m.state()  # shared from here: the next in-place merge must copy first
+    before = st.m2.copy()
+    m.update(x)
+    assert np.array_equal(st.m2, before)
+    assert m.count == 18
+
+
+def test_stream_fast_path_still_refuses_another_dimension():
+    x = np.random.default_rng(4).standard_normal((6, 130)).astype(np.float32)
+    m = Moments(x).update(x).update(x)
+    with pytest.raises(ValueError, match="dimension mismatch"):
+        m.update(np.ascontiguousarray(x[:, :129]))
+    assert m.count == 18
