@@ -97,6 +97,60 @@ def chan_merge_dd(n_a, mean_a, lo_a, m2_a, n_b, mean_b, lo_b, m2_b):
 
 
 @njit(**STRICT_JIT)
+def chan_rows(n, mu, m2, cnt, mean, q, uniform):
+    """Chan-merge the rows of ``(n, mu, m2)`` into the state ``(cnt, mean, q)``, in order.
+
+    ``n = na + nb; d = mb - ma; mean = ma + d nb / n; M2 = M2a + M2b + d^2 na nb / n``; a
+    dimension with ``nb == 0`` is skipped, one with ``na == 0`` takes the row's values. With
+    ``uniform`` every dimension of a row (and of the state) has the same count, ``n`` may be
+    ``(k, 1)``, and the two divisions are done once per row: the same values as
+    :func:`chan_merge_into` per dimension, so the same bits. Compiled without fastmath, as every
+    merge here. Used for the kernels' chunk slots and for the estimators' groups of batches.
+    """
+    k, D = mu.shape
+    if uniform:
+        na = cnt[0] if D else 0.0
+        for i in range(k):
+            nb = n[i, 0]
+            if nb == 0.0:
+                continue
+            mi = mu[i]
+            qi = m2[i]
+            if na == 0.0:
+                mean[:] = mi
+                q[:] = qi
+                na = nb
+                continue
+            tot = na + nb
+            f = nb / tot
+            g = na * f
+            for d in range(D):
+                delta = mi[d] - mean[d]
+                q[d] = q[d] + qi[d] + delta * delta * g
+                mean[d] = mean[d] + delta * f
+            na = tot
+        cnt[:] = na
+        return
+    for i in range(k):
+        for d in range(D):
+            nb = n[i, d]
+            if nb == 0.0:
+                continue
+            na = cnt[d]
+            if na == 0.0:
+                cnt[d] = nb
+                mean[d] = mu[i, d]
+                q[d] = m2[i, d]
+                continue
+            tot = na + nb
+            f = nb / tot
+            delta = mu[i, d] - mean[d]
+            mean[d] = mean[d] + delta * f
+            q[d] = q[d] + m2[i, d] + delta * delta * (na * f)
+            cnt[d] = tot
+
+
+@njit(**STRICT_JIT)
 def _finish(n, mean, m2, ref):
     """Add the reference back, returning the residual ``lo`` of that addition.
 
@@ -132,33 +186,7 @@ def merge_slots(c_n, c_mean, c_m2, ref):
     n_out = np.zeros(D)
     mean_out = np.zeros(D)
     m2_out = np.zeros(D)
-    if c_n.shape[1] == D:  # per-dimension counts
-        for k in range(c_n.shape[0]):
-            chan_merge_into(n_out, mean_out, m2_out, c_n[k], c_mean[k], c_m2[k])
-    else:
-        # one count per chunk: chan_merge_into's arithmetic with its two divisions done once
-        # per chunk instead of once per dimension (the same values, so the same bits)
-        na = 0.0
-        for k in range(c_n.shape[0]):
-            nb = c_n[k, 0]
-            if nb == 0.0:
-                continue
-            mk = c_mean[k]
-            qk = c_m2[k]
-            if na == 0.0:
-                for d in range(D):
-                    mean_out[d] = mk[d]
-                    m2_out[d] = qk[d]
-            else:
-                n = na + nb
-                f = nb / n
-                g = na * f
-                for d in range(D):
-                    delta = mk[d] - mean_out[d]
-                    mean_out[d] = mean_out[d] + delta * f
-                    m2_out[d] = m2_out[d] + qk[d] + delta * delta * g
-            na = na + nb
-        n_out[:] = na
+    chan_rows(c_n, c_mean, c_m2, n_out, mean_out, m2_out, c_n.shape[1] != D)
     lo = _finish(n_out, mean_out, m2_out, ref)
     return n_out, mean_out, m2_out, lo
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 from numba import njit
 
 from .._config import JIT, STRICT_JIT
+from .._kernels import chan_rows as chan_rows  # the pooled estimators' merge: the kernels' own
 
 
 @njit(**STRICT_JIT)
@@ -59,56 +60,6 @@ def add_rows(acc, n, uniform):
     for i in range(k):
         for d in range(D):
             acc[d] += n[i, d]
-
-
-@njit(**JIT)
-def chan_rows(n, mu, m2, cnt, mean, q, uniform):
-    """Chan-merge every batch into the pooled state ``(cnt, mean, q)``, in order.
-
-    ``n = na + nb; d = mb - ma; mean = ma + d nb / n; M2 = M2a + M2b + d^2 na nb / n``; a
-    dimension with ``nb == 0`` is skipped, one with ``na == 0`` takes the batch's values.
-    """
-    k, D = mu.shape
-    if uniform:
-        na = cnt[0] if D else 0.0
-        for i in range(k):
-            nb = n[i, 0]
-            if nb == 0.0:
-                continue
-            mi = mu[i]
-            qi = m2[i]
-            if na == 0.0:
-                mean[:] = mi
-                q[:] = qi
-                na = nb
-                continue
-            tot = na + nb
-            f = nb / tot
-            g = na * f
-            for d in range(D):
-                delta = mi[d] - mean[d]
-                q[d] = q[d] + qi[d] + delta * delta * g
-                mean[d] = mean[d] + delta * f
-            na = tot
-        cnt[:] = na
-        return
-    for i in range(k):
-        for d in range(D):
-            nb = n[i, d]
-            if nb == 0.0:
-                continue
-            na = cnt[d]
-            if na == 0.0:
-                cnt[d] = nb
-                mean[d] = mu[i, d]
-                q[d] = m2[i, d]
-                continue
-            tot = na + nb
-            f = nb / tot
-            delta = mu[i, d] - mean[d]
-            mean[d] = mean[d] + delta * f
-            q[d] = q[d] + m2[i, d] + delta * delta * (na * f)
-            cnt[d] = tot
 
 
 @njit(**JIT)
