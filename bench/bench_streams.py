@@ -2,7 +2,8 @@
 
 Run: ``NUMBA_NUM_THREADS=1 python bench/bench_streams.py`` (rows, one thread),
 ``NUMBA_NUM_THREADS=1 python bench/bench_streams.py --widths`` (rows of every width), and
-``python bench/bench_streams.py --cf`` (channels-first, one and all threads). For the plain AVX2
+``python bench/bench_streams.py --cf`` (channels-first, one and all threads),
+``python bench/bench_streams.py --chunks`` (parallel chunks of wide rows). For the plain AVX2
 build add ``NUMBA_CPU_NAME=haswell NUMBA_CPU_FEATURES= NUMBA_CACHE_DIR=/tmp/nc-avx2``
 (``NUMBA_CPU_NAME=haswell`` alone keeps the host's AVX-512 features and emits 512-bit code).
 
@@ -21,6 +22,10 @@ and 512 columns (float32 and float64: the choice of ``NARROW_WIDTH``), and on (2
 float32 with blocks of 64, 128 and 256 rows (the choice of ``MIN_BLOCK_ROWS``); last, on that
 array, the Numba sum, the four-quarter loop, the kernel's leaf loop alone (no merges) and the
 whole kernel, three rounds.
+
+``--chunks``: ``streamnorm``'s rows kernel over one 512 MB float32 array seen as rows of 512 to
+4096 columns, all threads, with at most 256 parallel chunks at any width (the rule before
+``SLOT_ELEMS``) against the chunks ``streamnorm._reduce`` picks now, beside the Numba sum.
 
 ``--cf``: the channels-first loop over NCHW (128, 64, 56, 56) and (256, 512, 7, 7) float32, each
 parallel task a run of samples as in ``streamnorm._kernels``: one sample's rows at a time (the loop
@@ -279,6 +284,26 @@ def widths_main() -> None:
         print("  (2e5, 1024), 128-row blocks: " + ", ".join(f"{n} {g:.1f}" for n, g in parts))
 
 
+def chunks_main() -> None:
+    from streamnorm._kernels import rows_moments
+    from streamnorm._reduce import _rows_params
+
+    flat = np.random.default_rng(0).standard_normal(128_000_000, dtype=np.float32)
+    print("rows_moments over 512 MB float32, all threads, GB/s (three rounds):")
+    for _ in range(3):
+        parts = [f"Numba sum {_rate(flat.nbytes, flat_sum, flat):.1f}"]
+        for width in (512, 1024, 2048, 4096):
+            x = flat.reshape(-1, width)
+            br, cb = _rows_params(width, 4, x.shape[0])
+            nblocks = -(-x.shape[0] // br)
+            old = max(1, -(-nblocks // 256))  # at most 256 chunks, at any width
+            a = _rate(flat.nbytes, rows_moments, x, br, old)
+            b = _rate(flat.nbytes, rows_moments, x, br, cb)
+            n_old, n_new = -(-x.shape[0] // (br * old)), -(-x.shape[0] // (br * cb))
+            parts.append(f"{width}: {n_old} chunks {a:.1f}, {n_new} chunks {b:.1f}")
+        print("  " + " | ".join(parts))
+
+
 def cf_main() -> None:
     import numba
 
@@ -353,5 +378,7 @@ if __name__ == "__main__":
         cf_main()
     elif "--widths" in sys.argv[1:]:
         widths_main()
+    elif "--chunks" in sys.argv[1:]:
+        chunks_main()
     else:
         main()

@@ -58,6 +58,15 @@ CHUNK_ELEMS = 64 * 1024
 #: Upper bound on the number of parallel chunks of the (rows, D) kernel.
 MAX_CHUNKS = 256
 
+#: Each chunk of the (rows, D) kernel owns a slot of D means and D M2s, allocated per call and
+#: merged serially after the parallel loop; wide rows get fewer chunks, so that the two slot
+#: arrays stay within this many elements each (but at least ``MIN_CHUNKS`` chunks). Slots of
+#: 224 x 1024 float64 took 1 ms to allocate and zero (fresh pages), 3 % of the (2e5, 1024)
+#: read; with 2048 to 4096 columns the kernel read 17-25 GB/s with 256 chunks and 25-26 with 16
+#: to 64 (``bench/bench_streams.py --chunks``).
+SLOT_ELEMS = 1 << 15
+MIN_CHUNKS = 16
+
 #: Bytes of input per block copied by the generic (any-stride) path.
 GENERIC_BLOCK_BYTES = 1024 * 1024
 

@@ -20,9 +20,11 @@ from ._config import (
     MAX_BLOCK_BYTES,
     MAX_CHUNKS,
     MIN_BLOCK_ROWS,
+    MIN_CHUNKS,
     NARROW_WIDTH,
     SEG_LEN,
     SERIAL_BYTES,
+    SLOT_ELEMS,
 )
 from ._layout import KERNEL_DTYPES, Plan, plan, row_weights
 
@@ -36,7 +38,8 @@ def _rows_params(D: int, itemsize: int, R: int) -> tuple[int, int]:
     row_bytes = max(1, D * itemsize)
     block_rows = max(1, BLOCK_BYTES // row_bytes, min(MIN_BLOCK_ROWS, MAX_BLOCK_BYTES // row_bytes))
     nblocks = -(-R // block_rows)
-    chunk_blocks = max(1, -(-nblocks // MAX_CHUNKS), CHUNK_ELEMS // max(1, block_rows * D))
+    max_chunks = min(MAX_CHUNKS, max(MIN_CHUNKS, SLOT_ELEMS // max(1, D)))
+    chunk_blocks = max(1, -(-nblocks // max_chunks), CHUNK_ELEMS // max(1, block_rows * D))
     return block_rows, chunk_blocks
 
 

@@ -21,7 +21,7 @@ def _rel(a, b):
 
 def test_serial_twins_are_distinct_functions_with_their_own_cache_names():
     for par, ser in (
-        (K.rows_moments, K.rows_moments_serial),
+        (K.rows_slots, K.rows_slots_serial),
         (K.cf_moments, K.cf_moments_serial),
         (K.cf_rows_moments, K.cf_rows_moments_serial),
         (KN.normalize_rows, KN.normalize_rows_serial),
@@ -108,6 +108,57 @@ def test_merge_slots_uniform_counts_bit_equal_per_dim_counts(counts):
     b = K.merge_slots(np.repeat(counts[:, None], 3, axis=1), c_mean, c_m2, ref)
     for u, v in zip(a, b, strict=True):
         assert np.array_equal(u, v, equal_nan=True)
+
+
+def _two_step(c_n, c_mean, c_m2, ref, check, state):
+    """merge_slots, the finite check, then chan_merge_dd: what merge_slots_into replaces."""
+    n, mean, lo, m2 = (a.copy() for a in state)
+    bn, bm, bq, blo = K.merge_slots(c_n, c_mean, c_m2, ref)
+    fed = bn > 0
+    if check and not (np.isfinite(bm[fed]).all() and np.isfinite(bq[fed]).all()):
+        return False, (n, mean, lo, m2)
+    K.chan_merge_dd(n, mean, lo, m2, bn, bm, blo, bq)
+    return True, (n, mean, lo, m2)
+
+
+def _states(D, rng):
+    empty = (np.zeros(D), np.full(D, np.nan), np.zeros(D), np.zeros(D))
+    full = (np.full(D, 900.0), rng.standard_normal(D) * 1e4, rng.random(D) * 1e-12, rng.random(D))
+    mixed = (np.arange(D, dtype=float), *full[1:])  # one count per dimension: the general path
+    return {"empty": empty, "uniform": full, "per-dimension": mixed}
+
+
+@pytest.mark.parametrize("counts", [[128.0, 128.0], [3.0, 0.0, 7.0, 1.0], [0.0, 0.0], [5.0]])
+@pytest.mark.parametrize("bad", [None, "inf", "nan", "m2"])
+@pytest.mark.parametrize("check", [False, True])
+def test_merge_slots_into_bit_equal_two_steps(counts, bad, check):
+    """The fused merge of slots into a state gives merge_slots + chan_merge_dd's bits."""
+    rng = np.random.default_rng(3)
+    k, D = len(counts), 37
+    c_n = np.array(counts)[:, None]
+    c_mean = rng.standard_normal((k, D)) * 1e3
+    c_m2 = rng.random((k, D)) * 10
+    ref = rng.standard_normal(D) * 1e5
+    if bad == "inf":
+        c_mean[-1, 4] = np.inf
+    elif bad == "nan":
+        c_mean[0, 5] = np.nan
+    elif bad == "m2":
+        c_m2[-1, 6] = np.inf
+    for name, state in _states(D, rng).items():
+        ok, want = _two_step(c_n, c_mean, c_m2, ref, check, state)
+        got = tuple(a.copy() for a in state)
+        assert K.merge_slots_into(c_n, c_mean, c_m2, ref, check, *got) == ok, name
+        for u, v in zip(got, want, strict=True):
+            assert np.array_equal(u, v, equal_nan=True), name
+        if not ok:  # refused: the state is left as it was
+            for u, v in zip(got, state, strict=True):
+                assert np.array_equal(u, v, equal_nan=True), name
+
+
+def test_merge_slots_into_zero_dimensions():
+    z, slots = np.zeros(0), np.zeros((2, 0))
+    assert K.merge_slots_into(np.ones((2, 1)), slots, slots, z, True, z, z, z, z)
 
 
 def test_merge_slots_against_chan_formula():
