@@ -8,7 +8,10 @@ machine is shared; the minimum is what the code costs, the rest is other jobs):
 3. the kernel, then the merge as a second compiled call (what the fast path saves);
 4. ``streamnorm.moments`` (one batch, a new ``Moments``);
 5. the fixed cost of a parallel launch: an empty ``prange`` kernel with two iterations;
-6. the read limit of this stream: a fastmath parallel Numba sum of each batch.
+6. the read limit of this stream: a fastmath parallel Numba sum of each batch;
+7. the last step of the fast path alone, in a compiled loop: two chunk slots of ``--dim``
+   dimensions merged into a state, as ``merge_slots`` then ``chan_merge_dd`` (before) and as
+   ``merge_slots_into`` (the fused, vectorized merge the update runs now).
 
 Run: ``python bench/bench_small.py [--rows 256] [--dim 512] [--blocks 40] [--reps 100]``
 """
@@ -37,6 +40,49 @@ def empty_launch(k: int) -> float:
     for i in prange(k):
         s[i] = i
     return float(s[0])
+
+
+@njit(cache=False)
+def merge_two_steps(c_n, c_mean, c_m2, ref, st, reps):  # type: ignore[no-untyped-def]
+    n, mean, lo, m2 = st[0].copy(), st[1].copy(), st[2].copy(), st[3].copy()
+    for _ in range(reps):
+        n[:] = st[0]
+        bn, bm, bq, blo = K.merge_slots(c_n, c_mean, c_m2, ref)
+        K.chan_merge_dd(n, mean, lo, m2, bn, bm, blo, bq)
+    return mean
+
+
+@njit(cache=False)
+def merge_fused(c_n, c_mean, c_m2, ref, st, reps):  # type: ignore[no-untyped-def]
+    n, mean, lo, m2 = st[0].copy(), st[1].copy(), st[2].copy(), st[3].copy()
+    for _ in range(reps):
+        n[:] = st[0]
+        K.merge_slots_into(c_n, c_mean, c_m2, ref, False, n, mean, lo, m2)
+    return mean
+
+
+def merge_table(D: int) -> None:
+    rng = np.random.default_rng(0)
+    c_n = np.full((2, 1), 128.0)
+    c_mean, c_m2 = rng.random((2, D)), rng.random((2, D)) + 1
+    ref = rng.random(D) * 100
+    st = np.stack([np.full(D, 1024.0), rng.random(D) * 100, np.zeros(D), rng.random(D) * 1e3])
+    a = merge_two_steps(c_n, c_mean, c_m2, ref, st, 3)
+    assert np.array_equal(a, merge_fused(c_n, c_mean, c_m2, ref, st, 3))  # the same bits
+    cases = {
+        "`merge_slots` then `chan_merge_dd`": merge_two_steps,
+        "`merge_slots_into`": merge_fused,
+    }
+    best = dict.fromkeys(cases, float("inf"))
+    for _ in range(5):
+        for name, f in cases.items():
+            t = time.perf_counter()
+            f(c_n, c_mean, c_m2, ref, st, 20000)
+            best[name] = min(best[name], (time.perf_counter() - t) / 20000)
+    print(f"\n| two chunk slots of {D} dimensions merged into a state | us |")
+    print("|---|---|")
+    for name, v in best.items():
+        print(f"| {name} | {v * 1e6:.2f} |")
 
 
 @njit(parallel=True, fastmath=True, cache=False)
@@ -98,6 +144,7 @@ def main() -> None:
     print("|---|---|")
     for name, v in best.items():
         print(f"| {name} | {v * 1e6:.1f} |")
+    merge_table(D)
 
 
 if __name__ == "__main__":
