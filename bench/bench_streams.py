@@ -25,12 +25,15 @@ whole kernel, three rounds.
 
 ``--chunks``: ``streamnorm``'s rows kernel over one 512 MB float32 array seen as rows of 512 to
 4096 columns, all threads, with at most 256 parallel chunks at any width (the rule before
-``SLOT_ELEMS``) against the chunks ``streamnorm._reduce`` picks now, beside the Numba sum.
+``SLOT_ELEMS``) against the chunks ``streamnorm._reduce`` picks now, beside the Numba sum; then
+(2e5, 1024) float32 with the blocking ``streamnorm._reduce`` picks: the Numba sum, the kernel's
+leaf loop alone over every block in the same parallel chunks (no merges), and the whole kernel.
 
 ``--cf``: the channels-first loop over NCHW (128, 64, 56, 56) and (256, 512, 7, 7) float32, each
 parallel task a run of samples as in ``streamnorm._kernels``: one sample's rows at a time (the loop
 before it changed) against two samples of the run at a time (the loop as shipped), beside the
-Numba sum and ``torch.sum`` (where torch is installed), three rounds, best of 7 each, GB/s.
+Numba sum (float64 and float32 accumulation) and ``torch.sum`` (where torch is installed), three
+rounds, best of 7 each, GB/s.
 """
 
 from __future__ import annotations
@@ -160,6 +163,15 @@ def flat_sum(a):
     return t
 
 
+@njit(fastmath=True, parallel=True)
+def flat_sum32(a):
+    """The same sum accumulated in float32: less work than any float64 loop can do."""
+    t = np.float32(0.0)
+    for i in prange(a.size):
+        t += a[i]
+    return t
+
+
 CF_OPT = dict(fastmath=True, error_model="numpy", boundscheck=False)
 
 
@@ -284,6 +296,27 @@ def widths_main() -> None:
         print("  (2e5, 1024), 128-row blocks: " + ", ".join(f"{n} {g:.1f}" for n, g in parts))
 
 
+def _parallel_leaf_driver():
+    """The kernel's one-pass leaf over every block, in parallel chunks, without any merge."""
+    from streamnorm._kernels import _rows_block_shifted as leaf
+
+    @njit(parallel=True)
+    def run(x, br, cb):
+        R, D = x.shape
+        nblocks = R // br
+        nch = (nblocks + cb - 1) // cb
+        out = np.zeros(nch)
+        ref = np.zeros(D)
+        for k in prange(nch):
+            s, q, x0 = np.empty(D), np.empty(D), np.empty(D)
+            for b in range(k * cb, min(nblocks, (k + 1) * cb)):
+                leaf(x, b * br, b * br + br, ref, s, q, x0)
+            out[k] = s[0] + q[0]
+        return out
+
+    return run
+
+
 def chunks_main() -> None:
     from streamnorm._kernels import rows_moments
     from streamnorm._reduce import _rows_params
@@ -302,6 +335,18 @@ def chunks_main() -> None:
             n_old, n_new = -(-x.shape[0] // (br * old)), -(-x.shape[0] // (br * cb))
             parts.append(f"{width}: {n_old} chunks {a:.1f}, {n_new} chunks {b:.1f}")
         print("  " + " | ".join(parts))
+    del flat
+    x = np.random.default_rng(1).standard_normal((200_000, 1024), dtype=np.float32)
+    br, cb = _rows_params(1024, 4, x.shape[0])
+    leaf = _parallel_leaf_driver()
+    print(f"(2e5, 1024) float32, all threads, blocks of {br} rows, {cb} blocks a chunk (GB/s):")
+    for _ in range(3):
+        parts = (
+            ("Numba sum", _rate(x.nbytes, flat_sum, x.reshape(-1))),
+            ("kernel's leaf alone", _rate(x.nbytes, leaf, x, br, cb)),
+            ("whole kernel", _rate(x.nbytes, rows_moments, x, br, cb)),
+        )
+        print("  " + ", ".join(f"{n} {g:.1f}" for n, g in parts))
 
 
 def cf_main() -> None:
@@ -322,7 +367,10 @@ def cf_main() -> None:
             numba.set_num_threads(threads)
             if torch is not None:
                 torch.set_num_threads(threads)
-            cands = [("numba sum", lambda x=x: flat_sum(x.reshape(-1)))]
+            cands = [
+                ("numba sum", lambda x=x: flat_sum(x.reshape(-1))),
+                ("numba sum, float32 adds", lambda x=x: flat_sum32(x.reshape(-1))),
+            ]
             if torch is not None:
                 tx = torch.from_numpy(x)
                 cands.append(("torch.sum", lambda tx=tx: tx.sum()))
