@@ -12,5 +12,6 @@ to new data by moment matching folded into their weights, together with the rema
 """
 
 from ._calibrate import annotate, recalibrate
+from ._export import export
 
-__all__ = ["annotate", "recalibrate"]
+__all__ = ["annotate", "export", "recalibrate"]

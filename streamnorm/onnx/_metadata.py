@@ -47,13 +47,19 @@ from .._io import check_header
 from .._moments import Moments
 
 __all__ = [
+    "BATCHNORMS_KEY",
+    "CARRIERS",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "METADATA_KEY",
+    "BatchNormRecord",
     "LayerMoments",
     "dumps",
+    "dumps_batchnorms",
     "read",
+    "read_batchnorms",
     "store",
+    "store_entry",
 ]
 
 #: the ``metadata_props`` key
@@ -210,4 +216,167 @@ def read(model: Any) -> dict[str, LayerMoments] | None:
         if m.output in out:
             raise RecordError(f"corrupt {_WHAT}: output {m.output!r} appears twice")
         out[m.output] = m
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# the BatchNorm modules of an exported PyTorch model (streamnorm.onnx.export)
+
+#: the ``metadata_props`` key of the BatchNorm record
+BATCHNORMS_KEY = "streamnorm.batchnorms"
+BATCHNORMS_FORMAT = "streamnorm.batchnorms"
+BATCHNORMS_VERSION = 1
+
+_BN_WHAT = "BatchNorm metadata"
+
+#: operators a recorded BatchNorm may be carried by
+CARRIERS = ("BatchNormalization", "Conv", "Gemm")
+
+
+@dataclass(frozen=True)
+class BatchNormRecord:
+    """One BatchNorm module of a PyTorch model and the ONNX node that carries it.
+
+    Written by :func:`streamnorm.onnx.export` under the key ``"streamnorm.batchnorms"``::
+
+        {"format": "streamnorm.batchnorms", "version": 1, "layers": [
+          {"module": "layer1.0.bn1",                 # the module's qualified name
+           "node": "/layer1/layer1.0/conv1/Conv",     # the node that carries it
+           "output": "/layer1/layer1.0/conv1/Conv_output_0",  # its output: the BN's output
+           "op": "Conv",                   # "Conv" / "Gemm" (folded) or "BatchNormalization"
+           "eps": 0.001, "gamma": [...], "beta": [...],   # the module's eps, weight, bias
+           "mean": [...], "var": [...]},   # the statistics it normalized with at export
+          ...]}
+
+    Attributes
+    ----------
+    module, node, output, op : str
+    eps : float
+    gamma, beta, mean, var : numpy.ndarray, shape (C,), float64
+        ``var`` is the value the module divided by (``sqrt(var + eps)``), as stored in its
+        ``running_var``.
+    """
+
+    module: str
+    node: str
+    output: str
+    op: str
+    eps: float
+    gamma: np.ndarray
+    beta: np.ndarray
+    mean: np.ndarray
+    var: np.ndarray
+
+    @property
+    def channels(self) -> int:
+        return int(self.gamma.size)
+
+    @property
+    def scale(self) -> np.ndarray:
+        """``gamma / sqrt(var + eps)``, shape (C,): the per-channel factor folded into the
+        node's weight."""
+        return self.gamma / np.sqrt(self.var + self.eps)
+
+    @property
+    def output_var(self) -> np.ndarray:
+        """The variance of the module's output on data whose moments are ``(mean, var)``:
+        ``gamma^2 var / (var + eps)``, shape (C,)."""
+        return self.gamma**2 * self.var / (self.var + self.eps)
+
+
+def dumps_batchnorms(records: list[BatchNormRecord]) -> str:
+    """The JSON value of the BatchNorm entry (see :class:`BatchNormRecord`)."""
+    out = []
+    for r in records:
+        arrays = {k: _floats(getattr(r, k)) for k in ("gamma", "beta", "mean", "var")}
+        if not all(math.isfinite(v) for a in arrays.values() for v in a):
+            raise RecordError(f"the BatchNorm {r.module!r} has non-finite parameters or statistics")
+        out.append(
+            {
+                "module": r.module,
+                "node": r.node,
+                "output": r.output,
+                "op": r.op,
+                "eps": float(r.eps),
+                **arrays,
+            }
+        )
+    return json.dumps(
+        {"format": BATCHNORMS_FORMAT, "version": BATCHNORMS_VERSION, "layers": out},
+        separators=(",", ":"),
+    )
+
+
+def store_entry(model: Any, key: str, text: str) -> None:
+    """Put ``text`` under ``key`` in ``model.metadata_props`` (replacing an old entry of that
+    key; other entries are kept)."""
+    props = model.metadata_props
+    keep = [(p.key, p.value) for p in props if p.key != key]
+    del props[:]
+    for k, v in keep:
+        props.add(key=k, value=v)
+    props.add(key=key, value=text)
+
+
+def _bn_record(d: Any, i: int) -> BatchNormRecord:
+    if not isinstance(d, dict):
+        raise RecordError(f"corrupt {_BN_WHAT}: layer {i} is not an object")
+    names = ("module", "node", "output", "op")
+    for k in (*names, "eps", "gamma", "beta", "mean", "var"):
+        if k not in d:
+            raise RecordError(f"corrupt {_BN_WHAT}: layer {i} has no {k!r}")
+    if not all(isinstance(d[k], str) for k in names):
+        raise RecordError(f"corrupt {_BN_WHAT}: layer {i} has a non-string name")
+    if d["op"] not in CARRIERS:
+        raise RecordError(
+            f"corrupt {_BN_WHAT}: layer {i} has op {d['op']!r}, not one of {CARRIERS}"
+        )
+    try:
+        eps = float(d["eps"])
+        arrs = [np.asarray(d[k], dtype=np.float64) for k in ("gamma", "beta", "mean", "var")]
+    except (TypeError, ValueError) as e:
+        raise RecordError(f"corrupt {_BN_WHAT}: layer {d['module']!r}: {e}") from e
+    if any(a.ndim != 1 or a.shape != arrs[0].shape or a.size == 0 for a in arrs):
+        raise RecordError(
+            f"corrupt {_BN_WHAT}: layer {d['module']!r} needs gamma, beta, mean and var of one "
+            f"equal length, got shapes {[a.shape for a in arrs]}"
+        )
+    gamma, beta, mean, var = arrs
+    finite = all(np.isfinite(a).all() for a in arrs) and math.isfinite(eps)
+    if not finite or eps < 0 or np.any(var + eps <= 0):
+        raise RecordError(
+            f"impossible {_BN_WHAT}: layer {d['module']!r} has non-finite values or var + eps <= 0"
+        )
+    return BatchNormRecord(
+        d["module"], d["node"], d["output"], d["op"], eps, gamma, beta, mean, var
+    )
+
+
+def read_batchnorms(model: Any) -> dict[str, BatchNormRecord] | None:
+    """The BatchNorm records stored in ``model`` by output name, or ``None`` when it has none.
+
+    Raises
+    ------
+    RecordError
+        An entry that is not JSON, another format, an unknown version, or impossible values.
+    """
+    texts = [p.value for p in model.metadata_props if p.key == BATCHNORMS_KEY]
+    if not texts:
+        return None
+    try:
+        d = json.loads(texts[-1])
+    except ValueError as e:
+        raise RecordError(f"the model's {BATCHNORMS_KEY!r} metadata is not JSON: {e}") from e
+    if not isinstance(d, dict):
+        raise RecordError(f"corrupt {_BN_WHAT}: expected a JSON object, got {type(d).__name__}")
+    check_header(d, BATCHNORMS_FORMAT, BATCHNORMS_VERSION, _BN_WHAT)
+    layers = d.get("layers")
+    if not isinstance(layers, list):
+        raise RecordError(f"corrupt {_BN_WHAT}: 'layers' is not a list")
+    out: dict[str, BatchNormRecord] = {}
+    for i, entry in enumerate(layers):
+        r = _bn_record(entry, i)
+        if r.output in out:
+            raise RecordError(f"corrupt {_BN_WHAT}: output {r.output!r} appears twice")
+        out[r.output] = r
     return out
