@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .._errors import InputError, InputTypeError
 from .._moments import moments
@@ -25,7 +28,7 @@ from ..estimators import (
     PriorMix,
     PriorPopulation,
 )
-from ._hooks import UPCAST, bn_axes, bn_layers
+from ._hooks import UPCAST, NormSpec, bn_axes, norm_candidates, norm_spec, unregistered_hint
 
 #: estimator names ``adapt`` accepts, with the class each builds with its defaults
 ESTIMATORS: dict[str, type[Estimator]] = {
@@ -59,30 +62,80 @@ def _accepts(klass: type, name: str) -> bool:
     return name in inspect.signature(klass).parameters
 
 
-def layer_estimator(template: Estimator, module: Any, positions: int, groups: int = 1) -> Estimator:
-    """A fresh estimator with ``template``'s parameters for one BN layer.
+#: a layer chosen for adaptation: qualified name, module, registry entry
+Chosen = tuple[str, Any, NormSpec]
 
-    The source is the layer's ``(running_mean, running_var)`` (PyTorch's unbiased convention);
-    ``positions`` (values per sample per channel) is the product of the input's spatial sizes.
-    With ``groups > 1`` the estimator has ``groups * C`` dimensions (group-major), the source
+
+def _stat(module: Any, attr: str) -> Any:
+    """The statistics tensor ``module.<attr>``, or ``None`` (``track_running_stats=False``)."""
+    t = getattr(module, attr, None)
+    return t if isinstance(t, torch.Tensor) else None
+
+
+def layer_estimator(
+    template: Estimator,
+    source: tuple[Any, Any] | None,
+    spec: NormSpec,
+    positions: int,
+    groups: int = 1,
+) -> Estimator:
+    """A fresh estimator with ``template``'s parameters for one norm layer.
+
+    The source is the layer's stored ``(mean, var)`` (``source``, in the variance convention of
+    ``spec``, ``None`` for a layer without statistics); ``positions`` (values per sample per
+    channel) is the product of the input's sizes other than the batch and channel axes. With
+    ``groups > 1`` the estimator has ``groups * C`` dimensions (group-major), the source
     repeated once per group: one independent estimate per group and channel.
     """
     klass = type(template)
     params = {k[6:]: v for k, v in template.to_dict().items() if k.startswith("param_")}
     if _accepts(klass, "source"):
-        if module.running_mean is None or module.running_var is None:
+        if source is None:
             raise InputError(
                 f"{klass.__name__} needs the layer's running statistics as its source, but the "
                 "layer was built with track_running_stats=False; use 'batch' for such layers"
             )
-        mean, var = module.running_mean.detach(), module.running_var.detach()
+        mean, var = source[0].detach(), source[1].detach()
         if groups > 1:
             mean, var = mean.repeat(groups), var.repeat(groups)
         params["source"] = (mean, var)
-        params["source_var"] = "unbiased"
+        params["source_var"] = spec.convention
     if _accepts(klass, "positions"):
         params["positions"] = positions
     return klass(**params)
+
+
+def _needs_source(template: Estimator) -> bool:
+    return _accepts(type(template), "source")
+
+
+def _input_of(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    x = args[0] if args else next(iter(kwargs.values()), None)
+    if not isinstance(x, torch.Tensor) or x.ndim < 2:
+        raise InputError(
+            f"norm layer {name!r} expects a tensor (N, C, ...), got "
+            f"{getattr(x, 'shape', type(x).__name__)}"
+        )
+    return x
+
+
+def _with_input(x: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``(args, kwargs)`` with the layer's input replaced by ``x``."""
+    if args:
+        return (x, *args[1:]), kwargs
+    first = next(iter(kwargs))
+    return args, {**kwargs, first: x}
+
+
+#: norm layers whose forward normalizes exactly ``(x - mean) / sqrt(var + eps)`` per channel
+#: (axis 1) with their buffers before anything else it does: what ``adapt_groups`` relies on
+_PLAIN = ("torchvision.ops.misc.FrozenBatchNorm2d", "timm.layers.norm_act.FrozenBatchNormAct2d")
+
+
+def _plain_batchnorm(module: Any) -> bool:
+    if isinstance(module, _BatchNorm):
+        return True
+    return any(f"{k.__module__}.{k.__qualname__}" in _PLAIN for k in type(module).__mro__)
 
 
 class Adaptation:
@@ -92,70 +145,107 @@ class Adaptation:
     ----------
     estimators : dict of str to Estimator
         Each adapted layer's estimator by qualified name, created at the layer's first forward
-        pass (its source is the layer's buffers as they were on entry).
+        pass (its source is the layer's statistics as they were on entry).
     groups : int
         Independent streams per batch (1 for :func:`adapt`; see :func:`adapt_groups`).
     """
 
     def __init__(
-        self, model: Any, template: Estimator, chosen: list[tuple[str, Any]], groups: int = 1
+        self, model: Any, template: Estimator, chosen: list[Chosen], groups: int = 1
     ) -> None:
         self.model = model
         self.template = template
         self.groups = groups
         self.estimators: dict[str, Estimator] = {}
         self._modes = [(m, m.training) for m in model.modules()]
-        self._saved: list[tuple[Any, dict[str, Any], Any]] = []
+        # per layer: module, its statistics tensors (the objects), every own buffer's value
+        self._saved: list[tuple[Any, dict[str, Any], dict[str, Any]]] = []
+        self._handles: list[Any] = []
         self._active = True
         try:
-            for name, module in chosen:
-                buffers = {k: b.detach().clone() for k, b in module.named_buffers(recurse=False)}
-                self._saved.append((module, buffers, module.__dict__.get("forward")))
-                module.forward = self._make_forward(name, module)
+            for name, module, spec in chosen:
+                stats = {spec.mean: _stat(module, spec.mean), spec.var: _stat(module, spec.var)}
+                values = {k: b.detach().clone() for k, b in module.named_buffers(recurse=False)}
+                self._saved.append((module, stats, values))
+                self._handles.append(
+                    module.register_forward_pre_hook(
+                        self._make_pre_hook(name, spec, stats), with_kwargs=True
+                    )
+                )
+                self._handles.append(
+                    module.register_forward_hook(
+                        _make_put_back(stats), prepend=True, always_call=True
+                    )
+                )
             model.eval()
         except BaseException:
             self.restore()
             raise
 
-    def _make_forward(self, name: str, module: Any) -> Any:
-        def forward(x: Any) -> Any:
-            return self._normalize(name, module, x)
+    def _make_pre_hook(self, name: str, spec: NormSpec, stats: dict[str, Any]) -> Any:
+        """Before the layer's forward: update its estimator with the input and put the estimate
+        where the layer reads its statistics (put back by the forward hook after the call)."""
 
-        return forward
+        def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            x = _input_of(name, args, kwargs)
+            if self.groups > 1:
+                x, mean, var = self._shift_groups(name, module, spec, stats, x)
+                _put(module, spec, stats, mean, var, x)
+                return _with_input(x, args, kwargs)
+            axis = spec.channel_axis % x.ndim if -x.ndim <= spec.channel_axis < x.ndim else None
+            if axis is None or axis == 0:
+                raise InputError(
+                    f"norm layer {name!r} keeps its channels on axis {spec.channel_axis}, which "
+                    f"an input of shape {tuple(x.shape)} does not have (after the batch axis 0)"
+                )
+            positions = x.numel() // max(x.shape[0] * x.shape[axis], 1)
+            axes = tuple(i for i in range(x.ndim) if i != axis)
+            mean, var = self._estimate(name, spec, stats, x, axes, positions, 1)
+            _put(module, spec, stats, mean, var, x)
+            return None
 
-    def _normalize(self, name: str, module: Any, x: Any) -> Any:
-        if not isinstance(x, torch.Tensor) or x.ndim < 2:
-            raise InputError(
-                f"BatchNorm layer {name!r} expects a tensor (N, C, ...), got "
-                f"{getattr(x, 'shape', type(x).__name__)}"
-            )
-        if self.groups > 1:
-            return self._normalize_groups(name, module, x)
-        mean, var = self._estimate(name, module, x, math.prod(x.shape[2:]), 1)
-        return torch.nn.functional.batch_norm(
-            x, mean, var, module.weight, module.bias, False, 0.0, module.eps
-        )
+        return hook
 
-    def _estimate(self, name: str, module: Any, x: Any, positions: int, groups: int) -> Any:
-        """Update layer ``name``'s estimator with ``x`` (NC...) and return its (mean, var)."""
+    def _estimate(
+        self,
+        name: str,
+        spec: NormSpec,
+        stats: dict[str, Any],
+        x: Any,
+        axes: tuple[int, ...],
+        positions: int,
+        groups: int,
+    ) -> Any:
+        """Update layer ``name``'s estimator with the moments of ``x`` over ``axes`` and return
+        its mean and biased variance (what the layer normalizes with), float64 arrays."""
         est = self.estimators.get(name)
         if est is None:
-            est = layer_estimator(self.template, module, positions, groups)
+            source = stats[spec.mean], stats[spec.var]
+            est = layer_estimator(
+                self.template,
+                None if source[0] is None or source[1] is None else source,
+                spec,
+                positions,
+                groups,
+            )
             self.estimators[name] = est
         xd = x.detach()
         if xd.dtype in UPCAST and not xd.is_cuda:
             xd = xd.float()
-        est.update(moments(xd, axis=bn_axes(x.ndim)))
-        mean = torch.as_tensor(est.mean, dtype=x.dtype, device=x.device)
-        var = torch.as_tensor(est.running_var("biased"), dtype=x.dtype, device=x.device)
-        return mean, var
+        est.update(moments(xd, axis=axes))
+        return est.mean, est.running_var("biased")
 
-    def _normalize_groups(self, name: str, module: Any, x: Any) -> Any:
-        """``groups`` consecutive blocks of the batch, each normalized with its own estimate.
+    def _shift_groups(
+        self, name: str, module: Any, spec: NormSpec, stats: dict[str, Any], x: Any
+    ) -> Any:
+        """``groups`` consecutive blocks of the batch, each with its own estimate.
 
-        The blocks are moved side by side along the channel axis, ``(n, groups * C, ...)``, so
-        that one estimator of ``groups * C`` dimensions and one ``batch_norm`` call do what one
-        estimator and one call per block would.
+        The estimator sees the blocks side by side along the channel axis, ``(n, groups * C,
+        ...)``: one estimator of ``groups * C`` dimensions does what one per block would. The
+        layer then reads mean 0 and variance ``1 - eps`` and gets block ``g``'s input as
+        ``(x - mean_g) * sqrt(1 - eps + eps) / sqrt(var_g + eps)``, so that its own
+        ``(x - mean) / sqrt(var + eps)`` gives each block its own normalization and the rest of
+        its forward (affine, activation) runs unchanged.
         """
         g = self.groups
         if x.shape[0] % g:
@@ -165,11 +255,18 @@ class Adaptation:
             )
         n, c, rest = x.shape[0] // g, x.shape[1], tuple(x.shape[2:])
         side = x.reshape(g, n, c, *rest).transpose(0, 1).reshape(n, g * c, *rest)
-        mean, var = self._estimate(name, module, side, math.prod(rest), g)
-        weight = None if module.weight is None else module.weight.repeat(g)
-        bias = None if module.bias is None else module.bias.repeat(g)
-        out = torch.nn.functional.batch_norm(side, mean, var, weight, bias, False, 0.0, module.eps)
-        return out.reshape(n, g, c, *rest).transpose(0, 1).reshape(x.shape)
+        mean, var = self._estimate(name, spec, stats, side, bn_axes(x.ndim), math.prod(rest), g)
+        eps = float(getattr(module, spec.eps, 0.0))
+        ref = stats[spec.var]
+        dtype = ref.dtype if ref is not None else x.dtype
+        var0 = torch.full((c,), max(1.0 - eps, 0.0), dtype=dtype, device=x.device)
+        norm0 = math.sqrt(float(var0[0]) + eps)
+        shape = (g, 1, c) + (1,) * len(rest)
+        m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).reshape(shape)
+        scale = torch.as_tensor(norm0 / np.sqrt(var + eps), dtype=x.dtype, device=x.device)
+        shifted = (x.reshape(g, n, c, *rest) - m) * scale.reshape(shape)
+        zero = torch.zeros(c, dtype=dtype, device=x.device)
+        return shifted.reshape(x.shape), zero, var0
 
     def reset(self) -> Adaptation:
         """Forget the target data seen so far (every layer starts again from its source)."""
@@ -177,19 +274,20 @@ class Adaptation:
         return self
 
     def restore(self) -> None:
-        """Put back the buffers, forward methods and train/eval modes exactly (idempotent)."""
+        """Remove the hooks, put back the statistics tensors and every buffer's value, and the
+        train/eval modes, exactly as they were (idempotent)."""
         if not self._active:
             return
         self._active = False
-        for module, buffers, forward in reversed(self._saved):
-            if forward is None:
-                module.__dict__.pop("forward", None)
-            else:
-                module.forward = forward
+        for h in self._handles:
+            h.remove()
+        for module, stats, values in reversed(self._saved):
+            for k, t in stats.items():
+                setattr(module, k, t)
             with torch.no_grad():
                 for k, b in module.named_buffers(recurse=False):
-                    if k in buffers:
-                        b.copy_(buffers[k])
+                    if k in values:
+                        b.copy_(values[k])
         for m, mode in self._modes:
             m.training = mode
 
@@ -200,10 +298,29 @@ class Adaptation:
         self.restore()
 
 
+def _put(module: Any, spec: NormSpec, stats: dict[str, Any], mean: Any, var: Any, x: Any) -> None:
+    """Make the layer read ``mean`` / ``var`` as its statistics (new tensors in place of its
+    own, of their dtype and device; of the input's for a layer without statistics)."""
+    for attr, value in ((spec.mean, mean), (spec.var, var)):
+        ref = stats[attr]
+        like = ref if ref is not None else x
+        setattr(module, attr, torch.as_tensor(value, dtype=like.dtype, device=like.device))
+
+
+def _make_put_back(stats: dict[str, Any]) -> Any:
+    """After the layer's forward (also when it raised): its own statistics tensors again."""
+
+    def hook(module: Any, args: Any, output: Any) -> None:
+        for k, t in stats.items():
+            setattr(module, k, t)
+
+    return hook
+
+
 def adapt(
     model: Any, estimator: Any = "prior_population", *, layers: Iterable[str] | None = None
 ) -> Adaptation:
-    """Normalize the BatchNorm layers of ``model`` with a test-time estimator of their input.
+    """Normalize the norm layers of ``model`` with a test-time estimator of their input.
 
     Parameters
     ----------
@@ -213,11 +330,12 @@ def adapt(
         A name (``"batch"``, ``"prior_mix"``, ``"alpha_mix"``, ``"decaying_ema"``,
         ``"prior_population"``, ``"population"``; each with its defaults) or an estimator
         instance used as a template: every layer gets a fresh estimator with its parameters, the
-        layer's ``(running_mean, running_var)`` as ``source`` (``source_var="unbiased"``,
-        PyTorch's convention) and ``positions`` = the spatial size of its input (``H * W`` for
-        ``BatchNorm2d``). The template's own source and batches are not used.
+        layer's stored ``(mean, var)`` as ``source`` (``source_var`` the convention its class
+        was registered with: ``"unbiased"`` for ``running_var``) and ``positions`` = the size of
+        its input per sample and channel (``H * W`` for ``BatchNorm2d``). The template's own
+        source and batches are not used.
     layers : iterable of str, optional
-        Qualified names of the BatchNorm layers to adapt; all of them by default.
+        Qualified names of the norm layers to adapt; all of them by default.
 
     Returns
     -------
@@ -227,13 +345,23 @@ def adapt(
 
     Notes
     -----
-    On every forward pass each adapted layer (``BatchNorm1d/2d/3d``, channels_last too) feeds
-    the moments of its input over ``bn_axes`` (all axes but the channel axis 1) to its estimator,
-    then normalizes the batch with the updated estimate: ``weight * (x - mean) / sqrt(var + eps)
-    + bias`` with the estimator's mean and biased variance (what training mode normalizes with).
-    The buffers are not written. On :meth:`Adaptation.restore` (or leaving the block, also by an
-    exception) the buffers, the layers' ``forward`` attributes and every module's
-    train/eval mode are put back exactly as they were.
+    The layers adapted are those recalibration recognises: every ``_BatchNorm``
+    (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``, subclasses such as timm's ``BatchNormAct2d``),
+    torchvision's ``FrozenBatchNorm2d``, timm's ``FrozenBatchNormAct2d`` and every class
+    registered with :func:`~streamnorm.torch.register_norm`. Each keeps its own forward: a
+    forward pre-hook feeds the moments of the layer's input (over every axis but its channel
+    axis) to its estimator and puts the updated estimate, mean and biased variance (what
+    training mode normalizes with), in place of the layer's statistics tensors for that call;
+    a forward hook puts the layer's own tensors back right after it (also when it raises). So
+    whatever the layer does with its statistics, and after them (timm's activation and drop
+    path), is done as without adaptation. A ``_BatchNorm`` built with
+    ``track_running_stats=False`` reads the estimate too (estimators without a source only).
+    Modules that hold ``running_mean`` / ``running_var`` but whose class is not registered are
+    left as they are, with a warning naming them.
+
+    On :meth:`Adaptation.restore` (or leaving the block, also by an exception) the hooks are
+    removed, and every adapted layer's statistics tensors, its buffers' values and every
+    module's train/eval mode are put back exactly as they were.
 
     Examples
     --------
@@ -241,8 +369,9 @@ def adapt(
     ...     for x in target_stream:
     ...         pred = model(x).argmax(1)
     """
-    chosen = _chosen(model, layers)
-    return Adaptation(model, _template(estimator), chosen)
+    template = _template(estimator)
+    chosen = _chosen(model, layers, template, 1)
+    return Adaptation(model, template, chosen)
 
 
 def adapt_groups(
@@ -273,18 +402,44 @@ def adapt_groups(
     Adaptation
         ``estimators`` hold ``groups * C`` dimensions per layer: group ``g``'s estimate is
         ``est.mean.reshape(groups, C)[g]``.
+
+    Notes
+    -----
+    A layer holds one mean and variance per channel, so the blocks cannot each have theirs in
+    its buffers. Instead the layer reads mean 0 and variance ``1 - eps``, and the pre-hook
+    hands it block ``g``'s input already normalized by the block's estimate,
+    ``(x - mean_g) / sqrt(var_g + eps)``; the layer's forward then runs unchanged (affine,
+    activation, drop path). This relies on the layer normalizing as BatchNorm does,
+    ``(x - running_mean) / sqrt(running_var + eps)`` over channel axis 1, first thing: true of
+    every ``_BatchNorm`` (timm's ``BatchNormAct2d`` included), ``FrozenBatchNorm2d`` and timm's
+    ``FrozenBatchNormAct2d``. Other registered classes are refused (``InputError``); adapt
+    them with :func:`adapt`, one stream at a time.
     """
-    chosen = _chosen(model, layers)
     template = _template(estimator)
-    return Adaptation(model, template, chosen, check_positive_int("groups", groups))
+    groups = check_positive_int("groups", groups)
+    chosen = _chosen(model, layers, template, groups)
+    return Adaptation(model, template, chosen, groups)
 
 
-def _chosen(model: Any, layers: Iterable[str] | None) -> list[tuple[str, Any]]:
-    found = bn_layers(model)
+def _chosen(
+    model: Any, layers: Iterable[str] | None, template: Estimator, groups: int
+) -> list[Chosen]:
+    """The layers to adapt, checked: ``InputError`` for those that cannot be."""
+    if not isinstance(model, torch.nn.Module):
+        raise InputTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    found = []
+    for name, m in model.named_modules():
+        spec = norm_spec(m)
+        if spec is None:
+            continue
+        if isinstance(m, _BatchNorm) or (
+            _stat(m, spec.mean) is not None and _stat(m, spec.var) is not None
+        ):
+            found.append((name, m, spec))
     if layers is None:
         chosen = found
     else:
-        by_name = dict(found)
+        by_name = {n: (n, m, spec) for n, m, spec in found}
         wanted = [layers] if isinstance(layers, str) else list(layers)
         missing = [n for n in wanted if n not in by_name]
         if missing:
@@ -292,7 +447,32 @@ def _chosen(model: Any, layers: Iterable[str] | None) -> list[tuple[str, Any]]:
                 f"no BatchNorm layer named {missing}; the model's BatchNorm layers are "
                 f"{sorted(by_name)}"
             )
-        chosen = [(n, by_name[n]) for n in wanted]
+        chosen = [by_name[n] for n in wanted]
     if not chosen:
-        raise InputError("the model has no BatchNorm layer to adapt")
+        raise InputError(
+            "the model has no BatchNorm layer to adapt" + unregistered_hint(norm_candidates(model))
+        )
+    for name, m, spec in chosen:
+        klass = f"{type(m).__module__}.{type(m).__qualname__}"
+        if _needs_source(template) and (_stat(m, spec.mean) is None or _stat(m, spec.var) is None):
+            raise InputError(
+                f"{type(template).__name__} needs each layer's running statistics as its source, "
+                f"but layer {name!r} ({klass}) was built with track_running_stats=False; use "
+                "'batch' or 'population', or leave the layer out with layers="
+            )
+        if groups > 1 and not _plain_batchnorm(m):
+            raise InputError(
+                f"adapt_groups cannot adapt layer {name!r} ({klass}): it needs layers that "
+                "normalize as BatchNorm does, (x - running_mean) / sqrt(running_var + eps) over "
+                "channel axis 1, and cannot know what this class does with its statistics; "
+                "adapt such a model with adapt(), one stream at a time, or leave the layer out "
+                "with layers="
+            )
+    if layers is None:
+        candidates = norm_candidates(model)
+        if candidates:
+            warnings.warn(
+                "adapt leaves these modules as they are" + unregistered_hint(candidates),
+                stacklevel=3,
+            )
     return chosen

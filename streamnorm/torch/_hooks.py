@@ -39,6 +39,7 @@ __all__ = [
     "norm_spec",
     "register_norm",
     "track",
+    "unregistered_hint",
 ]
 
 #: half-precision dtypes that CPU inputs are converted from to float32 (a copy, the only one)
@@ -85,6 +86,7 @@ class NormSpec:
 _REGISTRY: dict[Any, NormSpec] = {
     _BatchNorm: NormSpec(),
     "torchvision.ops.misc.FrozenBatchNorm2d": NormSpec(count=None, batch_stats=False),
+    "timm.layers.norm_act.FrozenBatchNormAct2d": NormSpec(count=None, batch_stats=False),
 }
 
 
@@ -142,8 +144,9 @@ def register_norm(
     A layer is matched by its class's method resolution order, nearest class first, so a
     registration of a subclass wins over one of its base. Built in: every
     ``torch.nn.modules.batchnorm._BatchNorm`` (BatchNorm1d/2d/3d, SyncBatchNorm, the lazy
-    variants) and ``torchvision.ops.misc.FrozenBatchNorm2d`` (matched by name; it has no
-    ``num_batches_tracked`` and always normalizes with its buffers).
+    variants), ``torchvision.ops.misc.FrozenBatchNorm2d`` and timm's
+    ``timm.layers.norm_act.FrozenBatchNormAct2d`` (matched by name; they have no
+    ``num_batches_tracked`` and always normalize with their buffers).
 
     Examples
     --------
@@ -218,6 +221,20 @@ def norm_candidates(model: Any) -> list[tuple[str, str]]:
         if own & {"running_mean", "running_var"}:
             out.append((name, f"{type(m).__module__}.{type(m).__qualname__}"))
     return out
+
+
+def unregistered_hint(candidates: list[tuple[str, str]]) -> str:
+    """``": <names> hold running_mean/running_var buffers ...; register them with ..."``, the
+    tail of a message about the :func:`norm_candidates` of a model (``""`` for none)."""
+    if not candidates:
+        return ""
+    listed = ", ".join(f"{name or '<model>'} ({cls})" for name, cls in candidates[:10])
+    more = f" and {len(candidates) - 10} more" if len(candidates) > 10 else ""
+    return (
+        f": these modules hold running_mean/running_var buffers but their classes are not "
+        f"registered norm layers: {listed}{more}; to include them, register their classes with "
+        "streamnorm.torch.register_norm(cls, mean=..., var=..., convention=..., channel_axis=...)"
+    )
 
 
 def bn_layers(model: Any) -> list[tuple[str, Any]]:
