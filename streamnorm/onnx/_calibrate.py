@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import os
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -41,8 +40,10 @@ from ._files import (
     open_source,
     save,
 )
-from ._folded import FoldedLayer, default_layers, named_layers, prepare_folded
+from ._folded import FoldedLayer, named_layers, prepare_folded, select
 from ._graph import BNNode, calibration_model, depths, prepare
+from ._rule import chosen, layer_label
+from ._train import ROWS_INPUT, train_mode_model
 
 __all__ = ["annotate", "recalibrate"]
 
@@ -75,12 +76,20 @@ class _Plan:
         Per folded layer: the source moments of its output (mean, biased var).
     depth : dict of str to int
         Per layer (both kinds): its depth in the graph (see :func:`~._graph.depths`).
+    exact : dict of str to BatchNormRecord
+        Per folded layer recorded by :func:`streamnorm.onnx.export`: the BatchNorm folded into
+        it (adapted exactly, see :meth:`_OnnxAdapter.write`).
+    torch_bns : frozenset of str
+        BatchNorm nodes recorded by :func:`streamnorm.onnx.export` as PyTorch BatchNorms: their
+        ``var`` is written unbiased, as PyTorch's ``running_var`` (so are the exact layers').
     """
 
     bns: list[BNNode]
     folded: list[FoldedLayer]
     sources: dict[str, core.Stats]
     depth: dict[str, int]
+    exact: dict[str, meta.BatchNormRecord] = field(default_factory=dict)
+    torch_bns: frozenset[str] = frozenset()
 
 
 class _Runner:
@@ -96,7 +105,8 @@ class _Runner:
         """The batch as fed and the tensors ``names``, rows beyond the batch dropped.
 
         A model with a fixed batch dimension gets short batches padded (rows are independent
-        in inference mode) and the padding dropped again.
+        in inference mode) and the padding dropped again; a train-mode model (one-pass) is fed
+        the indices of the real rows (:data:`~._train.ROWS_INPUT`) for its batch statistics.
         """
         if self.session is None:
             self.session = _session(self.model_bytes, self.providers)
@@ -106,8 +116,11 @@ class _Runner:
         if fixed is not None and n < fixed:
             arr = np.concatenate([arr, np.repeat(arr[:1], fixed - n, axis=0)])
         out_names = sorted(set(names))
+        fed = {self.source.name: arr, **feeds}
+        if any(i.name == ROWS_INPUT for i in self.session.get_inputs()):
+            fed[ROWS_INPUT] = np.arange(n, dtype=np.int64)
         try:
-            res = self.session.run(out_names, {self.source.name: arr, **feeds}) if names else []
+            res = self.session.run(out_names, fed) if names else []
         except Exception as e:
             if type(e).__module__.startswith("onnxruntime"):
                 raise InputError(f"onnxruntime failed on the data: {e}") from e
@@ -143,6 +156,9 @@ class _OnnxAdapter:
         themselves until :meth:`write` adapts it); what :meth:`read` returns.
     source : ModelInput
     providers : list of str, optional
+    scales : dict of str to numpy.ndarray
+        Per exactly adapted folded layer: the factor ``gamma / sqrt(var + eps)`` now folded into
+        its weight, shape (C,) (the recorded one until :meth:`write` adapts it).
     """
 
     model_bytes: bytes
@@ -151,6 +167,7 @@ class _OnnxAdapter:
     assumed: dict[str, core.Stats]
     source: ModelInput
     providers: list[str] | None = None
+    scales: dict[str, np.ndarray] = field(default_factory=dict)
     runner: Any = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -159,12 +176,19 @@ class _OnnxAdapter:
         self.runner = _Runner(self.model_bytes, self.source, self.providers)
 
     def layers(self) -> list[core.NormLayer]:
-        """BatchNorm nodes and folded layers, in graph order."""
+        """BatchNorm nodes and folded layers, in graph order; ``var`` biased (ONNX's
+        convention), unbiased for the BatchNorms of a PyTorch model recorded at export."""
+        torch_bn = self.plan.torch_bns
+
+        def conv(name: str) -> str:
+            return "unbiased" if name in torch_bn or name in self.plan.exact else "biased"
+
         both = [
-            (b.index, core.NormLayer(b.name, b.channels, b.eps, "biased")) for b in self.plan.bns
+            (b.index, core.NormLayer(b.name, b.channels, b.eps, conv(b.name)))
+            for b in self.plan.bns
         ]
         both += [
-            (f.index, core.NormLayer(f.name, f.channels, _REPORT_EPS, "biased"))
+            (f.index, core.NormLayer(f.name, f.channels, _REPORT_EPS, conv(f.name)))
             for f in self.plan.folded
         ]
         return [x for _, x in sorted(both, key=lambda t: t[0])]
@@ -187,6 +211,10 @@ class _OnnxAdapter:
             self.feeds[b.mean] = result.mean.astype(self.feeds[b.mean].dtype)
             self.feeds[b.var] = result.var.astype(self.feeds[b.var].dtype)
             return
+        rec = self.plan.exact.get(f.name)
+        if rec is not None:
+            self._write_exact(f, rec, result)
+            return
         src = self.plan.sources[f.name]
         std_s = np.sqrt(np.maximum(src.var, 0.0))
         std_t = np.sqrt(np.maximum(result.var, 0.0))
@@ -196,6 +224,29 @@ class _OnnxAdapter:
         self.feeds[f.weight], self.feeds[f.bias] = f.scaled(
             self.feeds[f.weight], self.feeds[f.bias], scale, shift
         )
+        self.assumed[f.name] = core.Stats(result.mean.copy(), result.var.copy())
+
+    def _write_exact(
+        self, f: FoldedLayer, rec: meta.BatchNormRecord, result: core.LayerResult
+    ) -> None:
+        """Recalibrate the BatchNorm folded into ``f``, ``eps`` included.
+
+        The folded output is ``y = s (z - mu) + beta`` with ``s = gamma / sqrt(var + eps)`` (``z``
+        the unfolded output); with ``(m, v)`` the target moments of ``y``, the BatchNorm
+        recalibrated to the target moments of ``z`` gives
+        ``beta + |gamma| (y - m) / sqrt(v + eps s^2)``, folded in as ``a y + (beta - a m)``. A
+        channel with ``gamma = 0`` (or no variance and ``eps = 0``) outputs ``beta``. The folded
+        factor becomes ``a s = gamma / sqrt(v / s^2 + eps)``.
+        """
+        s = self.scales.get(f.name, rec.scale)
+        denom = np.sqrt(np.maximum(result.var, 0.0) + rec.eps * s * s)
+        a = np.zeros_like(denom)
+        np.divide(np.abs(rec.gamma), denom, out=a, where=denom > 0)
+        shift = rec.beta - a * result.mean
+        self.feeds[f.weight], self.feeds[f.bias] = f.scaled(
+            self.feeds[f.weight], self.feeds[f.bias], a, shift
+        )
+        self.scales[f.name] = a * s
         self.assumed[f.name] = core.Stats(result.mean.copy(), result.var.copy())
 
     def run(self, batch: Any, targets: Sequence[core.NormLayer], emit: core.Emit) -> None:
@@ -256,51 +307,116 @@ _NO_SOURCE = (
 )
 
 
+def _partial(bns: list[BNNode], names: list[str]) -> str:
+    """The refusal of recalibrating the BatchNorm nodes only, naming every way out (in the
+    Python and the command-line words)."""
+    shown = ", ".join(repr(n) for n in names[:3]) + (" ..." if len(names) > 3 else "")
+    return (
+        f"the model has {len(bns)} BatchNormalization node(s) and {len(names)} Conv / Gemm "
+        f"layer(s) whose BatchNorm was folded at export ({shown}), but no source moments for "
+        "the folded ones, so only the BatchNorm nodes could be recalibrated; annotate the model "
+        "on the source data first (streamnorm.onnx.annotate, or `streamnorm annotate MODEL "
+        "--data SOURCE --out OUT`), give the source data (source=, or --source DATA), drop "
+        "layers that are not folded BatchNorms (exclude=, or --exclude NAME; "
+        "streamnorm.onnx.folded_layers and `streamnorm annotate` list the choice and why), or "
+        "recalibrate the BatchNorm nodes only on purpose (bn_only=True, or --bn-only)"
+    )
+
+
 def _pick(
     model: Any,
     bns: list[BNNode],
-    layers: Sequence[str] | None,
+    choice: _Choice,
     stored: dict[str, meta.LayerMoments] | None,
     has_source: bool,
 ) -> list[int]:
     """The Conv / Gemm nodes to adapt (indices), or ``InputError`` when they cannot be."""
-    g = model.graph
-    if layers is not None:
-        picked = named_layers(model, layers)
-    elif stored is not None and not has_source:
-        outputs = {n.output[0]: i for i, n in enumerate(g.node) if n.output}
-        picked = []
-        for out in stored:
-            i = outputs.get(out)
-            if i is None or g.node[i].op_type not in ("Conv", "Gemm"):
-                raise RecordError(
-                    f"the source moments in the model's metadata name the output {out!r}, which "
-                    "no Conv / Gemm node of the model produces; annotate this model again"
-                )
-            picked.append(i)
-        picked.sort()
-    else:
-        picked = default_layers(model)
+    if choice.bn_only:
+        if choice.layers is not None:
+            raise InputError(
+                "bn_only=True (--bn-only) adapts no Conv / Gemm layer; drop layers= (--layers)"
+            )
+        if not bns:
+            raise InputError(
+                "bn_only=True (--bn-only) but the model has no BatchNormalization node"
+            )
+        return []
+    annotated = None if stored is None or has_source else list(stored)
+    picked = chosen(select(model, choice.layers, choice.exclude, annotated))
     if not picked and not bns:
         raise InputError(
-            "the model has no BatchNormalization node to recalibrate and no Conv / Gemm output "
-            "read by an activation or a Conv (where a folded BatchNorm was); name the Conv / "
-            "Gemm layers to adapt with layers= (--layers)"
+            "the model has no BatchNormalization node to recalibrate and no Conv / Gemm layer "
+            "that looks like a folded BatchNorm (streamnorm.onnx.folded_layers says why); name "
+            "the Conv / Gemm layers to adapt with layers= (--layers)"
         )
     if not picked or has_source or stored is not None:
         return picked
-    if layers is None and bns:
-        names = [g.node[i].name or g.node[i].output[0] for i in picked]
-        warnings.warn(
-            f"{len(picked)} Conv / Gemm layer(s) look like folded BatchNorms ({names[:4]}"
-            f"{' ...' if len(names) > 4 else ''}) but the model has no source moments for "
-            "them: only the BatchNormalization nodes are recalibrated; annotate the model "
-            "(streamnorm.onnx.annotate) or give source= to adapt them too",
-            UserWarning,
-            stacklevel=3,
-        )
-        return []
+    if bns:
+        g = model.graph
+        raise InputError(_partial(bns, [layer_label(g.node[i]) for i in picked]))
     raise InputError(_NO_SOURCE)
+
+
+@dataclass(frozen=True)
+class _Choice:
+    """What the caller said about the Conv / Gemm layers (see :func:`recalibrate`)."""
+
+    layers: Sequence[str] | None = None
+    exclude: Sequence[str] | None = None
+    bn_only: bool = False
+
+
+def _folded_records(model: Any) -> dict[str, meta.BatchNormRecord]:
+    """The BatchNorms that :func:`streamnorm.onnx.export` recorded as folded into a Conv /
+    Gemm, by output name."""
+    recorded = meta.read_batchnorms(model) or {}
+    return {o: r for o, r in recorded.items() if r.op in ("Conv", "Gemm")}
+
+
+def _recorded_bns(model: Any, bns: list[BNNode]) -> frozenset[str]:
+    """The BatchNorm nodes that :func:`streamnorm.onnx.export` recorded (PyTorch modules)."""
+    recorded = meta.read_batchnorms(model) or {}
+    g = model.graph
+    return frozenset(
+        b.name
+        for b in bns
+        if (r := recorded.get(g.node[b.index].output[0])) is not None
+        and r.op == "BatchNormalization"
+    )
+
+
+def _recorded_layers(model: Any, recorded: dict[str, meta.BatchNormRecord]) -> list[int]:
+    """The Conv / Gemm nodes (indices) of ``recorded``; ``RecordError`` for a missing one."""
+    g = model.graph
+    outputs = {n.output[0]: i for i, n in enumerate(g.node) if n.output}
+    picked = []
+    for out, r in recorded.items():
+        i = outputs.get(out)
+        if i is None or g.node[i].op_type != r.op:
+            raise RecordError(
+                f"the BatchNorm record in the model's metadata puts {r.module!r} in the {r.op} "
+                f"output {out!r}, which the model does not have; export the model again"
+            )
+        picked.append(i)
+    return sorted(picked)
+
+
+def _exact(
+    folded: list[FoldedLayer], recorded: dict[str, meta.BatchNormRecord]
+) -> dict[str, meta.BatchNormRecord]:
+    """Per folded layer with a BatchNorm record: the record (checked against the layer)."""
+    out = {}
+    for f in folded:
+        r = recorded.get(f.output)
+        if r is None:
+            continue
+        if r.channels != f.channels:
+            raise RecordError(
+                f"the BatchNorm record of {r.module!r} has {r.channels} channels, the layer "
+                f"{f.name!r} {f.channels}; export the model again"
+            )
+        out[f.name] = r
+    return out
 
 
 def _remember_external(loaded: Loaded, folded: list[FoldedLayer]) -> None:
@@ -400,6 +516,8 @@ def recalibrate(
     tol: float | None = None,
     source: Any = None,
     layers: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    bn_only: bool = False,
 ) -> core.CalibrationReport:
     """Write a copy of an ONNX model whose BatchNorm statistics are re-estimated from data, and
     whose folded Conv / Gemm layers are adapted to it by moment matching.
@@ -445,8 +563,15 @@ def recalibrate(
     layers : list of str, optional
         The Conv / Gemm layers to adapt by moment matching (node or output names). Default: the
         layers annotated in the metadata; with ``source``, or for a model without annotation,
-        every Conv / Gemm output read by an activation or a Conv (where folding left a
-        Conv-BN-ReLU block). ``BatchNormalization`` nodes are always recalibrated.
+        those the graph shows a folded BatchNorm in (:func:`folded_layers` lists them and why).
+        ``BatchNormalization`` nodes are always recalibrated.
+    exclude : list of str, optional
+        Conv / Gemm layers (node or output names) not to adapt, taken out of the default or of
+        ``layers``.
+    bn_only : bool, default False
+        Recalibrate the ``BatchNormalization`` nodes only and adapt no Conv / Gemm layer. Without
+        it, a model with BatchNorm nodes and folded layers but no source moments for them is
+        refused rather than recalibrated in part.
 
     Returns
     -------
@@ -473,10 +598,11 @@ def recalibrate(
     topological order (``sequential``: each with everything upstream already adapted). A model
     with BatchNorm statistics that were the exact population statistics of the source data
     before export then equals, up to BatchNorm's ``eps``, the same network recalibrated before
-    export. A model without BatchNorm nodes needs source moments (``source`` or the metadata);
-    a model with BatchNorm nodes but none recalibrates the BatchNorm nodes only, with a
-    ``UserWarning`` when Conv / Gemm layers look folded. Weights shared with other nodes are
-    copied; weights stored as external data stay external.
+    export. Folded layers need source moments (``source`` or the metadata): a model with
+    folded layers and none is refused with ``ValueError`` (also when it has BatchNorm nodes:
+    recalibrating those alone leaves the folded layers tuned to the old data; ``bn_only=True``
+    asks for that on purpose). Weights shared with other nodes are copied; weights stored as
+    external data stay external.
     """
     require("onnxruntime", "onnx")
     onnx = require("onnx")
@@ -488,7 +614,15 @@ def recalibrate(
     model = loaded.model
     bns = prepare(model, allow_none=True)
     stored = meta.read(model)
-    picked = _pick(model, bns, layers, stored, source is not None)
+    recorded = _folded_records(model)
+    choice = _Choice(layers, exclude, bn_only)
+    if recorded and layers is None and not bn_only:
+        picked = _recorded_layers(model, recorded)
+        if exclude is not None:
+            dropped = set(named_layers(model, exclude, "exclude"))
+            picked = [i for i in picked if i not in dropped]
+    else:
+        picked = _pick(model, bns, choice, stored, source is not None)
     folded = prepare_folded(model, picked, {b.name for b in bns})
     _remember_external(loaded, folded)
     opened = open_source(data, key)
@@ -518,7 +652,13 @@ def recalibrate(
         )
         sources = {f.name: _stats(measured[f.output], f.output) for f in folded}
     else:
-        sources = {f.name: _from_metadata(stored, f) for f in folded}
+        sources = {f.name: _from_metadata(stored, f) for f in folded if f.output not in recorded}
+    exact = _exact(folded, recorded)
+    sources.update({n: core.Stats(r.beta, r.output_var) for n, r in exact.items()})
+    if settings.mode == "one-pass":
+        dtypes = {f.name: feeds[f.weight].dtype for f in folded}
+        train = train_mode_model(cal, bns, folded, sources, dtypes, padded=bool(feed.fixed_batch))
+        runner = _runner(train, feed, providers, "recalibration of")
     depth_of = depths(model, {b.index for b in bns} | {f.index for f in folded})
     plan = _Plan(
         bns,
@@ -528,6 +668,8 @@ def recalibrate(
             **{b.name: depth_of[b.index] for b in bns},
             **{f.name: depth_of[f.index] for f in folded},
         },
+        exact,
+        _recorded_bns(model, bns),
     )
     adapter = _OnnxAdapter(runner.model_bytes, plan, feeds, dict(sources), feed, providers)
     adapter.runner = runner
@@ -552,6 +694,7 @@ def annotate(
     key: str | None = None,
     progress: bool = True,
     providers: list[str] | None = None,
+    exclude: Sequence[str] | None = None,
 ) -> dict[str, Moments]:
     """Write a copy of an ONNX model that carries the source moments of its folded layers.
 
@@ -573,20 +716,20 @@ def annotate(
         The annotated model, written atomically (the graph and weights unchanged; an older
         annotation is replaced, other metadata kept). It may be none of the files read.
     layers : list of str, optional
-        Conv / Gemm layers (node or output names). Default: every Conv / Gemm output read by
-        an activation (``Relu``, ``Clip``, ``Sigmoid``, ...) or by a Conv, where folding left a
-        Conv-BN-ReLU block.
+        Conv / Gemm layers (node or output names). Default: those the graph shows a folded
+        BatchNorm in (:func:`folded_layers` lists them and why).
     batch_size : int, default 64
         Samples per onnxruntime call.
     num_samples : int, optional
         Use only the first ``num_samples`` samples.
-    input_name, key, progress, providers
+    input_name, key, progress, providers, exclude
         As in :func:`recalibrate`.
 
     Returns
     -------
     dict of str to Moments
-        Per layer output name: its per-channel moments, shape (C,).
+        Per layer (node name, or output name for an unnamed node: the names of the
+        recalibration report): its per-channel moments, shape (C,).
 
     Raises
     ------
@@ -599,11 +742,12 @@ def annotate(
     bs = check_size("batch_size", batch_size)
     loaded = load(mp)
     model = loaded.model
-    picked = named_layers(model, layers) if layers is not None else default_layers(model)
+    picked = chosen(select(model, layers, exclude))
     if not picked:
         raise InputError(
-            "the model has no Conv / Gemm output read by an activation or a Conv (where a folded "
-            "BatchNorm was); name the layers to annotate with layers= (--layers)"
+            "the model has no Conv / Gemm layer that looks like a folded BatchNorm "
+            "(streamnorm.onnx.folded_layers says why); name the layers to annotate with layers= "
+            "(--layers)"
         )
     nodes = [model.graph.node[i] for i in picked]
     opened = open_source(source_data, key)
@@ -619,4 +763,4 @@ def annotate(
         _stats(measured[o], o)
     _annotate_model(model, [(n.output[0], n.name, n.op_type) for n in nodes], measured, samples)
     save(loaded, op)
-    return measured
+    return {layer_label(n): measured[n.output[0]] for n in nodes}
