@@ -182,7 +182,8 @@ def test_annotate_stores_the_exact_source_moments(setup, tmp_path) -> None:
     assert meta["format"] == KEY and meta["version"] == 1 and meta["samples"] == 300
     outs = [e["output"] for e in meta["layers"]]
     assert [e["op"] for e in meta["layers"]] == ["Conv", "Conv", "Conv", "Gemm"]
-    assert list(measured) == outs
+    # keyed by layer (node) name, the name the recalibration report shows
+    assert list(measured) == [e["node"] for e in meta["layers"]]
     for entry, y in zip(meta["layers"], _run(path, src[:300], outs), strict=True):
         count, mean, m2 = _ref_moments(y)
         np.testing.assert_array_equal(entry["count"], count)
@@ -336,12 +337,23 @@ def test_explicit_layers(setup, tmp_path) -> None:
     assert not (tmp_path / "x.onnx").exists()
 
 
-def test_bn_model_with_folded_layers_but_no_source_warns(setup, tmp_path) -> None:
+def test_bn_model_with_folded_layers_but_no_source_is_refused(setup, tmp_path) -> None:
+    """BatchNorm nodes and folded layers without source moments: no silent partial
+    recalibration; bn_only=True asks for it, source= adapts both kinds."""
     src, tgt = setup["src"][:256], setup["tgt"][:256]
     path = _export(setup["model"], src, tmp_path / "m.onnx")
-    with pytest.warns(UserWarning, match="look like folded"):
-        r = recalibrate(path, tgt, tmp_path / "o.onnx", progress=False)
+    with pytest.raises(ValueError, match="no source moments") as e:
+        recalibrate(path, tgt, tmp_path / "o.onnx", progress=False)
+    for fix in ("streamnorm.onnx.annotate", "source=", "bn_only=True", "--bn-only", "--source"):
+        assert fix in str(e.value)
+    assert not (tmp_path / "o.onnx").exists()
+    r = recalibrate(path, tgt, tmp_path / "o.onnx", bn_only=True, progress=False)
     assert [x.name for x in r.layers] == ["/12/BatchNormalization"]
+    assert r.kinds == {"BatchNorm": 1}
+    r = recalibrate(path, tgt, tmp_path / "o2.onnx", source=src, progress=False)
+    assert r.kinds == {"BatchNorm": 1, "folded": 3}
+    assert [x.kind for x in r.layers] == ["folded", "folded", "folded", "BatchNorm"]
+    assert "1 BatchNorm node(s)" in str(r) and "3 folded Conv / Gemm layer(s)" in str(r)
 
 
 # ------------------------------------------------------------------------------------------
@@ -404,7 +416,9 @@ def _assert_source_moments(src_path, out_path, tgt, outputs) -> None:
 def test_shared_weights_and_gemm_layouts(tmp_path, trans_b, beta, c_shape) -> None:
     onnx.save(_graph_model(trans_b=trans_b, beta=beta, c_shape=c_shape), str(tmp_path / "m.onnx"))
     src, tgt = _xs()
-    annotate(tmp_path / "m.onnx", src, tmp_path / "a.onnx", progress=False)
+    # conv2 has no bias (so the default rule leaves it out): named, by node or output name
+    layers = ["conv1", "c2", "fc"]
+    annotate(tmp_path / "m.onnx", src, tmp_path / "a.onnx", layers=layers, progress=False)
     assert [e["output"] for e in _metadata(tmp_path / "a.onnx")["layers"]] == ["c1", "c2", "g"]
     r = recalibrate(tmp_path / "a.onnx", tgt, tmp_path / "o.onnx", batch_size=64, progress=False)
     assert [x.name for x in r.layers] == ["conv1", "conv2", "fc"]
@@ -429,7 +443,8 @@ def test_external_data_stays_external(tmp_path) -> None:
     )
     src, tgt = _xs()
     before = _digest(tmp_path / "m.weights")
-    recalibrate(tmp_path / "m.onnx", tgt, tmp_path / "o.onnx", source=src, progress=False)
+    layers = ["conv1", "conv2", "fc"]
+    recalibrate(tmp_path / "m.onnx", tgt, tmp_path / "o.onnx", source=src, layers=layers)
     assert _digest(tmp_path / "m.weights") == before
     out = onnx.load(str(tmp_path / "o.onnx"), load_external_data=False)
     weights = [t for t in out.graph.initializer if t.dims and len(t.dims) == 4]

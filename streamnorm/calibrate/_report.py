@@ -53,6 +53,9 @@ class LayerReport:
         The per-batch moments behind ``mean_se`` / ``var_se`` (for :meth:`trace`).
     estimator : str
         The estimator the errors refer to.
+    kind : str, default "BatchNorm"
+        What the layer is: ``"BatchNorm"`` (a norm layer or node), or ``"folded"`` (an ONNX
+        Conv / Gemm whose folded BatchNorm was adapted by moment matching).
     """
 
     name: str
@@ -65,6 +68,7 @@ class LayerReport:
     var_se: np.ndarray = field(default_factory=lambda: np.zeros(0))
     spread: BatchSpread | None = field(default=None, repr=False, compare=False)
     estimator: str = field(default="population", repr=False, compare=False)
+    kind: str = field(default="BatchNorm", compare=False)
 
     def trace(self) -> Trace | None:
         """The largest standard errors and deviations from the final estimate after every
@@ -167,6 +171,14 @@ class CalibrationReport:
         """Largest ``var_se`` over layers and channels (NaN when not defined)."""
         return _nanmax(np.array([x.max_var_se for x in self.layers]))
 
+    @property
+    def kinds(self) -> dict[str, int]:
+        """Layers per :attr:`LayerReport.kind`, e.g. ``{"BatchNorm": 3, "folded": 28}``."""
+        out: dict[str, int] = {}
+        for x in self.layers:
+            out[x.kind] = out.get(x.kind, 0) + 1
+        return out
+
     def __getitem__(self, name: str) -> LayerReport:
         for layer in self.layers:
             if layer.name == name:
@@ -202,6 +214,9 @@ class CalibrationReport:
             "max var_se",
         )
         rows = [_row(x) for x in self.layers]
+        if set(self.kinds) != {"BatchNorm"} and self.layers:
+            head += ("kind",)
+            rows = [(*r, x.kind) for r, x in zip(rows, self.layers, strict=True)]
         widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
         fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
         lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
@@ -213,6 +228,10 @@ class CalibrationReport:
             f"recalibrated {len(self.layers)} BatchNorm layer(s) from {self.samples} samples "
             f"(estimator={self.estimator}, mode={self.mode})"
         )
+        if set(self.kinds) != {"BatchNorm"} and self.layers:
+            head += "\nlayers: " + ", ".join(
+                f"{n} {_KIND_WORDS.get(k, k)}" for k, n in sorted(self.kinds.items())
+            )
         if self.tol is not None:
             if self.converged:
                 head += (
@@ -227,6 +246,12 @@ class CalibrationReport:
                     f"(tol={self.tol:g}); give more data for that tolerance"
                 )
         return f"{head}\n{self.table()}"
+
+
+_KIND_WORDS = {
+    "BatchNorm": "BatchNorm node(s)",
+    "folded": "folded Conv / Gemm layer(s) adapted by moment matching",
+}
 
 
 def _row(x: LayerReport) -> tuple[str, ...]:

@@ -4,12 +4,16 @@
 data and writes a copy whose metadata holds the per-channel moments of every Conv / Gemm output
 whose BatchNorm the exporter folded away (see :func:`streamnorm.onnx.annotate`), so that
 ``streamnorm calibrate OUT --data TARGET --out ADAPTED`` can adapt it to new data without the
-source data. The output is written atomically; on any error nothing is written.
+source data. It first prints every Conv / Gemm layer with whether it is taken and why (see
+:func:`streamnorm.onnx.folded_layers`); ``--layers`` / ``--exclude`` change the choice. The
+output is written atomically; on any error nothing is written.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -35,8 +39,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         nargs="+",
         default=None,
-        help="Conv/Gemm layers (node or output names); default: those read by an activation "
-        "or a Conv",
+        help="Conv/Gemm layers (node or output names); default: those that look like folded "
+        "BatchNorms (the list printed first says which and why)",
+    )
+    parser.add_argument(
+        "--exclude",
+        metavar="NAME",
+        nargs="+",
+        default=None,
+        help="Conv/Gemm layers (node or output names) not to take",
     )
     parser.add_argument(
         "--num-samples", metavar="N", type=count, default=None, help="use the first N samples"
@@ -51,6 +62,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def show_layers(
+    model: str,
+    layers: Sequence[str] | None,
+    exclude: Sequence[str] | None,
+    annotated: bool = True,
+) -> list[Any]:
+    """Print every Conv / Gemm layer of an ONNX model, ``+`` taken as a folded BatchNorm or
+    ``-`` not, with the reason; the choices (:func:`streamnorm.onnx.folded_layers`)."""
+    from ..onnx import folded_layers
+
+    choices = folded_layers(model, layers=layers, exclude=exclude, annotated=annotated)
+    if not choices:
+        return choices
+    taken = sum(c.chosen for c in choices)
+    print(
+        f"Conv / Gemm layers: {taken} of {len(choices)} taken as folded BatchNorms "
+        "(+ taken, - not; --layers / --exclude change it)"
+    )
+    width = max(len(c.name) for c in choices)
+    for c in choices:
+        print(f"  {'+' if c.chosen else '-'} {c.name:<{width}}  {c.op:<4}  {c.reason}")
+    return choices
+
+
 def run(args: argparse.Namespace) -> int:
     """Annotate ``args.model`` with the moments measured on ``args.data``; 0 on success."""
     if not str(args.model).lower().endswith(".onnx"):
@@ -58,11 +93,13 @@ def run(args: argparse.Namespace) -> int:
     from ..onnx import annotate
 
     ds = open_data(args.data, args.key)
+    show_layers(args.model, args.layers, args.exclude, annotated=False)
     measured = annotate(
         args.model,
         ds,
         args.out,
         layers=args.layers,
+        exclude=args.exclude,
         batch_size=args.batch_size,
         num_samples=args.num_samples,
         input_name=args.input_name,

@@ -8,7 +8,8 @@ default 0.99). The output is written atomically; on any error nothing is written
 
 An ONNX model whose BatchNorms were folded into its Conv / Gemm layers at export is adapted by
 moment matching, with the source moments from its metadata (``streamnorm annotate``) or measured
-on ``--source``; ``--layers`` chooses the layers.
+on ``--source``; the list printed first says which Conv / Gemm layers and why, ``--layers`` /
+``--exclude`` change it, ``--bn-only`` recalibrates the BatchNormalization nodes alone.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .._extras import require
 from .._io import atomic_write, check_output
 from ..calibrate import ESTIMATORS, MODES, Dataset, open_data
 from ._args import count
+from .annotate import show_layers
 
 
 def _samples(text: str) -> int | str:
@@ -114,6 +116,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         default=None,
         help="ONNX: the folded Conv/Gemm layers to adapt (node or output names)",
+    )
+    parser.add_argument(
+        "--exclude",
+        metavar="NAME",
+        nargs="+",
+        default=None,
+        help="ONNX: Conv/Gemm layers (node or output names) not to adapt",
+    )
+    parser.add_argument(
+        "--bn-only",
+        action="store_true",
+        help="ONNX: recalibrate the BatchNormalization nodes only, adapt no folded layer",
     )
     parser.add_argument(
         "--scheduler", metavar="ADDRESS", default=None, help="run on this Dask scheduler"
@@ -311,8 +325,9 @@ def _check_options(args: Any, kind: str) -> None:
         )
     if kind != "onnx" and args.input_name is not None:
         raise InputError("--input-name applies to ONNX models only")
-    if kind != "onnx" and (args.source is not None or args.layers is not None):
-        raise InputError("--source / --layers apply to ONNX models only")
+    onnx_only = (args.source, args.layers, args.exclude, args.bn_only or None)
+    if kind != "onnx" and any(x is not None for x in onnx_only):
+        raise InputError("--source / --layers / --exclude / --bn-only apply to ONNX models only")
     if args.tol is not None and args.num_samples != "auto":
         raise InputError("--tol applies to --num-samples auto only")
     if kind == "keras" and args.num_samples == "auto":
@@ -343,6 +358,8 @@ def _go(kind: str, args: Any, ds: Dataset, client: Any) -> Any:
     if kind == "onnx":
         from ..onnx import recalibrate
 
+        if not args.bn_only:
+            show_layers(args.model, args.layers, args.exclude, annotated=args.source is None)
         return recalibrate(
             args.model,
             ds,
@@ -356,6 +373,8 @@ def _go(kind: str, args: Any, ds: Dataset, client: Any) -> Any:
             tol=args.tol,
             source=None if args.source is None else open_data(args.source, args.key),
             layers=args.layers,
+            exclude=args.exclude,
+            bn_only=args.bn_only,
         )
     if kind == "torchscript":
         return _run_torchscript(args, ds, client)

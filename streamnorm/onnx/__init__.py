@@ -13,5 +13,6 @@ to new data by moment matching folded into their weights, together with the rema
 
 from ._calibrate import annotate, recalibrate
 from ._export import export
+from ._folded import LayerChoice, folded_layers
 
-__all__ = ["annotate", "export", "recalibrate"]
+__all__ = ["LayerChoice", "annotate", "export", "folded_layers", "recalibrate"]

@@ -674,6 +674,9 @@ def recalibrate(
     adapter = _OnnxAdapter(runner.model_bytes, plan, feeds, dict(sources), feed, providers)
     adapter.runner = runner
     report = core.calibrate(adapter, stream, settings)
+    folded_names = {f.name for f in folded}
+    for x in report.layers:
+        x.kind = "folded" if x.name in folded_names else x.kind
     for n in names:
         inits[n].CopyFrom(onnx.numpy_helper.from_array(adapter.feeds[n], n))
     if measured:

@@ -18,58 +18,42 @@ BatchNorm's ``eps`` (lost in folding).
 
 Which layers
 ------------
-By default (:func:`default_layers`), a Conv or Gemm node whose output is read by an activation
-(``Relu``, ``Clip``, ``Sigmoid``, ``HardSwish``, ...) or by another Conv: where a Conv-BN-ReLU
-block leaves a Conv-ReLU pair after folding. A Conv feeding a residual ``Add`` or the graph
-output is not taken; name layers explicitly (node names or output names) to choose others.
+By default (:func:`default_layers`), the Conv / Gemm nodes the graph shows a folded BatchNorm
+in: read by an activation (also through a per-channel affine ``Mul`` / ``Add``), the last Conv
+of a residual branch, a linear bottleneck before a Conv-BN block; not after a global pooling
+(squeeze-excitation, classifiers), not before a ``BatchNormalization`` node, not without a bias,
+not feeding the graph output (the rule and its reasons: :mod:`streamnorm.onnx._rule`).
+:func:`select` applies ``layers`` / ``exclude`` (node names or output names) or the layers
+annotated in the metadata; :func:`folded_layers` lists every Conv / Gemm with its verdict.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from .._errors import InputError, InputTypeError
+from .._errors import InputError, InputNotFoundError, InputTypeError, RecordError
 from .._extras import require
+from . import _metadata as meta
 from ._graph import GraphIndex
+from ._rule import ACTIVATIONS, FOLDABLE, LayerChoice, chosen, classify, layer_label
 
 __all__ = [
     "ACTIVATIONS",
     "FOLDABLE",
     "FoldedLayer",
+    "LayerChoice",
     "default_layers",
+    "folded_layers",
     "match",
     "named_layers",
     "prepare_folded",
+    "select",
 ]
-
-#: operators a folded layer may be
-FOLDABLE = ("Conv", "Gemm")
-
-#: operators that, reading a Conv / Gemm output, mark it as a folded layer by default
-ACTIVATIONS = frozenset(
-    {
-        "Relu",
-        "LeakyRelu",
-        "PRelu",
-        "Clip",
-        "Sigmoid",
-        "HardSigmoid",
-        "HardSwish",
-        "Tanh",
-        "Elu",
-        "Selu",
-        "Celu",
-        "Gelu",
-        "Mish",
-        "Softplus",
-        "Softsign",
-        "ThresholdedRelu",
-    }
-)
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 
@@ -134,23 +118,118 @@ def _is_default_domain(node: Any) -> bool:
 
 
 def default_layers(model: Any) -> list[int]:
-    """Indices of the Conv / Gemm nodes whose output an activation or a Conv reads."""
-    g = model.graph
-    readers: dict[str, list[str]] = {}
-    for n in g.node:
-        if not _is_default_domain(n):
-            continue
-        for x in n.input:
-            if x:
-                readers.setdefault(x, []).append(n.op_type)
-    out = []
-    for i, n in enumerate(g.node):
-        if n.op_type not in FOLDABLE or not _is_default_domain(n) or not n.output:
-            continue
-        ops = readers.get(n.output[0], [])
-        if any(op in ACTIVATIONS or op == "Conv" for op in ops):
-            out.append(i)
-    return out
+    """Indices of the Conv / Gemm nodes the default rule takes (see :mod:`._rule`)."""
+    return chosen(classify(model))
+
+
+def select(
+    model: Any,
+    layers: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    annotated: Sequence[str] | None = None,
+) -> list[tuple[int, LayerChoice]]:
+    """Every Conv / Gemm node with its verdict: the ``layers`` named, else the layers whose
+    outputs are ``annotated`` (source moments in the metadata), else the default rule; then
+    without the ``exclude``d ones. As ``(node index, LayerChoice)`` in graph order.
+
+    Raises
+    ------
+    TypeError, ValueError
+        ``layers`` / ``exclude`` that are not lists of names of Conv / Gemm nodes.
+    RecordError
+        An annotated output that no Conv / Gemm node of the model produces.
+    """
+    verdicts = classify(model)
+    if layers is not None:
+        named = set(named_layers(model, layers))
+        verdicts = [
+            (
+                i,
+                c._replace(
+                    chosen=i in named,
+                    reason="named in layers" if i in named else f"not named (rule: {c.reason})",
+                ),
+            )
+            for i, c in verdicts
+        ]
+    elif annotated is not None:
+        g = model.graph
+        outputs = {n.output[0]: i for i, n in enumerate(g.node) if n.output}
+        marked = set()
+        for out in annotated:
+            i = outputs.get(out)
+            if i is None or g.node[i].op_type not in FOLDABLE:
+                raise RecordError(
+                    f"the source moments in the model's metadata name the output {out!r}, which "
+                    "no Conv / Gemm node of the model produces; annotate this model again"
+                )
+            marked.add(i)
+        verdicts = [
+            (
+                i,
+                c._replace(
+                    chosen=i in marked,
+                    reason="annotated (source moments in the metadata)"
+                    if i in marked
+                    else f"not annotated (rule: {c.reason})",
+                ),
+            )
+            for i, c in verdicts
+        ]
+    if exclude is not None:
+        dropped = set(named_layers(model, exclude, what="exclude"))
+        verdicts = [
+            (i, c._replace(chosen=False, reason="excluded by name") if i in dropped else c)
+            for i, c in verdicts
+        ]
+    return verdicts
+
+
+def folded_layers(
+    model_path: Any,
+    *,
+    layers: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    annotated: bool = True,
+) -> list[LayerChoice]:
+    """Which Conv / Gemm layers of an ONNX model are adapted as folded BatchNorms, and why.
+
+    Parameters
+    ----------
+    model_path : str, path-like or onnx.ModelProto
+    layers, exclude : list of str, optional
+        As in :func:`streamnorm.onnx.recalibrate` (node or output names).
+    annotated : bool, default True
+        Without ``layers``, an annotated model (:func:`streamnorm.onnx.annotate`) chooses its
+        annotated layers, as :func:`~streamnorm.onnx.recalibrate` does without ``source``;
+        ``False``: the default rule (``recalibrate`` with ``source``, ``annotate``).
+
+    Returns
+    -------
+    list of LayerChoice
+        Every Conv / Gemm node of the main graph in graph order: ``(name, op, reason, chosen)``.
+
+    Examples
+    --------
+    >>> for name, op, reason, chosen in folded_layers("model.onnx"):  # doctest: +SKIP
+    ...     print("+" if chosen else "-", name, op, reason)
+    """
+    onnx = require("onnx")
+    model = model_path
+    if not isinstance(model_path, onnx.ModelProto):
+        if not isinstance(model_path, (str, os.PathLike)):
+            raise InputTypeError(
+                f"model_path must be a path or an onnx.ModelProto, got {type(model_path).__name__}"
+            )
+        if not os.path.isfile(model_path):
+            raise InputNotFoundError(f"model file {os.fspath(model_path)!r} does not exist")
+        try:
+            model = onnx.load(os.fspath(model_path), load_external_data=False)
+        except Exception as e:
+            raise InputError(f"{os.fspath(model_path)!r} is not a readable ONNX model: {e}") from e
+    stored = meta.read(model) if annotated else None
+    outputs = None if stored is None else list(stored)
+    return [c for _, c in select(model, layers, exclude, outputs)]
 
 
 def match(model: Any, name: str) -> int | None:
@@ -164,8 +243,9 @@ def match(model: Any, name: str) -> int | None:
     return None
 
 
-def named_layers(model: Any, layers: Any) -> list[int]:
-    """Indices of the Conv / Gemm nodes named in ``layers`` (node or output names), sorted.
+def named_layers(model: Any, layers: Any, what: str = "layers") -> list[int]:
+    """Indices of the Conv / Gemm nodes named in ``layers`` (node or output names), sorted;
+    ``what`` names the argument in the errors.
 
     Raises
     ------
@@ -176,18 +256,18 @@ def named_layers(model: Any, layers: Any) -> list[int]:
     """
     if isinstance(layers, str) or not isinstance(layers, Sequence):
         raise InputTypeError(
-            f"layers must be a list of node or output names, got {type(layers).__name__}"
+            f"{what} must be a list of node or output names, got {type(layers).__name__}"
         )
     if not layers:
-        raise InputError("layers is empty; name at least one Conv or Gemm node (or omit it)")
+        raise InputError(f"{what} is empty; name at least one Conv or Gemm node (or omit it)")
     g = model.graph
     out: set[int] = set()
     for name in layers:
         if not isinstance(name, str):
-            raise InputTypeError(f"layers must hold str names, got {type(name).__name__}")
+            raise InputTypeError(f"{what} must hold str names, got {type(name).__name__}")
         i = match(model, name)
         if i is None:
-            convs = [n.name or n.output[0] for n in g.node if n.op_type in FOLDABLE][:8]
+            convs = [layer_label(n) for n in g.node if n.op_type in FOLDABLE][:8]
             raise InputError(
                 f"the model has no node or output named {name!r}; its Conv / Gemm nodes are {convs}"
             )
@@ -199,7 +279,7 @@ def named_layers(model: Any, layers: Any) -> list[int]:
                 else ""
             )
             raise InputError(
-                f"{name!r} is a {node.op_type} node; layers names Conv or Gemm nodes{hint}"
+                f"{name!r} is a {node.op_type} node; {what} names Conv or Gemm nodes{hint}"
             )
         out.add(i)
     return sorted(out)

@@ -200,9 +200,10 @@ class GraphIndex:
         return cls(model, inits, graph_inputs, producers, uses, taken, set())
 
     def layer_name(self, node: Any, i: int) -> str:
-        """A unique layer name for ``node`` (the ``i``-th node): its name, or
-        ``<op>_<i>`` when it has none."""
-        base = node.name or f"{node.op_type}_{i}"
+        """A unique layer name for ``node`` (the ``i``-th node): its name, or its first
+        output's name when it has none (``<op>_<i>`` when it has neither)."""
+        base = node.name or (node.output[0] if node.output and node.output[0] else "")
+        base = base or f"{node.op_type}_{i}"
         name = base
         k = 1
         while name in self.names:
