@@ -43,6 +43,11 @@ A framework adapter implements the :class:`Adapter` protocol and nothing else:
 ``remote() -> callable``
     A picklable factory that rebuilds the adapter, with the statistics written so far, on a Dask
     worker (used only with ``client=``).
+``cursors(passes) -> context manager of start(batch) -> Cursor`` (optional)
+    Sequential passes at about the cost of one (``_sequential.py``): a :class:`Cursor` keeps one
+    batch's forward pass paused between passes and runs it on to the next pass's layers
+    (PyTorch: a thread per batch, paused in the norm layers' pre-hooks; ONNX: the graph cut
+    into one segment per pass). Without it, every sequential pass runs from the data.
 
 An adapter that sees each layer's input during a forward pass (hooks, patched calls) derives
 from :class:`WatchedAdapter`, which provides ``run`` and ``sequential_passes`` from one method
@@ -58,7 +63,7 @@ from ._distributed import get_client, map_merge, merge_results
 from ._layers import ForwardPass, StopPass, WatchedAdapter, forward_order, select_layers
 from ._plot import SampleCurve, plot_samples
 from ._progress import progress_bar
-from ._report import CalibrationReport, LayerReport, Stats, layer_report
+from ._report import CalibrationReport, LayerReport, Stats, layer_report, skipped_layer
 from ._run import (
     AUTO_MIN_BATCHES,
     MODES,
@@ -71,16 +76,19 @@ from ._run import (
     check_budget,
     shard_pass,
 )
+from ._sequential import DEFAULT_CACHE_BYTES, Cursor
 from ._spread import BatchSpread, Trace
 from ._stats import ESTIMATORS, LayerStats, NormLayer, StatsSpec
 
 __all__ = [
     "AUTO_MIN_BATCHES",
+    "DEFAULT_CACHE_BYTES",
     "ESTIMATORS",
     "MODES",
     "Adapter",
     "BatchSpread",
     "CalibrationReport",
+    "Cursor",
     "Dataset",
     "Emit",
     "FileShard",
@@ -113,4 +121,5 @@ __all__ = [
     "select_layers",
     "shards",
     "shard_pass",
+    "skipped_layer",
 ]

@@ -6,6 +6,7 @@ over a :class:`~streamnorm.calibrate.Stream` of batches and returns the report.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -14,10 +15,11 @@ from typing import Any, Protocol
 import numpy as np
 
 from .._errors import InputError, InputTypeError
-from .._validate import check_choice, check_optional_positive_int, is_number
+from .._validate import check_choice, check_int, check_optional_positive_int, is_number
 from ._data import Stream, iter_batches
 from ._progress import progress_bar
 from ._report import CalibrationReport, LayerReport, Stats, layer_report
+from ._sequential import DEFAULT_CACHE_BYTES, Cache
 from ._stats import LayerStats, NormLayer, StatsSpec
 
 __all__ = [
@@ -116,6 +118,12 @@ class Settings:
     tol : float, optional
         ``num_samples="auto"``: each pass stops once every channel's ``mean_se`` and
         ``var_se`` are below ``tol`` (after at least :data:`AUTO_MIN_BATCHES` batches).
+    cache_bytes : int, default 1 GiB
+        ``mode="sequential"`` with an adapter that offers cursors (``Adapter.cursors``): the
+        bytes of paused forward passes kept between passes, so that each pass runs a batch on
+        from where the previous one stopped instead of from the data (see
+        :mod:`streamnorm.calibrate._sequential`); 0 recomputes every pass from the data. The
+        results are the same either way.
     """
 
     stats: StatsSpec
@@ -123,6 +131,7 @@ class Settings:
     progress: bool = True
     client: Any = None
     tol: float | None = None
+    cache_bytes: int = DEFAULT_CACHE_BYTES
 
     @classmethod
     def checked(
@@ -132,9 +141,16 @@ class Settings:
         progress: bool = True,
         client: Any = None,
         tol: float | None = None,
+        cache_bytes: Any = None,
     ) -> Settings:
-        """Settings from user arguments (``tol`` from :func:`check_budget`), or ``InputError``."""
-        settings = cls(stats, check_choice("mode", mode, MODES), bool(progress), client, tol)
+        """Settings from user arguments (``tol`` from :func:`check_budget`; ``cache_bytes``
+        ``None`` for the default), or ``InputError``."""
+        cache = (
+            DEFAULT_CACHE_BYTES
+            if cache_bytes is None
+            else check_int("cache_bytes", cache_bytes, minimum=0)
+        )
+        settings = cls(stats, check_choice("mode", mode, MODES), bool(progress), client, tol, cache)
         if tol is not None and stats.estimator == "ema":
             raise InputError(
                 "num_samples='auto' needs estimator='population' or 'cumulative': an EMA's "
@@ -204,9 +220,11 @@ def _feed(
     spec: StatsSpec,
     bar: Any,
     tol: float | None = None,
+    step: Callable[[Any, Emit], None] | None = None,
 ) -> dict[str, LayerStats]:
     """One pass of ``batches`` through ``adapter``, collecting the inputs of ``group``; with
-    ``tol``, stop once every channel's standard errors are below it."""
+    ``tol``, stop once every channel's standard errors are below it. ``step(item, emit)``
+    handles one item of ``batches`` instead of ``adapter.run(item, group, emit)``."""
     starts = {x.name: adapter.read(x) for x in group} if spec.estimator == "ema" else {}
     stats = {x.name: LayerStats.new(x, spec, starts.get(x.name)) for x in group}
     axis = {x.name: x.channel_axis for x in group}
@@ -215,7 +233,10 @@ def _feed(
         stats[name].add(x, axis[name])
 
     for batch in batches:
-        adapter.run(batch, group, emit)
+        if step is None:
+            adapter.run(batch, group, emit)
+        else:
+            step(batch, emit)
         if bar is not None:
             bar.update(1)
         if tol is not None and _precise(stats.values(), tol):
@@ -236,8 +257,22 @@ def _precise(stats: Any, tol: float) -> bool:
 
 
 def _collect(
-    adapter: Adapter, stream: Stream, group: list[NormLayer], settings: Settings, bar: Any
+    adapter: Adapter,
+    stream: Stream,
+    group: list[NormLayer],
+    settings: Settings,
+    bar: Any,
+    cached: tuple[Cache, int] | None = None,
 ) -> dict[str, LayerStats]:
+    """The statistics of ``group`` over one pass; ``cached``: the cursors and the pass's
+    index."""
+    if cached is not None:
+        cache, index = cached
+
+        def step(item: tuple[int, Any], emit: Emit) -> None:
+            cache.feed(item[0], item[1], index, group, emit)
+
+        return _feed(adapter, cache.batches(stream), group, settings.stats, bar, settings.tol, step)
     if settings.client is None:
         return _feed(adapter, stream.batches(), group, settings.stats, bar, settings.tol)
     from ._distributed import map_merge
@@ -289,6 +324,24 @@ def calibrate(
         raise
 
 
+def _write(
+    adapter: Adapter, group: list[NormLayer], stats: dict[str, LayerStats], settings: Settings
+) -> None:
+    """Store the new statistics of ``group`` (all computed before any is written)."""
+    new = {x.name: stats[x.name].result(x) for x in group if stats[x.name].batches}
+    for x in group:
+        st = stats[x.name]
+        if x.name in new:
+            result = LayerResult(
+                new[x.name].mean,
+                new[x.name].var,
+                st.samples,
+                st.batches,
+                settings.stats.estimator == "ema",
+            )
+            adapter.write(x, result)
+
+
 def _calibrate(
     adapter: Adapter,
     stream: Stream,
@@ -305,24 +358,28 @@ def _calibrate(
     per_pass = stream.batches_per_pass()
     bar = progress_bar(None if per_pass is None else per_pass * len(passes), settings.progress)
     seen: dict[str, LayerStats] = {}
+    factory: Any = getattr(adapter, "cursors", None)
+    use_cursors = (
+        settings.mode == "sequential"
+        and settings.client is None
+        and settings.cache_bytes > 0
+        and len(passes) > 1
+        and callable(factory)
+    )
     try:
-        for i, group in enumerate(passes):
-            if bar is not None and len(passes) > 1:
-                bar.set_description(f"pass {i + 1}/{len(passes)}")
-            stats = _collect(adapter, stream, group, settings, bar)
-            new = {x.name: stats[x.name].result(x) for x in group if stats[x.name].batches}
-            for x in group:
-                st = stats[x.name]
-                if x.name in new:
-                    result = LayerResult(
-                        new[x.name].mean,
-                        new[x.name].var,
-                        st.samples,
-                        st.batches,
-                        settings.stats.estimator == "ema",
-                    )
-                    adapter.write(x, result)
-                seen[x.name] = st
+        with factory(passes) if use_cursors else contextlib.nullcontext() as start:
+            cache = None if start is None else Cache(start, settings.cache_bytes, adapter.run)
+            try:
+                for i, group in enumerate(passes):
+                    if bar is not None and len(passes) > 1:
+                        bar.set_description(f"pass {i + 1}/{len(passes)}")
+                    cached = None if cache is None else (cache, i)
+                    stats = _collect(adapter, stream, group, settings, bar, cached)
+                    _write(adapter, group, stats, settings)
+                    seen.update(stats)
+            finally:
+                if cache is not None:
+                    cache.close()
     finally:
         if bar is not None:
             bar.close()

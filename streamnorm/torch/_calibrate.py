@@ -11,6 +11,7 @@ happens.
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -34,8 +35,17 @@ from ..calibrate import (
     calibrate,
     check_budget,
     input_of,
+    skipped_layer,
 )
-from ._hooks import UPCAST, NormSpec, norm_candidates, norm_layers
+from ._cursor import thread_cursors
+from ._hooks import (
+    UPCAST,
+    NormSpec,
+    norm_candidates,
+    norm_layers,
+    norm_spec,
+    unregistered_hint,
+)
 
 torch = require("torch")
 
@@ -233,6 +243,11 @@ class TorchAdapter(WatchedAdapter):
             for h in handles:
                 h.remove()
 
+    def cursors(self, passes: list[list[NormLayer]]) -> Any:
+        """Paused forward passes for the sequential mode: a thread per batch (see
+        :mod:`streamnorm.torch._cursor`)."""
+        return thread_cursors(self.modules, passes, self._call)
+
     def remote(self) -> Callable[[], TorchAdapter]:
         buf = io.BytesIO()
         torch.save(self.model, buf)
@@ -269,17 +284,64 @@ def _check_model(model: Any) -> None:
 
 
 def _no_layers_message(model: Any) -> str:
-    msg = "the model has no BatchNorm layer with running statistics to calibrate"
-    candidates = norm_candidates(model)
-    if not candidates:
-        return msg
-    listed = ", ".join(f"{name or '<model>'} ({cls})" for name, cls in candidates[:10])
-    more = f" and {len(candidates) - 10} more" if len(candidates) > 10 else ""
-    return (
-        f"{msg}: these modules hold running_mean/running_var buffers but their classes are not "
-        f"registered norm layers: {listed}{more}; register them with "
-        "streamnorm.torch.register_norm(cls, mean=..., var=..., convention=..., channel_axis=...)"
+    return "the model has no BatchNorm layer with running statistics to calibrate" + (
+        unregistered_hint(norm_candidates(model))
     )
+
+
+def _left_out(model: Any, layers: Layers) -> list[LayerReport]:
+    """The norm-like modules of ``model`` that are not among ``layers``, each reported skipped
+    with its reason, and a warning naming them: registered layers without statistics tensors
+    (``track_running_stats=False``) and modules of unregistered classes with
+    ``running_mean`` / ``running_var`` buffers."""
+    chosen = {id(m) for _, m, _ in layers}
+    empty: list[LayerReport] = []
+    for name, m in model.named_modules():
+        spec = norm_spec(m)
+        if spec is None or id(m) in chosen:
+            continue
+        if getattr(m, "track_running_stats", True) is False:
+            reason = "no running statistics (track_running_stats=False)"
+        else:
+            reason = f"no {spec.mean}/{spec.var} tensors to write"
+        empty.append(skipped_layer(name, int(getattr(m, "num_features", 0) or 0), reason))
+    if empty:
+        _warn(
+            f"recalibrate leaves {[x.name for x in empty]} as they are: they have no running "
+            "statistics to write (a BatchNorm built with track_running_stats=False normalizes "
+            "with the statistics of each batch, also in eval mode); the report marks them "
+            "skipped"
+        )
+    candidates = norm_candidates(model)
+    if candidates:
+        _warn("recalibrate leaves these modules as they are" + unregistered_hint(candidates))
+    modules = dict(model.named_modules())
+    unknown = []
+    for name, _ in candidates:
+        own = dict(modules[name].named_buffers(recurse=False))
+        stat = own.get("running_mean", own.get("running_var"))
+        channels = int(stat.numel()) if isinstance(stat, torch.Tensor) else 0
+        unknown.append(skipped_layer(name, channels, "class not registered (register_norm)"))
+    return empty + unknown
+
+
+def _warn(message: str) -> None:
+    """A warning attributed to the caller of :func:`recalibrate`."""
+    warnings.warn(message, stacklevel=4)
+
+
+def _mark_unreached(report: CalibrationReport, left_out: list[LayerReport]) -> None:
+    """Warn about the layers no batch reached (already marked skipped by the core, their
+    statistics untouched) and add the layers left out before calibration to the report."""
+    unreached = [x.name for x in report.layers if x.skipped]
+    if unreached:
+        _warn(
+            f"no data reached {unreached}, so their statistics are left as they were: the "
+            "model does not run them in eval mode (a branch used only in training, such as "
+            "inception_v3's auxiliary head) or forward_fn skips them; the report marks them "
+            "skipped"
+        )
+    report.layers.extend(left_out)
 
 
 def recalibrate(
@@ -296,6 +358,7 @@ def recalibrate(
     input_key: str | None = None,
     client: Any = None,
     tol: float | None = None,
+    cache_bytes: int | None = None,
 ) -> CalibrationReport:
     """Re-estimate every BatchNorm layer's ``running_mean`` / ``running_var`` from data.
 
@@ -346,6 +409,12 @@ def recalibrate(
     tol : float, optional
         The tolerance of ``num_samples="auto"`` (default 0.01): ``mean_se`` in units of the
         channel's standard deviation, ``var_se`` relative to its variance.
+    cache_bytes : int, optional
+        ``mode="sequential"``: memory for paused forward passes (default 1 GiB). Each batch's
+        forward pass waits in a thread of its own before every layer not yet recalibrated and
+        runs on once it is, so the passes cost about one forward pass in all; batches beyond
+        this budget are recomputed from the data for every layer. 0 recomputes every batch.
+        The results are the same.
 
     Returns
     -------
@@ -368,7 +437,9 @@ def recalibrate(
     In ``one-pass`` mode every layer's input is computed with earlier layers normalizing by batch
     statistics, which differ from the final running statistics; in ``sequential`` mode they use
     the new running statistics, so afterwards the inputs of every layer in eval mode have exactly
-    the stored mean and variance (a fixed point), at the cost of one (truncated) pass per layer.
+    the stored mean and variance (a fixed point). Each batch's forward pass is kept paused
+    between layers (``cache_bytes``), so this costs about one eval-mode pass; batches beyond the
+    budget cost one (truncated) pass per layer.
     Modules other than the norm layers (dropout) run in eval mode throughout, as at inference;
     ``update_bn`` runs them in training mode, so the two agree for models without them. A layer
     registered with ``batch_stats=False`` (``FrozenBatchNorm2d``) always normalizes with its
@@ -377,26 +448,36 @@ def recalibrate(
 
     A model whose norm-like layers are all unregistered (modules with ``running_mean`` /
     ``running_var`` buffers of an unknown class) raises ``InputError`` listing them; register
-    their class with :func:`~streamnorm.torch.register_norm`.
+    their class with :func:`~streamnorm.torch.register_norm`. Layers left as they were are
+    named in a warning and reported with ``status="skipped"`` and a ``reason`` (see
+    ``report.skipped``): unregistered norm-like modules in a model that has registered ones
+    (timm's ``EvoNorm2dB0``), layers without statistics to write
+    (``track_running_stats=False``), and layers no batch reached (a branch the model runs only
+    in training mode, such as inception_v3's auxiliary head): their statistics are not touched.
 
     If anything fails (a bad batch, ``KeyboardInterrupt``), the model is restored exactly as it
     was, statistics included, before the exception propagates; hooks are always removed.
     """
     _check_model(model)
     budget, tol = check_budget(num_samples, tol)
-    settings = Settings.checked(StatsSpec.checked(estimator, momentum), mode, progress, client, tol)
+    settings = Settings.checked(
+        StatsSpec.checked(estimator, momentum), mode, progress, client, tol, cache_bytes
+    )
     check_callable("forward_fn", forward_fn)
     stream = Stream.of(data, batch_size, budget, input_key)
     stream.check_passes(settings.mode, "BatchNorm", "a list, an array, a DataLoader")
     layers = norm_list(model)
     if not layers:
         raise InputError(_no_layers_message(model))
+    left_out = _left_out(model, layers)
     one_pass = settings.mode == "one-pass"
     snap = Snapshot(model, layers)
     forward = Forward(input_key, forward_fn, stream.arraylike, one_pass)
     try:
         configure(model, layers, one_pass)
         adapter = TorchAdapter(model, layers, forward, snap.base)
-        return calibrate(adapter, stream, settings, undo=snap.restore_buffers)
+        report = calibrate(adapter, stream, settings, undo=snap.restore_buffers)
     finally:
         snap.restore_modes()
+    _mark_unreached(report, left_out)
+    return report
