@@ -8,7 +8,9 @@ Exporters fold a BatchNorm that follows a Conv into the Conv's weights (``torch.
 in eval mode does by default). :func:`annotate` stores the per-channel moments of those Conv /
 Gemm outputs on the source data in the model's metadata; :func:`recalibrate` then adapts them
 to new data by moment matching folded into their weights, together with the remaining
-``BatchNormalization`` nodes.
+``BatchNormalization`` nodes. :func:`export` exports a PyTorch model with a record of the node
+that carries each BatchNorm and its eps, weight, bias and statistics; the folded layers of such
+a file are recalibrated exactly, eps included, without source data.
 """
 
 from ._calibrate import annotate, recalibrate

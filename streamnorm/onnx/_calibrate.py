@@ -603,6 +603,13 @@ def recalibrate(
     recalibrating those alone leaves the folded layers tuned to the old data; ``bn_only=True``
     asks for that on purpose). Weights shared with other nodes are copied; weights stored as
     external data stay external.
+
+    A model written by :func:`streamnorm.onnx.export` carries a record of its PyTorch
+    BatchNorms: without ``layers``, the folded layers are exactly those recorded, and each is
+    adapted as recalibrating its BatchNorm would, eps included, with no source moments
+    (``beta + |gamma| (y - mean_t) / sqrt(var_t + eps s^2)``, ``s`` the factor folded in); the
+    variances of recorded BatchNorms are PyTorch's (unbiased, ``M2 / (n - 1)``), so the result
+    equals :func:`streamnorm.torch.recalibrate` (population, sequential) then export.
     """
     require("onnxruntime", "onnx")
     onnx = require("onnx")

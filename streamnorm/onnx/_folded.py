@@ -14,7 +14,9 @@ of the layer's output on the new data, and folds it back into the layer: output 
 the weight is scaled by ``a_c = std_s / std_t`` and the bias becomes
 ``a_c (b_c - mean_t) + mean_s``. With BatchNorm statistics that were the exact population
 statistics of the source data, this equals recalibrating the BatchNorm before folding, up to
-BatchNorm's ``eps`` (lost in folding).
+BatchNorm's ``eps`` (lost in folding). A model written by :func:`streamnorm.onnx.export` records
+each folded BatchNorm's eps, weight, bias and statistics; its layers are adapted exactly instead
+(see ``_OnnxAdapter.write`` in :mod:`streamnorm.onnx._calibrate`).
 
 Which layers
 ------------

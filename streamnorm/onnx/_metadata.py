@@ -31,6 +31,10 @@ Numbers are float64 written with Python's ``repr`` (they read back bit for bit).
 is the biased variance. A reader that finds another ``format`` or a ``version`` it does not know
 refuses the record (:class:`~streamnorm._errors.RecordError`) rather than guess. Other metadata
 entries of the model are kept as they are.
+
+A second entry, key ``"streamnorm.batchnorms"`` (:class:`BatchNormRecord`, written by
+:func:`streamnorm.onnx.export`), names for each BatchNorm module of a PyTorch model the node that
+carries it and its eps, weight, bias and statistics at export.
 """
 
 from __future__ import annotations
