@@ -251,8 +251,9 @@ def test_layers_without_running_stats_are_skipped() -> None:
         torch.nn.BatchNorm1d(4, track_running_stats=False),
         torch.nn.BatchNorm1d(4),
     )
-    report = recalibrate(m, _data("1d", 20), progress=False)
-    assert [r.name for r in report.layers] == ["2"]
+    with pytest.warns(UserWarning, match=r"leaves \['1'\].*track_running_stats=False"):
+        report = recalibrate(m, _data("1d", 20), progress=False)
+    assert [(r.name, r.status) for r in report.layers] == [("2", "recalibrated"), ("1", "skipped")]
 
 
 # ------------------------------------------------------------------------------------------

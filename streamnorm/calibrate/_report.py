@@ -10,7 +10,23 @@ import numpy as np
 from .._errors import InputError
 from ._spread import BatchSpread, Trace
 
-__all__ = ["CalibrationReport", "LayerReport", "Stats", "layer_report"]
+__all__ = [
+    "NO_DATA",
+    "RECALIBRATED",
+    "SKIPPED",
+    "CalibrationReport",
+    "LayerReport",
+    "Stats",
+    "layer_report",
+    "skipped_layer",
+]
+
+#: :attr:`LayerReport.status` of a layer whose statistics were re-estimated and written
+RECALIBRATED = "recalibrated"
+#: :attr:`LayerReport.status` of a layer left as it was (:attr:`LayerReport.reason` says why)
+SKIPPED = "skipped"
+#: the reason of a layer no batch reached (a branch the model does not run in eval mode)
+NO_DATA = "no data reached it"
 
 
 @dataclass(frozen=True)
@@ -53,6 +69,12 @@ class LayerReport:
         The per-batch moments behind ``mean_se`` / ``var_se`` (for :meth:`trace`).
     estimator : str
         The estimator the errors refer to.
+    status : {"recalibrated", "skipped"}
+        ``"skipped"``: the layer's statistics were left as they were (shifts 0, no errors).
+    reason : str
+        Why a layer was skipped (``""`` when recalibrated): ``"no data reached it"`` (a branch
+        the model does not run in eval mode, such as inception_v3's auxiliary head), or what
+        the framework adapter found (no statistics to write, an unregistered class).
     kind : str, default "BatchNorm"
         What the layer is: ``"BatchNorm"`` (a norm layer or node), or ``"folded"`` (an ONNX
         Conv / Gemm whose folded BatchNorm was adapted by moment matching).
@@ -68,7 +90,14 @@ class LayerReport:
     var_se: np.ndarray = field(default_factory=lambda: np.zeros(0))
     spread: BatchSpread | None = field(default=None, repr=False, compare=False)
     estimator: str = field(default="population", repr=False, compare=False)
+    status: str = RECALIBRATED
+    reason: str = ""
     kind: str = field(default="BatchNorm", compare=False)
+
+    @property
+    def skipped(self) -> bool:
+        """The layer's statistics were left as they were (see :attr:`reason`)."""
+        return self.status != RECALIBRATED
 
     def trace(self) -> Trace | None:
         """The largest standard errors and deviations from the final estimate after every
@@ -113,7 +142,8 @@ def layer_report(
     estimator: str = "population",
 ) -> LayerReport:
     """The shifts of one layer from ``old`` to ``new`` statistics, in units of its old sigma;
-    ``se``: its ``(mean_se, var_se)``, ``spread``: where they come from."""
+    ``se``: its ``(mean_se, var_se)``, ``spread``: where they come from. A layer no sample
+    reached is marked skipped (:data:`NO_DATA`): the core writes nothing to it."""
     old_sigma = np.sqrt(np.maximum(old.var, 0.0) + eps)
     new_sigma = np.sqrt(np.maximum(new.var, 0.0) + eps)
     mean_se, var_se = se if se is not None else (np.zeros(0), np.zeros(0))
@@ -128,6 +158,24 @@ def layer_report(
         var_se=np.asarray(var_se, dtype=np.float64),
         spread=spread,
         estimator=estimator,
+        status=SKIPPED if samples == 0 else RECALIBRATED,
+        reason=NO_DATA if samples == 0 else "",
+    )
+
+
+def skipped_layer(name: str, channels: int, reason: str) -> LayerReport:
+    """The report of a layer calibration left out before it started (``reason`` says why)."""
+    return LayerReport(
+        name=name,
+        samples=0,
+        batches=0,
+        channels=int(channels),
+        mean_shift=np.zeros(0),
+        std_shift=np.zeros(0),
+        mean_se=np.zeros(0),
+        var_se=np.zeros(0),
+        status=SKIPPED,
+        reason=reason,
     )
 
 
@@ -138,7 +186,8 @@ class CalibrationReport:
     Attributes
     ----------
     layers : list of LayerReport
-        In the order the layers were calibrated.
+        In the order the layers were calibrated; layers left as they were come with
+        ``status="skipped"`` and a ``reason`` (see :attr:`skipped`).
     estimator, mode : str
     samples : int
         Samples used (after ``num_samples``; with ``num_samples="auto"`` the samples the
@@ -172,6 +221,11 @@ class CalibrationReport:
         return _nanmax(np.array([x.max_var_se for x in self.layers]))
 
     @property
+    def skipped(self) -> list[LayerReport]:
+        """The layers whose statistics were left as they were, with their ``reason``."""
+        return [x for x in self.layers if x.skipped]
+
+    @property
     def kinds(self) -> dict[str, int]:
         """Layers per :attr:`LayerReport.kind`, e.g. ``{"BatchNorm": 3, "folded": 28}``."""
         out: dict[str, int] = {}
@@ -203,7 +257,8 @@ class CalibrationReport:
 
     def table(self) -> str:
         """A plain-text table: layer, samples, batches, largest mean and std shift (in sigma),
-        largest standard errors of the mean (in sigma) and of the variance (relative)."""
+        largest standard errors of the mean (in sigma) and of the variance (relative), and
+        the status (``skipped: <reason>`` for layers left as they were, shown with ``-``)."""
         head = (
             "layer",
             "samples",
@@ -212,6 +267,7 @@ class CalibrationReport:
             "max |dsigma|/sigma",
             "max mean_se",
             "max var_se",
+            "status",
         )
         rows = [_row(x) for x in self.layers]
         if set(self.kinds) != {"BatchNorm"} and self.layers:
@@ -224,10 +280,13 @@ class CalibrationReport:
         return "\n".join(lines)
 
     def __str__(self) -> str:
+        skipped = len(self.skipped)
         head = (
-            f"recalibrated {len(self.layers)} BatchNorm layer(s) from {self.samples} samples "
-            f"(estimator={self.estimator}, mode={self.mode})"
+            f"recalibrated {len(self.layers) - skipped} BatchNorm layer(s) from {self.samples} "
+            f"samples (estimator={self.estimator}, mode={self.mode})"
         )
+        if skipped:
+            head += f"; skipped {skipped} (left as they were, see the status column)"
         if set(self.kinds) != {"BatchNorm"} and self.layers:
             head += "\nlayers: " + ", ".join(
                 f"{n} {_KIND_WORDS.get(k, k)}" for k, n in sorted(self.kinds.items())
@@ -255,6 +314,8 @@ _KIND_WORDS = {
 
 
 def _row(x: LayerReport) -> tuple[str, ...]:
+    if x.skipped:
+        return (x.name, str(x.samples), str(x.batches), "-", "-", "-", "-", _status(x))
     return (
         x.name,
         str(x.samples),
@@ -263,4 +324,9 @@ def _row(x: LayerReport) -> tuple[str, ...]:
         f"{x.max_std_shift:.4g}",
         f"{x.max_mean_se:.3g}",
         f"{x.max_var_se:.3g}",
+        _status(x),
     )
+
+
+def _status(x: LayerReport) -> str:
+    return f"{x.status}: {x.reason}" if x.reason else x.status
