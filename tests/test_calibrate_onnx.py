@@ -92,15 +92,54 @@ def test_everything_but_the_statistics_is_unchanged(tmp_path: pathlib.Path) -> N
     assert new.opset_import == model.opset_import
 
 
-def test_one_pass_is_exact_for_the_first_depth_only(tmp_path: pathlib.Path) -> None:
-    src = _save(onnx_cnn(15), tmp_path / "m.onnx")
+def _train_mode_oracle(x: np.ndarray, batch: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Reference of one-pass for :func:`onnx_cnn`: per batch, bn1 normalizes with the float64
+    moments of its input over that batch (train mode), fed by hand; per node, the pooled mean
+    and biased var of its input over all batches."""
+    import onnxruntime as ort
+
+    m = onnx_cnn(15, stats_as_inputs=True)
+    m.graph.output.append(onnx.helper.make_tensor_value_info("c1", onnx.TensorProto.FLOAT, None))
+    m.graph.output.append(onnx.helper.make_tensor_value_info("c2", onnx.TensorProto.FLOAT, None))
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    ones = {k: np.ones(c, np.float32) for k, c in (("m1", 4), ("v1", 4), ("m2", 3), ("v2", 3))}
+    c1s, c2s = [], []
+    for i in range(0, len(x), batch):
+        b = x[i : i + batch]
+        (c1,) = sess.run(["c1"], {"x": b, **ones})
+        c1 = c1.astype(np.float64)
+        c1s.append(c1)
+        stats = {"m1": c1.mean(axis=(0, 2, 3)), "v1": c1.var(axis=(0, 2, 3))}
+        feeds = {**ones, **{k: v.astype(np.float32) for k, v in stats.items()}}
+        c2s.append(sess.run(["c2"], {"x": b, **feeds})[0].astype(np.float64))
+    out = {}
+    for name, parts in (("bn1", c1s), ("bn2", c2s)):
+        c = np.concatenate(parts)
+        out[name] = (c.mean(axis=(0, 2, 3)), c.var(axis=(0, 2, 3)))
+    return out
+
+
+@pytest.mark.parametrize("opset", [9, 15, 21])
+@pytest.mark.parametrize("batch", ["N", 5])
+def test_one_pass_normalizes_with_batch_statistics(
+    tmp_path: pathlib.Path, opset: int, batch: int | str
+) -> None:
+    """One-pass is PyTorch's train-mode pass: bn2's input comes from bn1 normalizing with the
+    statistics of each batch (a fixed batch of 5 pads the last batch of 3: the padding must
+    not enter the batch statistics)."""
+    src = _save(onnx_cnn(opset, batch=batch), tmp_path / "m.onnx")
     out = tmp_path / "out.onnx"
-    x = _x()
-    recalibrate(src, x, out, mode="one-pass", progress=False)
-    stored, ref = onnx_stats(str(out)), onnx_bn_inputs(str(out), x)
-    np.testing.assert_allclose(stored["bn1"][1], ref["bn1"][1], rtol=2e-5)
-    rel = np.abs(stored["bn2"][1] - ref["bn2"][1]) / ref["bn2"][1]
-    assert rel.max() > 1e-2  # bn2's input was computed with bn1's old statistics
+    x = _x(23)
+    r = recalibrate(src, x, out, mode="one-pass", batch_size=5, progress=False)
+    assert r.mode == "one-pass" and r["bn2"].batches == 5 and r.samples == 23
+    stored = onnx_stats(str(out))
+    for name, (ref_mean, ref_var) in _train_mode_oracle(x, 5).items():
+        atol = 1e-5 * np.sqrt(ref_var).max()
+        np.testing.assert_allclose(stored[name][0], ref_mean, atol=atol, err_msg=name)
+        np.testing.assert_allclose(stored[name][1], ref_var, rtol=1e-5, err_msg=name)
+    # the eval-mode pass (bn1 normalizing with its stored statistics) gives others
+    eval_mode = onnx_bn_inputs(str(_save(onnx_cnn(opset), tmp_path / "d.onnx")), x)["bn2"][1]
+    assert np.abs(eval_mode / stored["bn2"][1] - 1).max() > 1e-2
 
 
 def test_fixed_and_dynamic_batch_dimension_agree(tmp_path: pathlib.Path) -> None:

@@ -68,7 +68,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--mode",
         default=None,
         choices=MODES,
-        help="default: sequential for ONNX, one-pass for PyTorch",
+        help="one-pass: one pass with every BatchNorm (ONNX: also every folded layer) "
+        "normalizing by batch statistics, as PyTorch's train mode; sequential: one pass per "
+        "depth, each layer after the layers upstream (the fixed point). Default: sequential "
+        "for ONNX, one-pass for PyTorch",
     )
     parser.add_argument(
         "--num-samples",

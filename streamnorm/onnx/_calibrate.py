@@ -43,7 +43,7 @@ from ._files import (
 from ._folded import FoldedLayer, named_layers, prepare_folded, select
 from ._graph import BNNode, calibration_model, depths, prepare
 from ._rule import chosen, layer_label
-from ._train import ROWS_INPUT, train_mode_model
+from ._train import ROWS_INPUT, TrainTarget, train_mode_model
 
 __all__ = ["annotate", "recalibrate"]
 
@@ -488,6 +488,30 @@ def _annotate_model(
     meta.store(model, meta.dumps(entries, samples))
 
 
+def _train_mode(
+    cal: Any,
+    bns: list[BNNode],
+    folded: list[FoldedLayer],
+    sources: dict[str, core.Stats],
+    exact: dict[str, meta.BatchNormRecord],
+    feeds: dict[str, np.ndarray],
+    feed: ModelInput,
+) -> Any:
+    """The calibration model of ``mode="one-pass"`` (see :mod:`streamnorm.onnx._train`): a
+    folded layer normalizes its batch to its source moments, or exactly to its recorded
+    BatchNorm's ``beta``, ``|gamma|`` and ``eps``."""
+    targets = {}
+    for f in folded:
+        r = exact.get(f.name)
+        if r is None:
+            targets[f.name] = TrainTarget.of_moments(sources[f.name].mean, sources[f.name].var)
+        else:
+            eps = r.eps * np.asarray(r.scale, np.float64) ** 2
+            targets[f.name] = TrainTarget(r.beta, np.abs(r.gamma), eps)
+    dtypes = {f.name: feeds[f.weight].dtype for f in folded}
+    return train_mode_model(cal, bns, folded, targets, dtypes, padded=bool(feed.fixed_batch))
+
+
 def _check_data_file(loaded: Loaded, op: str) -> None:
     if loaded.external and os.path.realpath(data_path(op)) in loaded.files:
         raise OutputPathError(
@@ -536,8 +560,10 @@ def recalibrate(
     mode : {"sequential", "one-pass"}
         ``sequential``: one pass per group of BatchNorm nodes of the same depth, in topological
         order, each computed with all upstream nodes already recalibrated, which reaches the
-        fixed point. ``one-pass``: one pass with the old statistics everywhere (approximate: the
-        inputs of deeper nodes come from upstream layers normalized by old statistics).
+        fixed point. ``one-pass``: PyTorch's train-mode pass (``update_bn``): one pass in which
+        every BatchNorm node, and every adapted folded layer, normalizes with the statistics of
+        the current batch (computed in the graph; see Notes), so deeper layers see their input
+        as in :func:`streamnorm.torch.recalibrate` with ``mode="one-pass"``.
     num_samples : int or "auto", optional
         Use only the first ``num_samples`` samples. ``"auto"``: each pass streams batches
         until every channel's ``mean_se`` and ``var_se`` are below ``tol`` (default 0.01), or
@@ -584,7 +610,13 @@ def recalibrate(
     :mod:`streamnorm.calibrate`). The ONNX graph always normalizes with its stored statistics, so
     the moments of a node's input depend on the statistics of every node upstream;
     ``sequential`` recomputes depth by depth so that, afterwards, every node's input has exactly
-    the stored mean and variance on the data. ``var`` is written biased (``M2 / n``, the
+    the stored mean and variance on the data. ``one-pass`` runs a copy of the graph in train
+    mode instead: each BatchNorm node reads the mean and biased variance of its input over the
+    batch, and a folded layer's output is normalized with its batch moments and mapped to its
+    source moments (``mean_s + std_s (y - m_b) / sqrt(v_b)``: the BatchNorm's ``beta`` and
+    ``|gamma|`` up to ``eps``; exactly, ``eps`` included, for a layer recorded by
+    :func:`streamnorm.onnx.export`). With a fixed batch dimension, the padding of a short
+    batch stays out of the batch statistics. ``var`` is written biased (``M2 / n``, the
     convention of the ONNX operator), in the initializer's dtype; ``epsilon``, the scale and the
     bias are untouched. An initializer shared by several nodes (or with other operators, or
     reached through ``Identity`` / ``Constant``) is copied so that each BatchNorm node gets its
@@ -663,8 +695,7 @@ def recalibrate(
     exact = _exact(folded, recorded)
     sources.update({n: core.Stats(r.beta, r.output_var) for n, r in exact.items()})
     if settings.mode == "one-pass":
-        dtypes = {f.name: feeds[f.weight].dtype for f in folded}
-        train = train_mode_model(cal, bns, folded, sources, dtypes, padded=bool(feed.fixed_batch))
+        train = _train_mode(cal, bns, folded, sources, exact, feeds, feed)
         runner = _runner(train, feed, providers, "recalibration of")
     depth_of = depths(model, {b.index for b in bns} | {f.index for f in folded})
     plan = _Plan(

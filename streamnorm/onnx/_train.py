@@ -17,7 +17,9 @@ inputs:
   / sqrt(v_b)`` equals ``sign(s) (z - m_b(z)) / sqrt(v_b(z))``, and the source moments
   ``(mean_s, std_s)`` are the BatchNorm's ``(beta, |gamma|)`` when its statistics were the
   population statistics of the source data (up to BatchNorm's ``eps``, which folding lost;
-  ``eps`` here only guards channels of zero variance).
+  ``eps`` here only guards channels of zero variance). A layer whose BatchNorm was recorded at
+  export (:func:`streamnorm.onnx.export`) is normalized exactly: ``beta + |gamma| (y - m_b) /
+  sqrt(v_b + eps s^2)``, with the recorded ``gamma``, ``beta``, ``eps`` and folded factor ``s``.
 
 The tensors the adapter collects (each node's ``X``, each folded layer's raw ``y``) stay exposed
 as graph outputs. A model with a fixed batch dimension has short batches padded; the batch
@@ -28,23 +30,47 @@ input :data:`ROWS_INPUT`.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from .. import calibrate as core
 from .._errors import InputError
 from .._extras import require
 from ._folded import FoldedLayer
 from ._graph import BNNode, GraphIndex, opset_version
 
-__all__ = ["ROWS_INPUT", "TRAIN_EPS", "train_mode_model"]
+__all__ = ["ROWS_INPUT", "TRAIN_EPS", "TrainTarget", "train_mode_model"]
 
 #: the graph input that holds the indices of the real rows of a padded batch (int64, (n,))
 ROWS_INPUT = "streamnorm.batch_rows"
 
 #: what a folded layer adds to its batch variance (guards channels of zero variance)
 TRAIN_EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class TrainTarget:
+    """What a folded layer's output becomes in train mode: per channel
+    ``mean + std (y - m_b) / sqrt(v_b + eps)``, with ``(m_b, v_b)`` its batch moments.
+
+    Attributes
+    ----------
+    mean, std, eps : numpy.ndarray, shape (C,), float64
+        The source moments (``mean``, ``sqrt(var)``, :data:`TRAIN_EPS`), or a recorded
+        BatchNorm's ``beta``, ``|gamma|`` and ``eps s^2``.
+    """
+
+    mean: np.ndarray
+    std: np.ndarray
+    eps: np.ndarray
+
+    @classmethod
+    def of_moments(cls, mean: np.ndarray, var: np.ndarray) -> TrainTarget:
+        """From source moments (mean and biased var, shape (C,))."""
+        m = np.asarray(mean, np.float64).reshape(-1)
+        std = np.sqrt(np.maximum(np.asarray(var, np.float64).reshape(-1), 0.0))
+        return cls(m, std, np.full(m.shape, TRAIN_EPS))
 
 
 class _Builder:
@@ -89,7 +115,9 @@ class _Builder:
     def batch_moments(self, x: str, base: str) -> tuple[str, str, str]:
         """Nodes computing, for ``x`` of shape (N, C, ...): ``x`` as (N, C, L) and its
         per-channel batch mean and biased variance, each (1, C, 1), over the real rows."""
-        flat = self.node("Reshape", [x, self.const("shape_nc_", np.array([0, 0, -1], np.int64))], base)
+        flat = self.node(
+            "Reshape", [x, self.const("shape_nc_", np.array([0, 0, -1], np.int64))], base
+        )
         rows = flat
         if self.rows:
             rows = self.node("Gather", [flat, ROWS_INPUT], f"{base}.rows", axis=0)
@@ -104,7 +132,7 @@ def train_mode_model(
     cal: Any,
     bns: Sequence[BNNode],
     folded: Sequence[FoldedLayer],
-    sources: Mapping[str, core.Stats],
+    targets: Mapping[str, TrainTarget],
     dtypes: Mapping[str, np.dtype],
     *,
     padded: bool,
@@ -119,8 +147,8 @@ def train_mode_model(
         that ``bns`` and ``folded`` index). Not modified.
     bns : sequence of BNNode
     folded : sequence of FoldedLayer
-    sources : mapping of str to Stats
-        Per folded layer: the source moments of its output (mean, biased var), shape (C,).
+    targets : mapping of str to TrainTarget
+        Per folded layer: what its output is normalized to.
     dtypes : mapping of str to numpy.dtype
         Per folded layer: the dtype of its output (its weight's).
     padded : bool
@@ -148,7 +176,9 @@ def train_mode_model(
                 f"the model has a tensor named {ROWS_INPUT!r}, which mode='one-pass' needs for "
                 "itself; use mode='sequential'"
             )
-        g.input.append(onnx.helper.make_tensor_value_info(ROWS_INPUT, onnx.TensorProto.INT64, [None]))
+        g.input.append(
+            onnx.helper.make_tensor_value_info(ROWS_INPUT, onnx.TensorProto.INT64, [None])
+        )
         b.ctx.taken.add(ROWS_INPUT)
     bn_at = {x.index: x for x in bns}
     folded_at = {f.index: f for f in folded}
@@ -171,27 +201,30 @@ def train_mode_model(
             node.input[3] = b.node("Reshape", [mean, flat_c], f"{bn.name}.train.mean")
             node.input[4] = b.node("Reshape", [var, flat_c], f"{bn.name}.train.var")
         b.nodes.append(node)
-        f = folded_at.get(i)
-        if f is not None:
-            renamed[f.output] = _normalized(b, f, sources[f.name], np.dtype(dtypes[f.name]))
+        layer = folded_at.get(i)
+        if layer is not None:
+            to, dtype = targets[layer.name], np.dtype(dtypes[layer.name])
+            renamed[layer.output] = _normalized(b, layer, to, dtype)
     del g.node[:]
     g.node.extend(b.nodes)
     return model
 
 
-def _normalized(b: _Builder, f: FoldedLayer, src: core.Stats, dtype: np.dtype) -> str:
-    """Nodes mapping ``f.output`` to ``mean_s + std_s (y - m_b) / sqrt(v_b + eps)``; the new
+def _normalized(b: _Builder, f: FoldedLayer, to: TrainTarget, dtype: np.dtype) -> str:
+    """Nodes mapping ``f.output`` to ``mean + std (y - m_b) / sqrt(v_b + eps)``; the new
     tensor's name."""
     base = f"{f.name}.train"
     flat, mean, var = b.batch_moments(f.output, base)
-    shape = (1, f.channels, 1)
-    std_s = np.sqrt(np.maximum(np.asarray(src.var, np.float64), 0.0)).reshape(shape)
-    mean_s = np.asarray(src.mean, np.float64).reshape(shape)
-    eps = b.const(f"eps_{dtype.name}", np.array(TRAIN_EPS, dtype))
-    sd = b.node("Sqrt", [b.node("Add", [var, eps], f"{base}.var_eps")], f"{base}.std")
-    gain = b.node("Div", [b.const(f"{base}.std_s", std_s.astype(dtype)), sd], f"{base}.gain")
+
+    def per_channel(what: str, a: np.ndarray) -> str:
+        value = np.asarray(a, np.float64).reshape(1, f.channels, 1).astype(dtype)
+        return b.const(f"{base}.{what}", value)
+
+    var_eps = b.node("Add", [var, per_channel("eps", to.eps)], f"{base}.var_eps")
+    sd = b.node("Sqrt", [var_eps], f"{base}.batch_std")
+    gain = b.node("Div", [per_channel("std", to.std), sd], f"{base}.gain")
     dev = b.node("Sub", [flat, mean], f"{base}.centred")
     out = b.node("Mul", [dev, gain], f"{base}.scaled")
-    out = b.node("Add", [out, b.const(f"{base}.mean_s", mean_s.astype(dtype))], f"{base}.moved")
+    out = b.node("Add", [out, per_channel("mean", to.mean)], f"{base}.moved")
     shape_of = b.node("Shape", [f.output], f"{base}.shape")
     return b.node("Reshape", [out, shape_of], f"{base}.out")
