@@ -259,7 +259,7 @@ class CalibrationReport:
         """A plain-text table: layer, samples, batches, largest mean and std shift (in sigma),
         largest standard errors of the mean (in sigma) and of the variance (relative), and
         the status (``skipped: <reason>`` for layers left as they were, shown with ``-``)."""
-        head = (
+        head: tuple[str, ...] = (
             "layer",
             "samples",
             "batches",
