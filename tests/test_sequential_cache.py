@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-pytestmark = pytest.mark.filterwarnings("ignore:no data reached")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:no data reached"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+]
 nn = torch.nn
 
 from streamnorm.torch import recalibrate  # noqa: E402
@@ -35,13 +38,15 @@ class _Net(nn.Module):
         self.head = nn.Linear(8, 4)
         self.head_bn = nn.BatchNorm1d(4)
 
+        self.branch = True
+
     def forward(self, x: Any) -> Any:
         h = self.stem(x)
         h = torch.relu(self.res_bn(self.res(h) + h))
         h2 = self.dense_conv(torch.relu(self.dense_bn(torch.cat([h, h * 0.5 + 1.0], 1))))
         h = self.twice(h2 + 0.5)
         h = self.twice(h * 2.0)
-        if h.abs().max() > 1e9:  # never in practice
+        if self.branch and h.abs().max() > 1e9:  # never in practice
             h = self.never(h)
         return self.head_bn(self.head(self.drop(h.mean((2, 3)))))
 
@@ -178,3 +183,83 @@ def test_zoo_cached_equals_recomputed(arch: str) -> None:
         recalibrate(m, x, mode="sequential", batch_size=4, progress=False, cache_bytes=cache)
         out.append(_stats(m))
     _same(out[1], out[0])
+
+
+# ------------------------------------------------------------------------------------------
+# ONNX: the graph cut into segments
+
+
+def _onnx_inits(path: Any) -> dict[str, np.ndarray]:
+    onnx = pytest.importorskip("onnx")
+    m = onnx.load(str(path))
+    return {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
+
+
+def _same_inits(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(
+            b[k].astype(np.float64), a[k].astype(np.float64), rtol=1e-5, atol=1e-6, err_msg=k
+        )
+
+
+def _export(tmp_path: Any, folding: bool) -> Any:
+    pytest.importorskip("onnxruntime")
+    import io
+
+    model = _net().eval()
+    model.branch = False
+    buf = io.BytesIO()
+    torch.onnx.export(
+        model,
+        (_data(4),),
+        buf,
+        dynamo=False,
+        input_names=["x"],
+        output_names=["y"],
+        dynamic_axes={"x": {0: "N"}, "y": {0: "N"}},
+        do_constant_folding=folding,
+        opset_version=15,
+    )
+    path = tmp_path / f"net_{folding}.onnx"
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+@pytest.mark.parametrize("folding", [False, True])
+def test_onnx_cached_equals_recomputed(tmp_path: Any, folding: bool) -> None:
+    from streamnorm.onnx import recalibrate as onnx_recalibrate
+
+    src = _export(tmp_path, folding)
+    x = _data(40, seed=5).numpy()
+    kw = {"source": _data(24, seed=6).numpy()}  # folded layers too (a residual Conv unfolded)
+    out = {}
+    for cache in (0, None, 40_000):  # 40 kB: some batches keep their tensors
+        path = tmp_path / f"out_{cache}.onnx"
+        report = onnx_recalibrate(
+            src, x, path, batch_size=8, progress=False, cache_bytes=cache, **kw
+        )
+        out[cache] = _onnx_inits(path)
+        assert len(report.layers) >= 5
+    _same_inits(out[0], out[None])
+    _same_inits(out[0], out[40_000])
+
+
+@pytest.mark.slow
+def test_onnx_paddleocr_det_cached_equals_recomputed(tmp_path: Any) -> None:
+    import _zoo
+
+    from streamnorm.onnx import recalibrate as onnx_recalibrate
+
+    src = _zoo.paddleocr_model("det")
+    rng = np.random.default_rng(0)
+    x = rng.random((6, 3, 96, 96), dtype=np.float32)
+    source = rng.random((4, 3, 96, 96), dtype=np.float32) * 0.8 + 0.1
+    out = {}
+    for cache in (0, None):
+        path = tmp_path / f"det_{cache}.onnx"
+        onnx_recalibrate(
+            src, x, path, batch_size=2, source=source, progress=False, cache_bytes=cache
+        )
+        out[cache] = _onnx_inits(path)
+    _same_inits(out[0], out[None])

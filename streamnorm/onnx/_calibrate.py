@@ -43,6 +43,7 @@ from ._files import (
 from ._folded import FoldedLayer, named_layers, prepare_folded, select
 from ._graph import BNNode, calibration_model, depths, prepare
 from ._rule import chosen, layer_label
+from ._segments import Target, segment_cursors
 from ._train import ROWS_INPUT, TrainTarget, train_mode_model
 
 __all__ = ["annotate", "recalibrate"]
@@ -273,6 +274,15 @@ class _OnnxAdapter:
             [x for x in layers if depth[x.name] == d]
             for d in sorted({depth[x.name] for x in layers})
         ]
+
+    def cursors(self, passes: list[list[core.NormLayer]]) -> Any:
+        """Each batch's frontier kept between the sequential passes, the graph cut into one
+        segment per pass (see :mod:`streamnorm.onnx._segments`)."""
+        onnx = require("onnx")
+        targets = [Target(b.name, b.x, b.index, False) for b in self.plan.bns]
+        targets += [Target(f.name, f.output, f.index, True) for f in self.plan.folded]
+        model = onnx.load_from_string(self.model_bytes)
+        return segment_cursors(model, targets, passes, self.source, self.feeds, self.providers)
 
     def remote(self) -> Callable[[], _OnnxAdapter]:
         """A picklable factory of a new adapter (its own runner, built where it is called) with
@@ -542,6 +552,7 @@ def recalibrate(
     layers: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     bn_only: bool = False,
+    cache_bytes: int | None = None,
 ) -> core.CalibrationReport:
     """Write a copy of an ONNX model whose BatchNorm statistics are re-estimated from data, and
     whose folded Conv / Gemm layers are adapted to it by moment matching.
@@ -598,6 +609,12 @@ def recalibrate(
         Recalibrate the ``BatchNormalization`` nodes only and adapt no Conv / Gemm layer. Without
         it, a model with BatchNorm nodes and folded layers but no source moments for them is
         refused rather than recalibrated in part.
+    cache_bytes : int, optional
+        ``mode="sequential"``: memory for the tensors each batch hands from one depth to the
+        next (default 1 GiB). The graph is cut into one segment per depth and every batch runs
+        each segment once, so the passes cost about one inference pass (plus the folded layers
+        once more); batches beyond the budget are recomputed from the data for every depth. 0
+        recomputes every batch. The results are the same up to float rounding.
 
     Returns
     -------
@@ -647,7 +664,9 @@ def recalibrate(
     onnx = require("onnx")
     mp, op = check_paths(model_path, out_path)
     budget, auto_tol = core.check_budget(num_samples, tol)
-    settings = core.Settings.checked(core.StatsSpec("population"), mode, progress, client, auto_tol)
+    settings = core.Settings.checked(
+        core.StatsSpec("population"), mode, progress, client, auto_tol, cache_bytes
+    )
     bs = check_size("batch_size", batch_size)
     loaded = load(mp)
     model = loaded.model
