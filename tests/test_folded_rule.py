@@ -368,3 +368,21 @@ def test_torch_zoo_precision_and_recall(name: str, tmp_path) -> None:
     assert truth and bench.new_rule(folded) == truth
     os.remove(unfolded)
     assert sys.modules.get("onnx") is not None
+
+
+def test_annotate_a_model_with_batchnorm_nodes_only(tmp_path) -> None:
+    """Nothing looks folded, every BatchNorm is a node: annotate writes an empty annotation,
+    and calibrate then recalibrates the nodes (no refusal, no source needed)."""
+    b = _Builder()
+    stats = [b.const(np.ones(C)), b.const(np.zeros(C)), b.const(np.zeros(C)), b.const(np.ones(C))]
+    bn = b.add("BatchNormalization", [b.conv("x", "conv", bias=False), *stats], "bn")
+    path = tmp_path / "m.onnx"
+    onnx.save(b.model(b.add("Relu", [bn])), str(path))
+    assert annotate(path, _data(), tmp_path / "a.onnx", progress=False) == {}
+    r = recalibrate(tmp_path / "a.onnx", _data(shift=1), tmp_path / "o.onnx", progress=False)
+    assert r.kinds == {"BatchNorm": 1}
+    b = _Builder()  # neither: nothing to annotate
+    onnx.save(b.model(b.add("Relu", [b.conv("x", "conv", bias=False)])), str(path))
+    with pytest.raises(ValueError, match="no Conv / Gemm layer that looks like a folded"):
+        annotate(path, _data(), tmp_path / "b.onnx", progress=False)
+    assert not (tmp_path / "b.onnx").exists()

@@ -107,5 +107,7 @@ def run(args: argparse.Namespace) -> int:
     )
     for name, m in measured.items():
         print(f"{name}: {np.asarray(m.mean).size} channels, {m.count} values per channel")
+    if not measured:
+        print("no folded layer: the BatchNormalization nodes are recalibrated as nodes")
     print(f"wrote {args.out}")
     return 0

@@ -794,8 +794,15 @@ def annotate(
     Raises
     ------
     ValueError
-        No layer to annotate, a name that is not a Conv / Gemm node, data that do not fit the
-        model, non-finite outputs. Nothing is written.
+        No layer to annotate in a model without ``BatchNormalization`` nodes, a name that is
+        not a Conv / Gemm node, data that do not fit the model, non-finite outputs. Nothing is
+        written.
+
+    Notes
+    -----
+    A model whose BatchNorms are all kept as nodes (nothing looks folded) gets an annotation
+    with no layer: :func:`recalibrate` then recalibrates its BatchNorm nodes, knowing that
+    nothing else needs source moments.
     """
     require("onnxruntime", "onnx")
     mp, op = check_paths(model_path, out_path)
@@ -803,7 +810,8 @@ def annotate(
     loaded = load(mp)
     model = loaded.model
     picked = chosen(select(model, layers, exclude))
-    if not picked:
+    has_bn = any(n.op_type == "BatchNormalization" for n in model.graph.node)
+    if not picked and not has_bn:
         raise InputError(
             "the model has no Conv / Gemm layer that looks like a folded BatchNorm "
             "(streamnorm.onnx.folded_layers says why); name the layers to annotate with layers= "
