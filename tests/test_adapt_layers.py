@@ -167,7 +167,9 @@ def test_no_prior_normalizes_with_the_batch_inside_the_layer(case: str) -> None:
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("arch", ["efficientnet_b0", "mobilenetv3_small_100"])
+@pytest.mark.parametrize(
+    "arch", [pytest.param("efficientnet_b0", marks=pytest.mark.slow), "mobilenetv3_small_100"]
+)
 def test_timm_network_under_a_strong_prior_keeps_its_output(arch: str) -> None:
     timm = _zoo.timm()
     torch.manual_seed(0)
