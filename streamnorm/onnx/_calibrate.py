@@ -41,7 +41,7 @@ from ._files import (
     save,
 )
 from ._folded import FoldedLayer, named_layers, prepare_folded, select
-from ._graph import BNNode, calibration_model, depths, prepare
+from ._graph import BNNode, calibration_model, depths, prepare, prune
 from ._rule import chosen, layer_label
 from ._segments import Target, segment_cursors
 from ._train import ROWS_INPUT, TrainTarget, train_mode_model
@@ -637,8 +637,9 @@ def recalibrate(
     convention of the ONNX operator), in the initializer's dtype; ``epsilon``, the scale and the
     bias are untouched. An initializer shared by several nodes (or with other operators, or
     reached through ``Identity`` / ``Constant``) is copied so that each BatchNorm node gets its
-    own. Statistics fed as graph inputs are refused with ``ValueError``: the file stores nothing
-    to rewrite.
+    own; the originals that nothing reads any more (initializers, ``Constant`` and ``Identity``
+    nodes) are dropped, so the file keeps its size. Statistics fed as graph inputs are refused
+    with ``ValueError``: the file stores nothing to rewrite.
 
     A folded layer (a Conv / Gemm that absorbed a BatchNorm at export) gets
     ``y' = mean_s + std_s (y - mean_t) / std_t`` per output channel, folded into its weight and
@@ -738,6 +739,7 @@ def recalibrate(
         inits[n].CopyFrom(onnx.numpy_helper.from_array(adapter.feeds[n], n))
     if measured:
         _annotate_model(model, [(f.output, f.node, f.op) for f in folded], measured, src_samples)
+    prune(model)
     save(loaded, op)
     return report
 

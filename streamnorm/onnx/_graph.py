@@ -258,6 +258,74 @@ class GraphIndex:
             g.initializer.extend(keep)
 
 
+#: nodes without side effects that :func:`prune` drops when nothing reads their output
+_PURE = ("Constant", "Identity")
+
+
+def _subgraph_reads(graph: Any) -> set[str]:
+    """Every tensor name read by a node inside a subgraph of ``graph`` (at any depth): the outer
+    tensors a subgraph may read by name."""
+    out: set[str] = set()
+    for n in graph.node:
+        for a in n.attribute:
+            for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                out.update(i for s in sub.node for i in s.input)
+                out.update(o.name for o in sub.output)
+                out |= _subgraph_reads(sub)
+    return out
+
+
+def prune(model: Any) -> None:
+    """Drop from the main graph what nothing reads (in place): ``Constant`` and ``Identity``
+    nodes whose outputs no node, subgraph or graph output reads (such as the old statistics and
+    weights whose readers got copies of their own), then the initializers nothing reads (with
+    their graph-input entry below IR version 4, where every initializer is listed as one; above
+    it, an initializer that is also a graph input stays).
+
+    Run it last: node indices (:attr:`BNNode.index`) change.
+    """
+    g = model.graph
+    uses: Counter[str] = Counter(i for n in g.node for i in n.input)
+    uses.update(o.name for o in g.output)
+    outer = _subgraph_reads(g)
+    nodes = list(g.node)
+    dead: set[int] = set()
+    for k in range(len(nodes) - 1, -1, -1):
+        n = nodes[k]
+        if n.op_type not in _PURE or n.domain not in ("", "ai.onnx"):
+            continue
+        if any(uses[o] > 0 or o in outer for o in n.output):
+            continue
+        dead.add(k)
+        for i in n.input:
+            uses[i] -= 1
+    gone = {o for k in dead for o in nodes[k].output}
+    if dead:
+        keep_nodes = [n for k, n in enumerate(nodes) if k not in dead]
+        del g.node[:]
+        g.node.extend(keep_nodes)
+    inputs = {i.name for i in g.input}
+    old_ir = model.ir_version < 4
+    unread = {
+        t.name
+        for t in g.initializer
+        if uses[t.name] <= 0 and t.name not in outer and (old_ir or t.name not in inputs)
+    }
+    if unread:
+        keep = [t for t in g.initializer if t.name not in unread]
+        del g.initializer[:]
+        g.initializer.extend(keep)
+        if old_ir and inputs & unread:
+            keep_in = [i for i in g.input if i.name not in unread]
+            del g.input[:]
+            g.input.extend(keep_in)
+    gone |= unread
+    if gone and any(v.name in gone for v in g.value_info):
+        keep_vi = [v for v in g.value_info if v.name not in gone]
+        del g.value_info[:]
+        g.value_info.extend(keep_vi)
+
+
 def _one(node: Any, i: int, depth: int, ctx: GraphIndex) -> BNNode:
     name = ctx.layer_name(node, i)
     for a in node.attribute:
