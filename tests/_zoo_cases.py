@@ -22,9 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 import _zoo
+import numpy as np
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,10 @@ from __future__ import annotations
 import copy
 import warnings
 
-import numpy as np
-import pytest
-
 import _zoo
 import _zoo_cases as zc
+import numpy as np
+import pytest
 
 pytestmark = pytest.mark.slow
 
