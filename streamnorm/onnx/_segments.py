@@ -119,6 +119,9 @@ def _session(model_bytes: bytes, providers: list[str] | None) -> Any:
     ort = require("onnxruntime")
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    # a segment's run alternates with the core's moments kernels: threads that spin waiting for
+    # the next run would take the cores those kernels run on
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(
             model_bytes, opts, providers=providers or ["CPUExecutionProvider"]
