@@ -20,6 +20,7 @@ import numpy as np
 from .._errors import InputError
 from ..calibrate import open_data
 from ._args import count
+from ._words import speaking_cli
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -86,6 +87,7 @@ def show_layers(
     return choices
 
 
+@speaking_cli()
 def run(args: argparse.Namespace) -> int:
     """Annotate ``args.model`` with the moments measured on ``args.data``; 0 on success."""
     if not str(args.model).lower().endswith(".onnx"):

@@ -26,6 +26,7 @@ from .._extras import require
 from .._io import atomic_write, check_output
 from ..calibrate import ESTIMATORS, MODES, Dataset, open_data
 from ._args import count
+from ._words import speaking_cli
 from .annotate import show_layers
 
 
@@ -384,6 +385,7 @@ def _go(kind: str, args: Any, ds: Dataset, client: Any) -> Any:
     return _run_checkpoint(args, ds, client)
 
 
+@speaking_cli()
 def run(args: argparse.Namespace) -> int:
     """Recalibrate ``args.model`` on ``args.data`` and write ``args.out``; 0 on success.
 
