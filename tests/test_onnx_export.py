@@ -231,6 +231,24 @@ def test_corrupt_record_is_refused(calibrated, tmp_path):
         recalibrate(tmp_path / "bad.onnx", _data()[1], tmp_path / "out.onnx", progress=False)
 
 
+def test_export_is_public_and_imports_torch_only_when_called():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, streamnorm.onnx as o\n"
+        "print('export' in o.__all__, 'torch' in sys.modules, 'streamnorm.torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "False", "False"]
+
+
+def test_kwargs_inputs_are_refused(calibrated, tmp_path):
+    x = torch.from_numpy(_data()[0][:2])
+    with pytest.raises(InputError, match="args"):
+        export(calibrated, (), tmp_path / "m.onnx", kwargs={"input": x})
+
+
 def test_shared_batchnorm_is_left_out_with_a_warning(tmp_path):
     bn = nn.BatchNorm2d(4)
     m = nn.Sequential(nn.Conv2d(3, 4, 1), bn, nn.ReLU(), nn.Conv2d(4, 4, 1), bn).eval()

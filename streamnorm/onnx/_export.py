@@ -264,7 +264,8 @@ def export(
         to ``path + ".data"``).
     **export_kwargs
         Passed to ``torch.onnx.export`` (``dynamo``, ``input_names``, ``dynamic_axes``,
-        ``opset_version``, ...). ``training`` other than eval is refused.
+        ``opset_version``, ...). ``training`` other than eval and ``kwargs`` (keyword
+        inputs) are refused.
 
     Returns
     -------
@@ -277,8 +278,8 @@ def export(
         ``model`` is not a ``torch.nn.Module``, ``path`` not a path, ``args`` neither a tensor
         nor a tuple.
     ValueError
-        A folder or unwritable output path, ``f`` or a training mode in ``export_kwargs``, a
-        graph whose inputs are not the tensors of ``args``, an ambiguous match.
+        A folder or unwritable output path, ``f``, ``kwargs`` or a training mode in
+        ``export_kwargs``, a graph whose inputs are not the tensors of ``args``, an ambiguous match.
 
     Warns
     -----
@@ -301,6 +302,10 @@ def export(
     out = check_output(path)
     if "f" in export_kwargs:
         raise InputError("give the output file as path, not as f=")
+    if export_kwargs.get("kwargs"):
+        raise InputError(
+            "keyword inputs (kwargs=) are not supported: give every model input in args"
+        )
     training = export_kwargs.get("training")
     if training is not None and training != torch.onnx.TrainingMode.EVAL:
         raise InputError(
