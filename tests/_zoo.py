@@ -30,22 +30,40 @@ def _declare_torchvision_ops(torch: Any) -> None:
     _declare_torchvision_ops.lib = lib  # type: ignore[attr-defined]  # keep the library alive
 
 
-def torchvision() -> Any:
-    """``import torchvision`` (skip the test when it is not installed)."""
-    torch = pytest.importorskip("torch")
-    try:
-        import torchvision as tv
+def make_torchvision_importable() -> bool:
+    """Import torchvision once, declaring its ops first where its compiled part cannot load
+    (see :func:`_declare_torchvision_ops`); ``False`` when it is not installed.
 
-        return tv
+    Other packages import torchvision too (Lightning through torchmetrics, timm): the test
+    session calls this at start (``conftest.py``) so that they all find it importable.
+    """
+    try:
+        import torch
     except ImportError:
-        pytest.skip("torchvision is not installed")
+        return False
+    try:
+        import torchvision as tv  # noqa: F401
+
+        return True
+    except ImportError:
+        return False
     except RuntimeError:
         for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
             del sys.modules[name]
         _declare_torchvision_ops(torch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        import torchvision as tv
+        import torchvision as tv  # noqa: F401
+    return True
+
+
+def torchvision() -> Any:
+    """``import torchvision`` (skip the test when it is not installed)."""
+    pytest.importorskip("torch")
+    if not make_torchvision_importable():
+        pytest.skip("torchvision is not installed")
+    import torchvision as tv
+
     return tv
 
 

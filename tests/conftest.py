@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 
 import pytest
+
+
+def pytest_configure(config):
+    """torchvision imports wherever it is installed (see ``_zoo.make_torchvision_importable``)."""
+    if importlib.util.find_spec("torchvision") is not None:
+        import _zoo
+
+        _zoo.make_torchvision_importable()
 
 
 @pytest.fixture(scope="module")

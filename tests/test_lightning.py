@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 
+import _zoo
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+# before Lightning, also in the processes ddp_spawn starts (they import this module)
+_zoo.make_torchvision_importable()
 pl = pytest.importorskip("lightning.pytorch")
 
 from torch import nn  # noqa: E402
@@ -218,9 +222,11 @@ class _SaveBuffers(pl.Callback):
 
 
 @pytest.mark.slow
-def test_ddp_two_ranks_identical_and_exact(tmp_path):
+def test_ddp_two_ranks_identical_and_exact(tmp_path, monkeypatch):
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available")
+    spawned = os.path.join(os.path.dirname(__file__), "_spawned")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([spawned, os.environ.get("PYTHONPATH", "")]))
     g = torch.Generator().manual_seed(4)
     x = torch.randn(96, 3, generator=g) * torch.tensor([1.0, 3.0, 0.5]) + 2.0
     y = torch.randint(0, 2, (96,), generator=g)
