@@ -79,7 +79,6 @@ class _Builder:
     def __init__(self, model: Any, rows: bool) -> None:
         self.onnx = require("onnx")
         self.ctx = GraphIndex.of(model)
-        self.model = model
         self.axes_as_input = opset_version(model) >= 18
         self.nodes: list[Any] = []
         self.consts: dict[str, str] = {}
