@@ -245,6 +245,37 @@ def test_onnx_cached_equals_recomputed(tmp_path: Any, folding: bool) -> None:
     _same_inits(out[0], out[40_000])
 
 
+def test_onnx_every_node_runs_once_per_batch(tmp_path: Any, monkeypatch: Any) -> None:
+    """The segments hold each node of the graph once (a folded layer twice: before and after
+    its weights are adapted), not once per pass."""
+    from streamnorm.onnx import _segments
+    from streamnorm.onnx import recalibrate as onnx_recalibrate
+
+    built: list[Any] = []
+    model_of = _segments._Plan._model
+
+    def spy(self: Any, seg: Any, fed: Any) -> bytes:
+        built.append(seg)
+        return model_of(self, seg, fed)
+
+    monkeypatch.setattr(_segments._Plan, "_model", spy)
+    src = _export(tmp_path, True)
+    report = onnx_recalibrate(
+        src,
+        _data(16).numpy(),
+        tmp_path / "o.onnx",
+        batch_size=8,
+        progress=False,
+        source=_data(16, seed=6).numpy(),
+    )
+    onnx = pytest.importorskip("onnx")
+    nodes = [n for n in onnx.load(str(src)).graph.node if n.op_type != "Constant"]
+    folded = sum(1 for x in report.layers if x.kind == "folded")
+    ran = [n for seg in built for n in seg.nodes if n.op_type != "Constant"]
+    assert len(built) > 3  # one segment per depth
+    assert len(ran) <= len(nodes) + folded
+
+
 @pytest.mark.slow
 def test_onnx_paddleocr_det_cached_equals_recomputed(tmp_path: Any) -> None:
     import _zoo
@@ -263,3 +294,12 @@ def test_onnx_paddleocr_det_cached_equals_recomputed(tmp_path: Any) -> None:
         )
         out[cache] = _onnx_inits(path)
     _same_inits(out[0], out[None])
+
+
+def test_bad_cache_bytes() -> None:
+    from streamnorm._errors import InputError, InputTypeError
+
+    with pytest.raises(InputError, match="cache_bytes"):
+        recalibrate(_net(), _data(8), mode="sequential", progress=False, cache_bytes=-1)
+    with pytest.raises(InputTypeError, match="cache_bytes"):
+        recalibrate(_net(), _data(8), mode="sequential", progress=False, cache_bytes="1 GiB")
