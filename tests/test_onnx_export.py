@@ -192,6 +192,36 @@ def test_dynamo_exporter_folds_the_linear_too(calibrated, tmp_path):
     assert _rel(_run(tmp_path / "new.onnx", x), _reference(calibrated, tgt, x)) < 1e-4
 
 
+def test_frozen_batchnorm_is_recorded_at_its_conv_and_recalibrated(tmp_path):
+    """torchvision's FrozenBatchNorm2d is exported as Mul / Add after its Conv: recorded at the
+    Conv's output as the BatchNorm's input, and recalibrated as PyTorch does it."""
+    tv = _zoo.torchvision()
+    torch.manual_seed(0)
+    m = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        tv.ops.misc.FrozenBatchNorm2d(8, eps=1e-3),
+        nn.ReLU(),
+        nn.Conv2d(8, 6, 1),
+        nn.BatchNorm2d(6, eps=1e-3),
+        nn.Flatten(),
+        nn.Linear(6 * 8 * 8, 10),
+    ).eval()
+    with torch.no_grad():
+        m[1].weight.copy_(torch.linspace(-1.5, 1.5, 8))
+        m[1].weight[4] = 0.0
+        m[1].bias.copy_(torch.linspace(-1, 1, 8))
+    src, tgt = _data()
+    torch_recalibrate(m, src, mode="sequential", progress=False)
+    rec = _export(m, tmp_path / "m.onnx")
+    assert {k: (r.op, r.site) for k, r in rec.items()} == {
+        "1": ("Conv", "input"),
+        "4": ("Conv", "output"),
+    }
+    recalibrate(tmp_path / "m.onnx", tgt, tmp_path / "new.onnx", progress=False)
+    x = tgt[:256]
+    assert _rel(_run(tmp_path / "new.onnx", x), _reference(m, tgt, x)) < 1e-4
+
+
 def test_bad_input(calibrated, tmp_path):
     x = torch.from_numpy(_data()[0][:2])
     with pytest.raises(InputTypeError, match="torch.nn.Module"):
@@ -268,16 +298,17 @@ def _zoo_model(name: str) -> nn.Module:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
 @pytest.mark.parametrize(
     "name", ["resnet50", "mobilenet_v3_large", "densenet121", "efficientnet_b0"]
 )
-def test_zoo_record_is_the_set_of_folded_convs(name, tmp_path):
+def test_zoo_record_is_the_set_of_folded_convs(name, dynamo, tmp_path):
     m = _zoo_model(name)
     x = torch.randn(1, 3, 96, 96)
     truth = _truth(m, x)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        rec = export(m, (x,), tmp_path / "m.onnx", dynamo=False)
+        rec = export(m, (x,), tmp_path / "m.onnx", dynamo=dynamo)
     assert set(rec) == set(truth)
     assert {k for k, r in rec.items() if r.op == "Conv"} == {k for k, f in truth.items() if f}
     assert {r.op for k, r in rec.items() if not truth[k]} <= {"BatchNormalization"}

@@ -237,13 +237,18 @@ class _OnnxAdapter:
         recalibrated to the target moments of ``z`` gives
         ``beta + |gamma| (y - m) / sqrt(v + eps s^2)``, folded in as ``a y + (beta - a m)``. A
         channel with ``gamma = 0`` (or no variance and ``eps = 0``) outputs ``beta``. The folded
-        factor becomes ``a s = gamma / sqrt(v / s^2 + eps)``.
+        factor becomes ``a s = gamma / sqrt(v / s^2 + eps)``. A record at the input site (the
+        BatchNorm exported as operators after the node) gets the same with ``(mean,
+        sqrt(var + eps), 1)`` in place of ``(beta, |gamma|, s)``: the node's output is mapped to
+        what the exported statistics turn into the recalibrated BatchNorm's output (see
+        :attr:`~._metadata.BatchNormRecord.target`).
         """
-        s = self.scales.get(f.name, rec.scale)
+        m, k, f0 = rec.target
+        s = self.scales.get(f.name, f0)
         denom = np.sqrt(np.maximum(result.var, 0.0) + rec.eps * s * s)
         a = np.zeros_like(denom)
-        np.divide(np.abs(rec.gamma), denom, out=a, where=denom > 0)
-        shift = rec.beta - a * result.mean
+        np.divide(k, denom, out=a, where=denom > 0)
+        shift = m - a * result.mean
         self.feeds[f.weight], self.feeds[f.bias] = f.scaled(
             self.feeds[f.weight], self.feeds[f.bias], a, shift
         )
@@ -516,8 +521,8 @@ def _train_mode(
         if r is None:
             targets[f.name] = TrainTarget.of_moments(sources[f.name].mean, sources[f.name].var)
         else:
-            eps = r.eps * np.asarray(r.scale, np.float64) ** 2
-            targets[f.name] = TrainTarget(r.beta, np.abs(r.gamma), eps)
+            m, k, f0 = r.target
+            targets[f.name] = TrainTarget(m, k, r.eps * f0**2)
     dtypes = {f.name: feeds[f.weight].dtype for f in folded}
     return train_mode_model(cal, bns, folded, targets, dtypes, padded=bool(feed.fixed_batch))
 
@@ -713,7 +718,7 @@ def recalibrate(
     else:
         sources = {f.name: _from_metadata(stored, f) for f in folded if f.output not in recorded}
     exact = _exact(folded, recorded)
-    sources.update({n: core.Stats(r.beta, r.output_var) for n, r in exact.items()})
+    sources.update({n: core.Stats(*r.source) for n, r in exact.items()})
     if settings.mode == "one-pass":
         train = _train_mode(cal, bns, folded, sources, exact, feeds, feed)
         runner = _runner(train, feed, providers, "recalibration of")

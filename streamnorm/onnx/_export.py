@@ -20,11 +20,17 @@ output (relative RMS difference below :data:`TOL`); a ``BatchNormalization`` nod
 Conv before it (a BatchNorm with fresh statistics is almost the identity), and a module that
 matches two nodes of the same kind, or a node matched by two modules, is an error.
 
+A module whose output no such node carries, but whose input is the output of a Conv / Gemm read
+by nothing else, was exported as other operators after that node (torchvision's
+``FrozenBatchNorm2d`` becomes ``Mul`` / ``Add``): it is recorded at the node's *input* site
+(``site="input"``), and recalibration adapts the node so that those operators, which keep the
+exported statistics, output what the recalibrated BatchNorm would.
+
 Not handled (left out of the record, with a warning; recalibration treats their nodes as it
 treats those of any ONNX model): a BatchNorm module called more than once in a forward pass
-(shared), one with ``track_running_stats=False``, and one whose output the exporter did not keep
-in a Conv / Gemm / BatchNormalization node (torchvision's ``FrozenBatchNorm2d`` becomes
-``Mul`` / ``Add``).
+(shared), and one found in neither way. A BatchNorm with
+``track_running_stats=False`` has no statistics and is not a BatchNorm module here. Keyword
+inputs (``kwargs=``) are refused: the probe feeds ``args`` only.
 """
 
 from __future__ import annotations
@@ -205,6 +211,29 @@ def _match(
     return None
 
 
+def _match_input(
+    entry: _Seen, nodes: list[Any], values: dict[str, np.ndarray], readers: dict[str, int]
+) -> Any:
+    """The Conv / Gemm whose output is ``entry``'s input and is read by one node only (the
+    first of the operators the BatchNorm became), or ``None``."""
+    want = entry.inputs[0].detach().cpu().double().numpy()
+    hits = sorted(
+        (
+            (e, n)
+            for n in nodes
+            if n.op_type in ("Conv", "Gemm") and values[n.output[0]].shape == want.shape
+            for e in [_error(values[n.output[0]], want)]
+            if e < TOL
+        ),
+        key=lambda t: t[0],
+    )
+    if len(hits) > 1 and hits[1][0] < max(_MARGIN * hits[0][0], 1e-12):
+        return None
+    if not hits or readers.get(hits[0][1].output[0], 0) != 1:
+        return None
+    return hits[0][1]
+
+
 def _map(
     model: Any, onnx_model: Any, probe: tuple[Any, ...], tensors: list[Any]
 ) -> tuple[list[meta.BatchNormRecord], list[str]]:
@@ -216,6 +245,12 @@ def _map(
         n for n in g.node if n.op_type in meta.CARRIERS and n.domain in ("", "ai.onnx") and n.output
     ]
     values = _run_onnx(onnx_model, tensors, nodes) if seen and nodes else {}
+    readers: dict[str, int] = {}
+    for n in g.node:
+        for x in n.input:
+            readers[x] = readers.get(x, 0) + 1
+    for o in g.output:
+        readers[o.name] = readers.get(o.name, 0) + 1
     records: list[meta.BatchNormRecord] = []
     left: list[str] = []
     owner: dict[str, str] = {}
@@ -224,7 +259,9 @@ def _map(
             left.append(f"{s.name} (called {len(s.inputs)} times)")
             continue
         rec = _record(s.name, s.module)
-        node = _match(s, rec, nodes, values)
+        node, site = _match(s, rec, nodes, values), "output"
+        if node is None:
+            node, site = _match_input(s, nodes, values, readers), "input"
         if node is None:
             left.append(f"{s.name} (not found in a Conv / Gemm / BatchNormalization node)")
             continue
@@ -234,7 +271,9 @@ def _map(
                 f"{node.name!r}; the mapping is ambiguous"
             )
         owner[node.output[0]] = s.name
-        records.append(replace(rec, node=node.name, output=node.output[0], op=node.op_type))
+        records.append(
+            replace(rec, node=node.name, output=node.output[0], op=node.op_type, site=site)
+        )
     return records, left
 
 

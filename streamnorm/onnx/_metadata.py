@@ -248,14 +248,21 @@ class BatchNormRecord:
            "node": "/layer1/layer1.0/conv1/Conv",     # the node that carries it
            "output": "/layer1/layer1.0/conv1/Conv_output_0",  # its output: the BN's output
            "op": "Conv",                   # "Conv" / "Gemm" (folded) or "BatchNormalization"
+           "site": "output",               # optional, default "output" (see below)
            "eps": 0.001, "gamma": [...], "beta": [...],   # the module's eps, weight, bias
            "mean": [...], "var": [...]},   # the statistics it normalized with at export
           ...]}
+
+    ``site`` is ``"output"`` when the node's output is the BatchNorm's output (a folded or a
+    kept BatchNorm), ``"input"`` when it is the BatchNorm's input and the BatchNorm itself was
+    exported as other operators that read only it (torchvision's ``FrozenBatchNorm2d`` becomes
+    ``Mul`` / ``Add`` after its Conv).
 
     Attributes
     ----------
     module, node, output, op : str
     eps : float
+    site : {"output", "input"}
     gamma, beta, mean, var : numpy.ndarray, shape (C,), float64
         ``var`` is the value the module divided by (``sqrt(var + eps)``), as stored in its
         ``running_var``.
@@ -270,6 +277,7 @@ class BatchNormRecord:
     beta: np.ndarray
     mean: np.ndarray
     var: np.ndarray
+    site: str = "output"
 
     @property
     def channels(self) -> int:
@@ -287,6 +295,26 @@ class BatchNormRecord:
         ``gamma^2 var / (var + eps)``, shape (C,)."""
         return self.gamma**2 * self.var / (self.var + self.eps)
 
+    @property
+    def source(self) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and variance of the node's output on data whose moments are ``(mean, var)``:
+        ``(beta, output_var)`` at the output site, ``(mean, var)`` at the input site."""
+        if self.site == "input":
+            return self.mean, self.var
+        return self.beta, self.output_var
+
+    @property
+    def target(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(m, k, f)`` per channel, shape (C,) each: recalibrated on target data whose node
+        output ``y`` has moments ``(mean_y, var_y)``, the node's output becomes
+        ``m + k (y - mean_y) / sqrt(var_y + eps f^2)``, with ``f`` the factor between ``y``
+        and the BatchNorm input as exported. Output site: ``(beta, |gamma|, gamma / sqrt(var +
+        eps))``; input site: ``(mean, sqrt(var + eps), 1)`` (the operators after the node keep
+        normalizing with the exported statistics)."""
+        if self.site == "input":
+            return self.mean, np.sqrt(self.var + self.eps), np.ones_like(self.mean)
+        return self.beta, np.abs(self.gamma), self.scale
+
 
 def dumps_batchnorms(records: list[BatchNormRecord]) -> str:
     """The JSON value of the BatchNorm entry (see :class:`BatchNormRecord`)."""
@@ -301,6 +329,7 @@ def dumps_batchnorms(records: list[BatchNormRecord]) -> str:
                 "node": r.node,
                 "output": r.output,
                 "op": r.op,
+                "site": r.site,
                 "eps": float(r.eps),
                 **arrays,
             }
@@ -346,13 +375,16 @@ def _bn_record(d: Any, i: int) -> BatchNormRecord:
             f"equal length, got shapes {[a.shape for a in arrs]}"
         )
     gamma, beta, mean, var = arrs
+    site = d.get("site", "output")
+    if site not in ("output", "input") or (site == "input" and d["op"] == "BatchNormalization"):
+        raise RecordError(f"corrupt {_BN_WHAT}: layer {d['module']!r} has site {site!r}")
     finite = all(np.isfinite(a).all() for a in arrs) and math.isfinite(eps)
     if not finite or eps < 0 or np.any(var + eps <= 0):
         raise RecordError(
             f"impossible {_BN_WHAT}: layer {d['module']!r} has non-finite values or var + eps <= 0"
         )
     return BatchNormRecord(
-        d["module"], d["node"], d["output"], d["op"], eps, gamma, beta, mean, var
+        d["module"], d["node"], d["output"], d["op"], eps, gamma, beta, mean, var, site
     )
 
 
