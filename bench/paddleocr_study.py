@@ -132,6 +132,17 @@ def shift(img: np.ndarray, rng: np.random.Generator, contrast: float, noise: flo
     return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 
+def vary(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Black-on-white ``img`` with random paper and ink levels (a third inverted) and noise."""
+    paper = rng.uniform(130, 255)
+    ink = rng.uniform(0, paper - 70)
+    if rng.random() < 1 / 3:
+        paper, ink = 255 - paper, 255 - ink
+    x = ink + img.astype(np.float64) / 255.0 * (paper - ink)
+    x += rng.normal(0.0, rng.uniform(0, 10), img.shape)
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
 def normalize(img: np.ndarray) -> np.ndarray:
     """uint8 (H, W) to rapidocr's float32 (3, H, W): ``(x / 255 - 0.5) / 0.5``."""
     x = (img.astype(np.float32) / 255.0 - 0.5) / 0.5
@@ -427,6 +438,18 @@ def with_stats(path: str, out: str, stats: list[tuple[np.ndarray, np.ndarray] | 
     return t.save(out)
 
 
+def with_eps(path: str, out: str, eps: float) -> str:
+    """A copy of ``path`` whose BatchNormalization nodes have ``epsilon = eps``."""
+    from onnx import helper
+
+    t = _Tensors(path)
+    for n in t.bns():
+        kept = [a for a in n.attribute if a.name != "epsilon"]
+        del n.attribute[:]
+        n.attribute.extend([*kept, helper.make_attribute("epsilon", float(eps))])
+    return t.save(out)
+
+
 def frozen(path: str, out: str, keep: set[int]) -> str:
     """A copy of ``path`` whose BatchNormalization nodes other than ``keep`` (indices in graph
     order) become the same per-channel ``Mul`` + ``Add`` (so that a BN-only recalibration
@@ -601,6 +624,15 @@ def rec_cls_study(args: argparse.Namespace, work: str, which: str) -> None:
             calibrate(cal, "ann", src),
             t,
         )
+    # a broader domain: random ink and paper levels, a third inverted, some noise
+    varied = task.make([vary(im, rng) for im in cal_imgs], cal_flips, width)
+    t = time.perf_counter()
+    row(
+        "domain",
+        f"N={n} varied lines (ink/paper levels, inverted, noise), BN nodes only",
+        calibrate(varied, "varied"),
+        t,
+    )
     # 2. per-layer shifts: original -> rendered text, against set A -> set B (sampling noise)
     print(
         "\n| node | positions | shift vs original: mean / log sigma / var < 1/10 | "
@@ -630,7 +662,7 @@ def rec_cls_study(args: argparse.Namespace, work: str, which: str) -> None:
         t = time.perf_counter()
         row("which nodes", f"only {label} recalibrated", calibrate(cal, "grp", base=base), t)
     for label, drop in groups.items():
-        stats = [None if i in drop else new[i] for i in range(nb)]
+        stats = [old[i] if i in drop else None for i in range(nb)]
         path = with_stats(full, os.path.join(work, f"{which}_keep.onnx"), stats)
         row("which nodes", f"all recalibrated, then {label} put back", path)
     # 4. variance: the collapsed channels keep their original variance; eps x 100
@@ -652,6 +684,12 @@ def rec_cls_study(args: argparse.Namespace, work: str, which: str) -> None:
         "original means, new variances",
         with_stats(full, os.path.join(work, f"{which}_var.onnx"), list(var_only)),
     )
+    for eps in (1e-3, 1e-2):
+        row(
+            "eps",
+            f"new statistics, every BatchNorm's eps {eps:g} (was 1e-5)",
+            with_eps(full, os.path.join(work, f"{which}_eps.onnx"), eps),
+        )
     # 5. padding (zeros = mid-gray after normalization): calibration lines stretched to the
     # full width (no padding), or padded with the background (white) instead
     stretched = task.make([_stretch(im, width) for im in cal_imgs], cal_flips, width)
