@@ -213,29 +213,30 @@ def plan_segments(
     reads: list[set[str]] = []
     for s in range(n_seg):
         read = {x for _, node in nodes[s] for x in node.input if x}
-        for x in sorted(read):
-            if x in consts:
-                node = g.node[consts[x]]
-                if all(n is not node for _, n in nodes[s]):
-                    nodes[s].append((consts[x], node))
+        have = {i for i, _ in nodes[s]}
+        for i in sorted({consts[x] for x in read if x in consts} - have):
+            nodes[s].append((i, g.node[i]))
         nodes[s].sort(key=lambda t: t[0])
         reads.append({x for _, node in nodes[s] for x in node.input if x})
-    last_use: dict[str, int] = {}
+    last_use: dict[str, int] = {}  # the last segment that reads a tensor or pass that hands it
     for s in range(n_seg):
         for x in reads[s]:
             last_use[x] = max(last_use.get(x, -1), s)
+    handed: dict[str, int] = {}
     for t in targets:
         if not t.folded:
+            handed[t.tensor] = max(handed.get(t.tensor, -1), pass_of[t.name])
             last_use[t.tensor] = max(last_use.get(t.tensor, -1), pass_of[t.name])
     inits = {t.name: t for t in g.initializer}
     segments = []
     for s in range(n_seg):
         own = {o for _, node in nodes[s] for o in node.output}
         inputs = sorted(x for x in reads[s] if x not in own and x not in inits)
-        outputs = {o for o in own if o in copies[s]}
-        outputs |= {
-            o for o in own if o not in copies[s] and last_use.get(o, -1) >= s and o not in consts
+        # a layer's input, or read by a later segment (a tensor only this one reads stays in)
+        outputs = {
+            o for o in own if o in copies[s] or handed.get(o, -1) >= s or (last_use.get(o, -1) > s)
         }
+        outputs -= set(consts)
         segments.append(
             _Segment([node for _, node in nodes[s]], inputs, sorted(outputs), copies[s])
         )
