@@ -5,15 +5,51 @@ compile options. A serial twin compiled from the very function object of its par
 would therefore share (and overwrite) the original's cache entries. :func:`twins` compiles a
 renamed copy instead, so that each variant has cache entries of its own. Every kernel module
 that ships a serial twin uses it.
+
+It also says whether the parallel kernels may run at all (:func:`threads_ok`): not in a process
+forked from one whose threading layer had started. GNU OpenMP cannot survive a ``fork()`` (Numba
+terminates such a child at its first parallel launch, and a pool of them may hang), so a forked
+child runs the serial twins, which give the same bits.
 """
 
 from __future__ import annotations
 
+import os
 import types
 from collections.abc import Callable
 from typing import Any
 
+import numba
 from numba import njit
+
+#: set in a child forked after the parent's threading layer had started (see threads_ok)
+_forked_after_threads = False
+
+
+def _after_fork_in_child() -> None:
+    global _forked_after_threads
+    if _forked_after_threads:
+        return
+    try:
+        numba.threading_layer()  # raises ValueError while no parallel kernel has run
+    except ValueError:
+        return
+    _forked_after_threads = True
+
+
+if hasattr(os, "register_at_fork"):  # POSIX only; Windows has no fork
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def threads_ok() -> bool:
+    """Whether the parallel kernels may run in this process.
+
+    False in a process forked (``os.fork``, ``multiprocessing``'s ``fork`` start method, a
+    DataLoader worker) from one that had already run a parallel kernel, and in its own forked
+    children: the threading layer does not survive the fork, and every dispatch takes the
+    serial twin instead (bit-identical results, one thread).
+    """
+    return not _forked_after_threads
 
 
 def renamed(func: Callable[..., Any], name: str) -> types.FunctionType:
@@ -40,4 +76,4 @@ def twins(
     return njit(**parallel)(func), njit(**serial)(renamed(func, name + "_serial"))
 
 
-__all__ = ["renamed", "twins"]
+__all__ = ["renamed", "threads_ok", "twins"]

@@ -472,8 +472,7 @@ def rows_merge(x, block_rows, chunk_blocks, parallel, n, mean, lo, m2):
     return merge_slots_into(c_n, c_mean, c_m2, ref, x.itemsize == 8, n, mean, lo, m2)
 
 
-@njit(**STRICT_PARALLEL_JIT)
-def rows_moments_general(x, ref, w, use_w, omit, block_rows, chunk_blocks):
+def _rows_moments_general(x, ref, w, use_w, omit, block_rows, chunk_blocks):
     """Like :func:`rows_moments`, with optional per-row weights ``w`` and NaN/Inf omission.
 
     With ``omit`` a non-finite value is skipped and counts are per column. With ``use_w`` row ``r``
@@ -523,6 +522,11 @@ def rows_moments_general(x, ref, w, use_w, omit, block_rows, chunk_blocks):
                     q[d] += wr * (t * t)
             chan_merge_into(c_n[k], c_mean[k], c_m2[k], cn, s, q)
     return merge_slots(c_n, c_mean, c_m2, ref)
+
+
+rows_moments_general, rows_moments_general_serial = twins(
+    _rows_moments_general, STRICT_PARALLEL_JIT, STRICT_JIT
+)
 
 
 @njit(**JIT)

@@ -9,6 +9,7 @@ import numpy as np
 from . import _kernels_normalize as KN
 from ._config import CHUNK_ELEMS, GENERIC_BLOCK_BYTES, SEG_LEN, SERIAL_BYTES
 from ._extras import require
+from ._jit import threads_ok
 from ._layout import KERNEL_DTYPES, plan
 from ._validate import Axis, check_axes, check_nonnegative, is_torch_tensor
 
@@ -213,7 +214,7 @@ def normalize(
         )
         if kind == "none":  # nothing reduced: one row of every element
             kind, xv, ov = "rows", xv[np.newaxis], ov[np.newaxis]
-        serial = xk.nbytes < SERIAL_BYTES
+        serial = xk.nbytes < SERIAL_BYTES or not threads_ok()
         if kind == "rows":
             chunk = max(1, CHUNK_ELEMS // max(1, xv.shape[1]))
             rows = KN.normalize_rows_serial if serial else KN.normalize_rows

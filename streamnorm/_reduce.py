@@ -26,6 +26,7 @@ from ._config import (
     SERIAL_BYTES,
     SLOT_ELEMS,
 )
+from ._jit import threads_ok
 from ._layout import KERNEL_DTYPES, Plan, plan, row_weights
 
 #: one batch from a kernel: flat float64 (n, mean, m2, lo), lo the rounding residual of mean
@@ -71,11 +72,13 @@ def run_rows(x: np.ndarray, w: np.ndarray | None, omit: bool) -> Stats:
         return acc[0], acc[1], acc[3], acc[2]
     br, cb = _rows_params(D, x.itemsize, R)
     if w is None and not omit:
-        kernel = K.rows_moments_serial if x.nbytes < SERIAL_BYTES else K.rows_moments
+        par = x.nbytes >= SERIAL_BYTES and threads_ok()
+        kernel = K.rows_moments if par else K.rows_moments_serial
         return kernel(x, br, cb)
     ref = K.first_finite_rows(x) if omit else K.finite_or_zero(x[0])
     ww = w if w is not None else np.empty(0)
-    return K.rows_moments_general(x, ref, ww, w is not None, omit, br, cb)
+    general = K.rows_moments_general if threads_ok() else K.rows_moments_general_serial
+    return general(x, ref, ww, w is not None, omit, br, cb)
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,7 +128,7 @@ def merge_rows(
     caller then takes the general path, which rescues overflow.
     """
     br, cb, par = blocking if blocking is not None else rows_plan(*x.shape, x.itemsize)
-    return bool(K.rows_merge(x, br, cb, par, n, mean, lo, m2))
+    return bool(K.rows_merge(x, br, cb, par and threads_ok(), n, mean, lo, m2))
 
 
 def _run_cf(x: np.ndarray) -> Stats:
@@ -133,11 +136,12 @@ def _run_cf(x: np.ndarray) -> Stats:
     if A > 1:
         # several samples: tasks over runs of samples read memory in address order
         rows_per = max(1, min(-(-CF_RUN_ELEMS // max(1, L)), -(-A // 8)))
-        parallel = x.nbytes >= SERIAL_BYTES
+        parallel = x.nbytes >= SERIAL_BYTES and threads_ok()
         kernel = K.cf_rows_moments if parallel else K.cf_rows_moments_serial
         return kernel(x, rows_per)
     seg, cs = _cf_params(A, L)
-    kernel = K.cf_moments_serial if x.nbytes < SERIAL_BYTES else K.cf_moments
+    parallel = x.nbytes >= SERIAL_BYTES and threads_ok()
+    kernel = K.cf_moments if parallel else K.cf_moments_serial
     return kernel(x, seg, cs)
 
 
