@@ -191,7 +191,42 @@ def compute(x: Any, axis: Axis, weights: Any, nan_policy: str) -> State | None:
 def _weights(weights: Any, a: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
     if not axes:
         raise InputError("weights need at least one reduced axis; got axis=()")
-    return check_weights(weights, a.shape[axes[0]], axes[0])
+    w = check_weights(weights, a.shape[axes[0]], axes[0])
+    return scale_weights(w, math.prod(a.shape[i] for i in axes) // max(1, a.shape[axes[0]]))
+
+
+#: weights whose total (times the samples each weight counts) exceeds this are scaled down: the
+#: kernels' weighted sums (a weight times a float32 value, times a squared deviation) stay finite
+WEIGHTS_BOUND = 2.0**512
+
+
+def weights_exponent(largest: float, total: float) -> int:
+    """The power of two ``e`` that weights are divided by (``0``: left as they are).
+
+    ``largest`` is the largest weight, ``total`` the weights' total times the samples each
+    weight counts (``inf`` where that overflows). Beyond :data:`WEIGHTS_BOUND` the weights are
+    divided by ``2**e``, the smallest power of two above the largest weight, so that the largest
+    becomes a number in ``[0.5, 1)``: exact (a power of two), and the mean and variance do not
+    depend on the weights' scale. The count of the batch is then the scaled total.
+    """
+    if not total > WEIGHTS_BOUND:
+        return 0
+    return int(np.frexp(largest)[1])
+
+
+def scale_weights(w: np.ndarray, per_weight: int) -> np.ndarray:
+    """Checked float64 weights ``w``, divided by a power of two if their total overflows.
+
+    ``per_weight`` is the number of samples each weight counts (the product of the other
+    reduced axes). See :func:`weights_exponent`; weights ``2**1074`` times smaller than the
+    largest become 0 (their share of the mean is below float64's resolution anyway).
+    """
+    if w.size == 0:
+        return w
+    with np.errstate(over="ignore"):
+        total = float(np.sum(w)) * per_weight
+    e = weights_exponent(float(np.max(w)), total)
+    return np.ldexp(w, -e) if e else w
 
 
 def _reduce(
@@ -296,4 +331,6 @@ __all__ = [
     "interrupt_in",
     "lean_rows",
     "lean_state",
+    "scale_weights",
+    "weights_exponent",
 ]

@@ -16,6 +16,7 @@ import numpy as np
 
 from ._errors import InputError, InputTypeError
 from ._extras import require
+from ._compute import WEIGHTS_BOUND, scale_weights
 from ._moments import Moments
 from ._state import State, empty_state
 from ._validate import (
@@ -222,10 +223,17 @@ def _dask_weights(weights: Any, x: Any, axes: tuple[int, ...]) -> tuple[Any, Any
             f"weights need dask.array.reduction(weights=...), which dask {dask.__version__} "
             "lacks; upgrade dask (pip install -U 'dask[array]')"
         )
+    # weights whose total overflows are divided by one power of two for the whole array (see
+    # streamnorm._compute.weights_exponent): chunks scaled each on its own would disagree
+    per_weight = math.prod(x.shape[i] for i in axes) // max(1, n0)
     if isinstance(weights, da.Array):
         w = check_weights_layout(weights, n0, a0).astype(np.float64).rechunk((x.chunks[a0],))
+        over = (w / WEIGHTS_BOUND).sum() * per_weight > 1.0  # scaled: the sum cannot overflow
+        e = da.where(over, da.frexp(w.max())[1], 0)
+        w = da.ldexp(w, -e)
     else:
-        w = da.from_array(check_weights(weights, n0, a0), chunks=(x.chunks[a0],))
+        checked = scale_weights(check_weights(weights, n0, a0), per_weight)
+        w = da.from_array(checked, chunks=(x.chunks[a0],))
     shape = [1] * x.ndim
     shape[a0] = n0
     wb = da.broadcast_to(w.reshape(tuple(shape)), x.shape, chunks=x.chunks)
