@@ -8,15 +8,18 @@ Guarantees for every file the library writes:
   mode;
 - a target that is not a regular file (a character device such as ``/dev/null``, a FIFO) is
   written in place, never replaced;
-- an output that is one of the inputs is refused before anything runs (:func:`check_output`).
+- an output that is one of the inputs, or another output, is refused before anything runs
+  (:func:`check_output`, :func:`check_outputs`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import stat
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -32,8 +35,44 @@ def _umask() -> int:
     return mask
 
 
+def file_mode(path: PathLike) -> int:
+    """The permission bits a file written at ``path`` gets: those of the file it replaces, or
+    what the umask allows (as ``open`` would) for a new one."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
+
+
+#: the signals that stop a command (Ctrl-C, ``kill``); held while files are put in place
+_STOP_SIGNALS = frozenset(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM") if hasattr(signal, name)
+)
+
+
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Hold Ctrl-C and ``SIGTERM`` until the block ends (where the platform can).
+
+    For files put in place together (an ONNX model and its external data): a signal that comes
+    in between is handled after both, so the pair is never half old, half new.
+    """
+    if not hasattr(signal, "pthread_sigmask"):  # pragma: no cover - Windows
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def atomic_write(path: PathLike, write: Callable[[Any], Any], mode: str = "wb") -> None:
-    """Write ``path`` with ``write(f)``; atomically for regular files (see the module notes)."""
+    """Write ``path`` with ``write(f)``; atomically for regular files (see the module notes).
+
+    The temporary file is removed on every exit Python sees: an exception, Ctrl-C, and a
+    ``SIGTERM`` that the program turns into an exception (the command line does).
+    """
     path = os.fspath(path)
     try:
         st: os.stat_result | None = os.stat(path)
@@ -46,9 +85,12 @@ def atomic_write(path: PathLike, write: Callable[[Any], Any], mode: str = "wb") 
             write(f)
         return
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
     try:
-        os.chmod(tmp, stat.S_IMODE(st.st_mode) if st is not None else 0o666 & ~_umask())
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    except OSError as e:  # name the output, not a temporary name the user never gave
+        raise type(e)(e.errno, e.strerror, path) from e
+    try:
+        os.chmod(tmp, file_mode(path))
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
@@ -95,12 +137,33 @@ def check_output(out: PathLike, inputs: Iterable[PathLike] = ()) -> str:
     return out
 
 
+def check_outputs(outputs: Iterable[PathLike], inputs: Iterable[PathLike] = ()) -> list[str]:
+    """:func:`check_output` for every one of ``outputs``, and no two of them the same file.
+
+    Two outputs may name the same file only when it exists and is not a regular file (a
+    device such as ``/dev/null``). Returns the outputs as strings.
+    """
+    inputs = list(inputs)
+    outs = [check_output(o, inputs) for o in outputs]
+    seen: dict[str, str] = {}
+    for o in outs:
+        real = os.path.realpath(o)
+        if real in seen and (not os.path.exists(o) or stat.S_ISREG(os.stat(o).st_mode)):
+            raise OutputPathError(
+                f"outputs {seen[real]!r} and {o!r} are the same file; one would overwrite the "
+                "other: give each output its own path"
+            )
+        seen.setdefault(real, o)
+    return outs
+
+
 def check_output_dir(out: PathLike) -> str:
     """Check before a run that the folder ``out`` exists or can be created, and is writable.
 
     Refuses (``OutputPathError``) an ``out`` that is not a folder, a path through a file (a
-    parent that is not a folder) and a folder (or the nearest existing parent of a new one) that
-    gives no permission to create files. Creates nothing; returns ``out`` as a string.
+    parent that is not a folder), a new folder whose parent does not exist (only the last level
+    of the path is ever created) and a folder (or the parent of a new one) that gives no
+    permission to create files. Creates nothing; returns ``out`` as a string.
     """
     if not isinstance(out, (str, os.PathLike)):
         raise InputTypeError(
@@ -115,6 +178,12 @@ def check_output_dir(out: PathLike) -> str:
     if not os.path.isdir(existing):
         raise OutputPathError(
             f"cannot create the output folder {out!r}: {existing!r} is a file, not a folder"
+        )
+    parent = os.path.dirname(os.path.abspath(out))
+    if existing not in (os.path.abspath(out), parent):
+        raise OutputPathError(
+            f"cannot create the output folder {out!r}: its parent {parent!r} does not exist "
+            "(only the last folder of the path is created); create it first"
         )
     if not os.access(existing, os.W_OK | os.X_OK):
         raise OutputPathError(
@@ -162,10 +231,7 @@ def check_header(d: Any, format_name: str, version: int, what: str) -> None:
         raise RecordError(f"not a streamnorm {what} record: missing {missing} (no header)")
     if str(np.asarray(d["format"])) != format_name:
         raise RecordError(f"not a streamnorm {what} record: format {d['format']!r}")
-    try:
-        v = int(np.asarray(d["version"]))
-    except (TypeError, ValueError) as e:
-        raise RecordError(f"corrupt {what} record: version {d['version']!r}") from e
+    v = record_int(d, "version", what)
     if v != version:
         raise RecordError(
             f"{what} format version {v} is not supported (this streamnorm reads version "
@@ -183,12 +249,38 @@ def record_scalar(d: Any, key: str, what: str) -> Any:
     return a.item()
 
 
+def record_int(d: Any, key: str, what: str, *, low: int | None = None) -> int:
+    """An integer entry of a record (not a bool, a float or an array); ``RecordError`` if not."""
+    a = np.asarray(d[key]) if key in d.keys() else None
+    if a is None or a.shape != () or a.dtype.kind not in "iu":
+        got = "missing" if a is None else f"{d[key]!r}"
+        raise RecordError(f"corrupt {what} record: {key!r} should be an integer, got {got}")
+    v = int(a)
+    if low is not None and v < low:
+        raise RecordError(f"impossible {what} record: {key!r} is {v}, should be >= {low}")
+    return v
+
+
+def record_flag(d: Any, key: str, what: str) -> bool:
+    """A boolean entry of a record (``True`` / ``False`` only); ``RecordError`` if not."""
+    a = np.asarray(d[key]) if key in d.keys() else None
+    if a is None or a.shape != () or a.dtype.kind != "b":
+        got = "missing" if a is None else f"{d[key]!r}"
+        raise RecordError(f"corrupt {what} record: {key!r} should be True or False, got {got}")
+    return bool(a)
+
+
 __all__ = [
     "PathLike",
     "atomic_write",
     "check_header",
     "check_output",
     "check_output_dir",
+    "check_outputs",
+    "deferred_signals",
+    "file_mode",
     "read_npz",
+    "record_flag",
+    "record_int",
     "record_scalar",
 ]

@@ -11,7 +11,7 @@ import numpy as np
 
 from ._compute import lean_rows, lean_state
 from ._errors import InputError, InputTypeError, RecordError
-from ._io import atomic_write, check_header, read_npz, record_scalar
+from ._io import atomic_write, check_header, read_npz, record_int
 from ._moments import Moments, moments
 from ._validate import Axis, check_epoch, check_var_convention
 from .estimators import Estimator, default_estimators
@@ -409,9 +409,7 @@ class Tracker:
         for key in ("epoch", "layers", "estimators"):
             if key not in d.keys():
                 raise RecordError(f"not a streamnorm Tracker record: missing {key!r}")
-        epoch = record_scalar(d, "epoch", "Tracker")
-        if not isinstance(epoch, int) or epoch < 0:
-            raise RecordError(f"impossible Tracker record: epoch {epoch!r}")
+        epoch = record_int(d, "epoch", "Tracker", low=0)
         names = [str(s) for s in np.asarray(d["estimators"]).reshape(-1)]
         layers = [str(s) for s in np.asarray(d["layers"]).reshape(-1)]
         groups: dict[str, dict[str, Any]] = {}

@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from streamnorm import Moments, moments
+from streamnorm import Moments, Tracker, moments
 from streamnorm import estimators as E
+from streamnorm._errors import RecordError
 
 RTOL = 1e-12
 DIMS = (2, 3)  # the dimension shape of every batch below: (rows, 2, 3) reduced over axis 0
@@ -301,3 +302,82 @@ def test_copies_are_independent(cls, params):
         feed(est, batches[6:8])
         assert_records_equal(clone.to_dict(), mark)
         est = feed(build(cls, params), batches[:6])
+
+
+# --------------------------------------------------------------------------------------------
+# damaged records: every field is checked for type, finiteness and range
+
+
+#: state entries that are counts (or sums of squares): negative values are impossible
+NON_NEGATIVE = {"count", "n", "m2", "t", "batches", "pooled_sum", "epochs", "epoch_batches"}
+NON_NEGATIVE |= {"epoch_count", "epoch_m2"}
+#: state entries that count batches or steps: whole numbers
+WHOLE = {"t", "batches", "epochs", "epoch_batches"}
+
+
+def _damaged(rec: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """``(what, record)`` pairs: ``rec`` with one field damaged each."""
+    out: list[tuple[str, dict[str, Any]]] = []
+
+    def put(what: str, key: str, value: Any) -> None:
+        out.append((what, {**rec, key: value}))
+
+    for v in (1.5, True, [1], "1", np.float64(1.0)):
+        put(f"version {v!r}", "version", v)
+    for v in (-1, 1.5, True, np.inf):
+        put(f"batches {v!r}", "batches", v)
+    for key in ("empty", "weighted", "uniform"):
+        put(f"{key} 'no'", key, "no")
+        put(f"{key} 1", key, 1)
+    put("estimator 7", "estimator", 7)
+    put("shape 1.5", "shape", np.asarray(rec["shape"], dtype=np.float64) + 0.5)
+    put("unknown param", "param_bogus", 1.0)
+    for key in (k for k in rec if k.startswith("param_")):
+        put(f"{key} 'bogus'", key, "bogus")
+    for key in ("count", *(k for k in rec if k.startswith("state_"))):
+        a = np.asarray(rec[key])
+        if a.dtype.kind not in "iuf":
+            continue
+        name = key.removeprefix("state_")
+        bad = [np.inf, -np.inf]
+        if "unbiased" not in name.split("_"):  # an unbiased variance may be NaN (one value)
+            bad.append(np.nan)
+        if name in NON_NEGATIVE or "var" in name.split("_"):
+            bad.append(-1.0)
+        if name in WHOLE:
+            bad.append(0.5)
+        for v in bad:
+            b = a.astype(np.float64, copy=True)
+            b.reshape(-1)[0] = v
+            put(f"{key}[0] = {v}", key, b)
+        put(f"{key} as text", key, a.astype(str))
+    return out
+
+
+@pytest.mark.parametrize("cls, params", CASES)
+def test_damaged_records_raise_record_error(cls, params):
+    """Every damaged field raises ``RecordError``, through ``from_dict`` and ``Tracker``."""
+    est = feed(build(cls, params), _stream("plain", seed=7)[:4])
+    rec = est.to_dict()
+    cases = _damaged(rec)
+    assert len(cases) > 20
+    for what, bad in cases:
+        with pytest.raises(RecordError):
+            E.from_dict(bad)
+            pytest.fail(f"{cls.__name__}: a record with {what} was accepted")
+    # through a Tracker record (what Tracker.load reads)
+    tr = Tracker({"e": build(cls, params)})
+    for m, _ in _stream("plain", seed=7)[:4]:
+        tr.update_moments("layer", m)
+    trec = tr.to_dict()
+    prefix = "layer.0.0."
+    for what, bad in cases:
+        damaged = {**trec, **{prefix + k: v for k, v in bad.items()}}
+        if what == "unknown param":
+            damaged[prefix + "param_bogus"] = 1.0
+        with pytest.raises(RecordError):
+            Tracker.from_dict(damaged)
+            pytest.fail(f"{cls.__name__}: a Tracker record with {what} was accepted")
+    for v in (True, -1, 1.5):
+        with pytest.raises(RecordError):
+            Tracker.from_dict({**trec, "epoch": v})

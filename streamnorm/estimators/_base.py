@@ -14,9 +14,9 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .._errors import RecordError
-from .._io import check_header, record_scalar
+from .._io import check_header, record_flag, record_int, record_scalar
 from .._moments import Moments
-from .._validate import VAR_CONVENTIONS, check_epoch, check_var_convention, is_int
+from .._validate import VAR_CONVENTIONS, check_epoch, check_var_convention
 from . import _kernels as EK
 
 FORMAT_NAME = "streamnorm.Estimator"
@@ -58,11 +58,19 @@ def unpack(batch: Any) -> Unpacked:
 
 #: state entries that are counts or sums of squares (variances are recognised by their name):
 #: negative values are impossible
-_NON_NEGATIVE = frozenset({"n", "m2", "batches", "pooled_sum", "epochs", "epoch_batches"})
+_NON_NEGATIVE = frozenset(
+    {"n", "m2", "count", "t", "batches", "pooled_sum", "epochs", "epoch_batches"}
+    | {"epoch_count", "epoch_m2"}
+)
 
 
 def _non_negative(key: str) -> bool:
     return key in _NON_NEGATIVE or "var" in key.split("_")
+
+
+def _may_be_nan(key: str) -> bool:
+    """Unbiased variances are NaN where a batch of one value left them undefined."""
+    return "unbiased" in key.split("_")
 
 
 class Estimator(abc.ABC):
@@ -395,39 +403,29 @@ class Estimator(abc.ABC):
         for key in ("estimator", "empty", "shape", "count", "batches"):
             if key not in d.keys():
                 raise RecordError(f"not a streamnorm estimator record: missing {key!r}")
-        name = str(record_scalar(d, "estimator", what))
-        klass = Estimator._registry.get(name)
+        name = record_scalar(d, "estimator", what)
+        klass = Estimator._registry.get(name) if isinstance(name, str) else None
         if klass is None:
-            raise ValueError(
+            raise RecordError(
                 f"unknown estimator {name!r}; known: {sorted(Estimator._registry)} (import the "
                 "module that defines it first)"
             )
         if cls is not Estimator and not issubclass(klass, cls):
-            raise ValueError(f"the record holds a {name}, not a {cls.__name__}")
-        params = {
-            klass._renamed_params.get(str(k)[6:], str(k)[6:]): record_scalar(d, k, what)
-            for k in d.keys()
-            if str(k).startswith("param_")
-        }
-        obj = klass(**params)
-        if bool(record_scalar(d, "empty", what)):
+            raise RecordError(f"the record holds a {name}, not a {cls.__name__}")
+        obj = _record_estimator(d, klass)
+        if record_flag(d, "empty", what):
             return obj
-        shape = tuple(int(s) for s in np.asarray(d["shape"]).reshape(-1))
+        shape_a = np.asarray(d["shape"])
+        if shape_a.ndim != 1 or shape_a.dtype.kind not in "iu" or np.any(shape_a < 0):
+            raise RecordError(f"corrupt estimator record: shape {d['shape']!r}")
+        shape = tuple(int(s) for s in shape_a)
         D = int(np.prod(shape, dtype=np.int64))
-        count = np.asarray(d["count"], dtype=np.float64).reshape(-1)
-        if count.shape != (D,):
-            raise RecordError(f"corrupt estimator record: count does not match shape {shape}")
-        if not np.all(np.isfinite(count)) or np.any(count < 0):
-            raise RecordError("impossible estimator record: counts must be finite and >= 0")
-        batches = record_scalar(d, "batches", what)
-        if not is_int(batches) or batches < 0:
-            raise RecordError(f"impossible estimator record: batches {batches!r}")
+        count = state_array(d, "count", (D,))
+        batches = record_int(d, "batches", what, low=0)
         obj._shape = shape
-        obj._count = count.copy()
-        obj._batches = int(batches)
-        flags = {
-            k: bool(record_scalar(d, k, what)) for k in ("weighted", "uniform") if k in d.keys()
-        }
+        obj._count = count
+        obj._batches = batches
+        flags = {k: record_flag(d, k, what) for k in ("weighted", "uniform") if k in d.keys()}
         obj._weighted = flags.get("weighted", False)
         obj._uniform = flags.get("uniform", False) and (
             count.size == 0 or bool(np.all(count == count[0]))
@@ -435,9 +433,8 @@ class Estimator(abc.ABC):
         obj._init_state(D)
         state = {k[6:]: d[k] for k in d.keys() if str(k).startswith("state_")}
         obj._set_state(state, D)
-        for key, v in obj._state().items():
-            if _non_negative(key) and np.any(np.asarray(v) < 0):
-                raise RecordError(f"impossible estimator record: negative {key!r}")
+        for key, v in obj._state().items():  # states a subclass reads without state_array
+            _check_values(key, np.asarray(v, dtype=np.float64))
         return obj
 
     def __repr__(self) -> str:
@@ -446,15 +443,70 @@ class Estimator(abc.ABC):
         return f"{type(self).__name__}({params}){seen}"
 
 
-def state_array(state: Any, key: str, shape: tuple[int, ...]) -> np.ndarray:
-    """A float64 copy of ``state[key]`` checked against ``shape``."""
+def _record_estimator(d: Any, klass: type[Estimator]) -> Estimator:
+    """A fresh ``klass`` built from a record's ``param_*`` entries; ``RecordError`` if it can't."""
+    params = {
+        klass._renamed_params.get(str(k)[6:], str(k)[6:]): record_scalar(d, k, "estimator")
+        for k in d.keys()
+        if str(k).startswith("param_")
+    }
+    unknown = sorted(set(params) - set(klass._param_names))
+    if unknown:
+        raise RecordError(
+            f"corrupt estimator record: {klass.__name__} has no parameter(s) {unknown} "
+            f"(known: {list(klass._param_names)})"
+        )
+    try:
+        return klass(**params)
+    except (TypeError, ValueError) as e:
+        raise RecordError(f"impossible estimator record: {e}") from e
+
+
+def _check_values(key: str, a: np.ndarray, *, integer: bool = False) -> None:
+    """Raise ``RecordError`` for values a state ``key`` cannot hold.
+
+    Every value is finite (unbiased variances may be NaN); counts, sums of squares and variances
+    are ``>= 0``; with ``integer`` every value is a whole number.
+    """
+    bad = ~np.isfinite(a)
+    if _may_be_nan(key):
+        bad &= ~np.isnan(a)
+    if np.any(bad):
+        raise RecordError(
+            f"impossible estimator record: {key!r} holds NaN or infinite values; counts, "
+            "means and variances must be finite"
+        )
+    if _non_negative(key) and np.any(a < 0):
+        raise RecordError(
+            f"impossible estimator record: negative {key!r} (counts, sums of squares and "
+            "variances are >= 0)"
+        )
+    if integer and np.any(a != np.round(a)):
+        raise RecordError(f"impossible estimator record: {key!r} should hold whole numbers")
+
+
+def state_array(
+    state: Any, key: str, shape: tuple[int, ...], *, integer: bool = False
+) -> np.ndarray:
+    """A float64 copy of ``state[key]`` checked against ``shape`` and its key's range.
+
+    ``RecordError`` if it is missing, not real numbers, of another shape, not finite (unbiased
+    variances may be NaN), negative where a count or variance is, or (``integer``) not whole.
+    """
     if key not in state:
-        raise ValueError(f"corrupt estimator record: missing state {key!r}")
-    a = np.array(state[key], dtype=np.float64)
+        raise RecordError(f"corrupt estimator record: missing state {key!r}")
+    raw = np.asarray(state[key])
+    if raw.dtype.kind not in "iuf":
+        raise RecordError(
+            f"corrupt estimator record: state {key!r} should hold real numbers, got dtype "
+            f"{raw.dtype}"
+        )
+    a = np.array(raw, dtype=np.float64)
     if a.shape != shape:
-        raise ValueError(
+        raise RecordError(
             f"corrupt estimator record: state {key!r} has shape {a.shape}, not {shape}"
         )
+    _check_values(key, a, integer=integer)
     return a
 
 

@@ -121,7 +121,7 @@ class CumulativeAverage(Estimator):
         }
 
     def _set_state(self, d: Any, D: int) -> None:
-        self._t = float(state_array(d, "batches", ()))
+        self._t = float(state_array(d, "batches", (), integer=True))
         self._mu = state_array(d, "mean", (D,))
         self._s = state_array(d, "pooled_sum", (D,))
         self._var_u = state_array(d, "var_unbiased", (D,))

@@ -129,7 +129,7 @@ class DecayingEMA(SourceMixin, Estimator):
         self._mu = state_array(d, "mean", (D,))
         self._var_b = state_array(d, "var_biased", (D,))
         self._var_u = state_array(d, "var_unbiased", (D,))
-        self._t = int(state_array(d, "t", ()))
+        self._t = int(state_array(d, "t", (), integer=True))
 
     def merge(self, other: Estimator) -> Estimator:
         """Not possible: raises ``TypeError`` (the estimate depends on the batch order)."""

@@ -7,6 +7,7 @@ from typing import Any, ClassVar, cast
 
 import numpy as np
 
+from .._errors import RecordError
 from .._kernels import chan_merge_into
 from .._validate import check_bool, check_choice, check_drop, renamed_attribute, renamed_keyword
 from . import _kernels as EK
@@ -230,12 +231,12 @@ class WindowedAverage(Estimator):
 
     def _set_state(self, d: Any, D: int) -> None:
         if "epochs" not in d or "epoch_batches" not in d:
-            raise ValueError("corrupt estimator record: missing the epochs of a WindowedAverage")
-        epochs = np.asarray(d["epochs"], dtype=np.int64).reshape(-1)
-        nb = np.asarray(d["epoch_batches"], dtype=np.int64).reshape(-1)
-        E = epochs.shape[0]
-        if nb.shape != (E,) or np.any(np.diff(epochs) <= 0) or np.any(epochs < 0):
-            raise ValueError("corrupt estimator record: epochs must be increasing and >= 0")
+            raise RecordError("corrupt estimator record: missing the epochs of a WindowedAverage")
+        E = int(np.size(d["epochs"]))
+        epochs = state_array(d, "epochs", (E,), integer=True).astype(np.int64)
+        nb = state_array(d, "epoch_batches", (E,), integer=True).astype(np.int64)
+        if np.any(np.diff(epochs) <= 0):
+            raise RecordError("corrupt estimator record: epochs must be increasing and >= 0")
         names = self._row_names()
         rows = [state_array(d, "epoch_" + name, (E, D)) for name in names]
         self._cache = None
