@@ -255,7 +255,8 @@ class Moments:
         nan_policy : {"propagate", "raise", "omit"}
             ``propagate``: a NaN/Inf makes that dimension's mean and M2 NaN, others untouched.
             ``raise``: ``ValueError`` naming how many non-finite values and where; the state is
-            unchanged. ``omit``: skip them; counts become per-dimension (``np.nanmean/nanvar``).
+            unchanged. ``omit``: skip NaN and ``±inf`` alike; counts become per-dimension
+            (``np.nanmean/nanvar`` with every ``±inf`` replaced by NaN first).
 
         Returns
         -------

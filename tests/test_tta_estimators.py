@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -227,3 +228,33 @@ def test_source_is_required_and_checked():
         PriorPopulation(source=(np.ones(3), -np.ones(3)))
     with pytest.raises(ValueError, match="prior"):
         PriorMix(source=(np.ones(3), np.ones(3)), prior=-1)
+
+
+@pytest.mark.parametrize("cls", [AlphaMix, DecayingEMA, PriorMix, PriorPopulation])
+def test_complex_sources_are_refused_as_moments_refuses_complex(cls):
+    """A complex source raises ``TypeError`` (as ``moments()``), never keeps the real part."""
+    torch = pytest.importorskip("torch")
+    real = np.ones(3)
+    for bad in (real + 1j, torch.ones(3, dtype=torch.complex64), [1 + 0j, 2.0, 3.0]):
+        for source in ((bad, real), (real, bad)):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # no ComplexWarning: an error instead
+                with pytest.raises(TypeError, match="complex"):
+                    cls(source=source)
+    with pytest.raises(TypeError, match="complex"):
+        streamnorm.moments(real + 1j)
+
+
+def test_decaying_ema_zero_momentum_and_decay_are_documented_and_work():
+    """``m0`` and ``decay`` take ``[0, 1]``, as the docstring says."""
+    doc = DecayingEMA.__doc__ or ""
+    assert "m0 : float, default 0.1\n        Momentum of the first update, in ``[0, 1]``" in doc
+    assert "after every batch, in ``[0, 1]``" in doc
+    data = batches([3, 4, 5])
+    est = DecayingEMA(source=(SRC_MEAN, SRC_VAR), m0=0.5, decay=0.0, m_min=0.25)
+    ref = SRC_MEAN.copy()
+    for i, (_, m) in enumerate(data):
+        est.update(m)
+        w = 0.5 if i == 0 else 0.25  # decay 0: m0 for the first batch, m_min after
+        ref = (1 - w) * ref + w * np.asarray(m.mean)
+    np.testing.assert_allclose(est.mean, ref, rtol=1e-12)

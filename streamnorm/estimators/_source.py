@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .._errors import InputError, InputTypeError
-from .._validate import check_positive_int, check_var_convention
+from .._validate import check_positive_int, check_real_dtype, check_var_convention
 from ._base import state_array
 from ._pooled import EstimatorMixin, PooledState
 
@@ -82,10 +82,14 @@ class SourceStats:
 
 
 def _as_float64(v: Any) -> np.ndarray:
+    """A float64 copy of one source array; ``InputTypeError`` for complex (no real part taken)."""
     if hasattr(v, "detach"):  # a torch tensor (buffers), possibly on a device
-        v = v.detach().cpu().double().numpy()
-    a = np.array(v, dtype=np.float64)
-    return a
+        v = v.detach().cpu()
+        v = v.numpy() if v.is_complex() else v.double().numpy()
+    a = np.asarray(v)
+    if a.dtype.kind == "c":  # as moments(): complex numbers have no single variance
+        check_real_dtype(a, "source statistics")
+    return np.array(a, dtype=np.float64)
 
 
 def check_positions(value: Any) -> int:

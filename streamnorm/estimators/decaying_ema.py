@@ -23,9 +23,11 @@ class DecayingEMA(SourceMixin, Estimator):
         The start ``(mean, var)``, shape ``(D...)`` each, e.g. a BN layer's buffers. Without
         one, the first batch's statistics are the start.
     m0 : float, default 0.1
-        Momentum of the first update, in ``(0, 1]``.
+        Momentum of the first update, in ``[0, 1]`` (``0``, with ``m_min = 0``: keep the
+        source).
     decay : float, default 0.94
-        Factor applied to the momentum after every batch, in ``(0, 1]``.
+        Factor applied to the momentum after every batch, in ``[0, 1]`` (``0``: the first
+        batch moves the estimate by ``m0``, every later one by ``m_min``).
     m_min : float, default 0.005
         Floor of the momentum, in ``[0, 1]``.
     source_var : {"unbiased", "biased"}, default "unbiased"
