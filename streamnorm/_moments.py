@@ -8,6 +8,7 @@ reading and serialization; validation and dispatch live in ``_compute``.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
@@ -62,7 +63,7 @@ class Moments:
     (4, [4.5, 5.5, 6.5], [11.25, 11.25, 11.25])
     """
 
-    __slots__ = ("_st", "_shared", "_lean")
+    __slots__ = ("_st", "_shared", "_lean", "_lock")
 
     def __init__(
         self,
@@ -77,6 +78,8 @@ class Moments:
         self._shared = False
         # shape, dtype and blocking of the last batch merged by the lean path (see update())
         self._lean: tuple[tuple[int, ...], np.dtype[Any], tuple[int, int, bool]] | None = None
+        # held while the state changes (update, +=), so that threads may share one object
+        self._lock = threading.Lock()
         if x is not None:
             self.update(x, axis, weights=weights, nan_policy=nan_policy)
 
@@ -271,44 +274,49 @@ class Moments:
         TypeError
             A dtype that is not a real number (complex, strings, objects...).
         """
-        lean = self._lean
-        if (
-            lean is not None
-            and type(x) is np.ndarray
-            and x.shape == lean[0]
-            and x.dtype is lean[1]
-            and weights is None
-            and type(axis) is int
-            and axis == 0
-            and type(nan_policy) is str
-            and nan_policy == "propagate"
-            and x.flags.c_contiguous
-            and not self._shared
-            and self._st is not None
-        ):
-            # a stream of batches like the last one: the checks of lean_rows/plain_rows, the
-            # shape test and the blocking are the same, so they are not repeated (a few us of
-            # Python per batch, 10-15 % of a (256, 512) float32 update)
-            if self._merge_rows(x, self._st, lean[2]):
-                return self
-        elif lean_rows(x, axis, weights, nan_policy):
-            a = self._st
-            if a is None:
-                self._st = lean_state(x)
-                self._shared = False
-                self._lean = None
-                return self
-            if a.shape == x.shape[1:] and plain_rows(x):
-                if self._shared:
-                    a = self._st = a.copy()
-                    self._shared = False
-                blocking = rows_plan(*x.shape, x.itemsize)
-                if self._merge_rows(x, a, blocking):
-                    self._lean = (x.shape, x.dtype, blocking)
+        # the lock makes one state safe to share between threads: the in-place merges below
+        # and the merge of a computed batch run one at a time (the kernels of the general
+        # path run outside it)
+        with self._lock:
+            lean = self._lean
+            if (
+                lean is not None
+                and type(x) is np.ndarray
+                and x.shape == lean[0]
+                and x.dtype is lean[1]
+                and weights is None
+                and type(axis) is int
+                and axis == 0
+                and type(nan_policy) is str
+                and nan_policy == "propagate"
+                and x.flags.c_contiguous
+                and not self._shared
+                and self._st is not None
+            ):
+                # a stream of batches like the last one: the checks of lean_rows/plain_rows, the
+                # shape test and the blocking are the same, so they are not repeated (a few us of
+                # Python per batch, 10-15 % of a (256, 512) float32 update)
+                if self._merge_rows(x, self._st, lean[2]):
                     return self
+            elif lean_rows(x, axis, weights, nan_policy):
+                a = self._st
+                if a is None:
+                    self._st = lean_state(x)
+                    self._shared = False
+                    self._lean = None
+                    return self
+                if a.shape == x.shape[1:] and plain_rows(x):
+                    if self._shared:
+                        a = self._st = a.copy()
+                        self._shared = False
+                    blocking = rows_plan(*x.shape, x.itemsize)
+                    if self._merge_rows(x, a, blocking):
+                        self._lean = (x.shape, x.dtype, blocking)
+                        return self
         st = compute(x, axis, weights, nan_policy)
         if st is not None:
-            self._merge_state(st, own=True)
+            with self._lock:
+                self._merge_state(st, own=True)
         return self
 
     @staticmethod
@@ -370,7 +378,8 @@ class Moments:
             return NotImplemented
         st = other.state()
         if st is not None:
-            self._merge_state(st)
+            with self._lock:
+                self._merge_state(st)
         return self
 
     def __add__(self, other: Moments) -> Moments:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -176,6 +177,8 @@ class Tracker:
         self._reduce = reduce
         self._layers: dict[str, _Layer] = {}
         self._epoch = 0
+        # held while a batch is filed, buffered rows are flushed or the epoch moves
+        self._lock = threading.RLock()
 
     # ---------------------------------------------------------------- epochs
     @property
@@ -185,8 +188,9 @@ class Tracker:
 
     def next_epoch(self) -> int:
         """Start the next epoch; returns its number."""
-        self._epoch += 1
-        return self._epoch
+        with self._lock:
+            self._epoch += 1
+            return self._epoch
 
     def set_epoch(self, epoch: int) -> None:
         """Set the current epoch (``>= 0``, never lower than the current one)."""
@@ -243,30 +247,31 @@ class Tracker:
             m = self._reduce(m)
             if not isinstance(m, Moments):
                 raise InputTypeError(f"reduce must return a Moments, got {type(m).__name__}")
-        lay = self._layers.get(layer)
-        st = m.state() if isinstance(m, Moments) else None
-        if (
-            lay is not None
-            and st is not None
-            and lay.uniform
-            and not lay.slow
-            and not st.per_dim
-            and st.shape == lay.shape
-            and st.total > lay.need - 1
-        ):
-            # the common case, kept short: every dimension with the same count, filed into the
-            # group in one compiled call
-            i = lay.k
-            EK.file_row(lay.rows, i, st.mean, st.lo, st.m2)
-            lay.counts[i, 0] = st.total
-            lay.epochs[i] = self._epoch
-            lay.k = i + 1
-            if st.weighted:
-                lay.weighted = True
-            if i + 1 == lay.cap:
-                lay.flush()
-            return m
-        return self._feed_general(layer, m, lay)
+        with self._lock:  # one batch at a time, so that threads may share a tracker
+            lay = self._layers.get(layer)
+            st = m.state() if isinstance(m, Moments) else None
+            if (
+                lay is not None
+                and st is not None
+                and lay.uniform
+                and not lay.slow
+                and not st.per_dim
+                and st.shape == lay.shape
+                and st.total > lay.need - 1
+            ):
+                # the common case, kept short: every dimension with the same count, filed into the
+                # group in one compiled call
+                i = lay.k
+                EK.file_row(lay.rows, i, st.mean, st.lo, st.m2)
+                lay.counts[i, 0] = st.total
+                lay.epochs[i] = self._epoch
+                lay.k = i + 1
+                if st.weighted:
+                    lay.weighted = True
+                if i + 1 == lay.cap:
+                    lay.flush()
+                return m
+            return self._feed_general(layer, m, lay)
 
     def _feed_general(self, layer: str, m: Moments, lay: _Layer | None) -> Moments:
         if not isinstance(layer, str):
@@ -319,7 +324,8 @@ class Tracker:
             raise KeyError(f"no layer {layer!r}; layers seen: {self.layers}")
         if name not in lay.ests:
             raise KeyError(f"no estimator {name!r}; estimators: {self.estimator_names}")
-        lay.flush()
+        with self._lock:
+            lay.flush()
         return lay.ests[name]
 
     def estimates(self, *, convention: str | None = None) -> dict[str, dict[str, tuple[Any, Any]]]:
@@ -334,8 +340,9 @@ class Tracker:
         if convention is not None:
             check_var_convention(convention)
         out: dict[str, dict[str, tuple[Any, Any]]] = {}
-        for layer, lay in self._layers.items():
-            lay.flush()
+        for layer, lay in list(self._layers.items()):
+            with self._lock:
+                lay.flush()
             row: dict[str, tuple[Any, Any]] = {}
             for name, e in lay.ests.items():
                 if convention is None:
@@ -378,8 +385,9 @@ class Tracker:
         for j, (name, proto) in enumerate(self._protos.items()):
             for k, v in _record(name, proto).items():
                 d[f"proto.{j}.{k}"] = v
-        for i, lay in enumerate(self._layers.values()):
-            lay.flush()
+        for i, lay in enumerate(list(self._layers.values())):
+            with self._lock:
+                lay.flush()
             for j, (name, est) in enumerate(lay.ests.items()):
                 for k, v in _record(name, est).items():
                     d[f"layer.{i}.{j}.{k}"] = v
