@@ -410,7 +410,7 @@ def test_cli_out_not_writable_fails_before_training(tmp_path, capsys, monkeypatc
     monkeypatch.setattr(
         os, "access", lambda p, mode: False if str(p) == str(locked) else real_access(p, mode)
     )
-    rc = cli.main(["compare", "--out", str(locked / "new" / "sub"), "--quiet"])
+    rc = cli.main(["compare", "--out", str(locked / "sub"), "--quiet"])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "no permission" in err
     assert list(locked.iterdir()) == []

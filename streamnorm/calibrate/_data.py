@@ -177,7 +177,8 @@ def _npz_meta(path: str, key: str | None) -> tuple[str, tuple[int, ...], np.dtyp
 
 
 def _expand(path: str) -> list[str]:
-    if any(c in _GLOB_CHARS for c in path):
+    # a path that exists is taken as it is (a file may be called 'x[1].npy'); a glob otherwise
+    if any(c in _GLOB_CHARS for c in path) and not os.path.exists(path):
         files = sorted(glob.glob(path))
         if not files:
             raise InputNotFoundError(f"no files match {path!r}")
@@ -209,7 +210,9 @@ def open_data(path: str | os.PathLike[str], key: str | None = None) -> Dataset:
     path : str or path-like
         A ``.npy`` file, a ``.npz`` archive, a folder of ``.npy`` shards (taken in sorted name
         order) or a glob pattern matching ``.npy`` shards. Every shard has shape
-        ``(n_i, *sample_shape)`` with the same sample shape and dtype.
+        ``(n_i, *sample_shape)`` with the same sample shape and dtype. A path that exists is
+        taken as it is, also when its name has glob characters (``x[1].npy``); only a path
+        that names no file is a pattern.
     key : str, optional
         The array of a ``.npz`` archive; needed when it holds more than one.
 

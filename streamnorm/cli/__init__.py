@@ -7,16 +7,22 @@ Errors the user can fix are printed as one line on stderr with exit code 2, with
 traceback: the library's own errors (:class:`streamnorm._errors.StreamnormError`: bad input,
 unreadable records, unwritable outputs, a missing optional extra) and an ``OSError`` about the
 user's files (a missing, unreadable or unwritable path, a full disk). Anything else is a bug and
-shows its traceback. Ctrl-C prints one line and exits with 130.
+shows its traceback. Ctrl-C prints one line and exits with 130; ``SIGTERM`` (``kill``) is
+handled the same way and exits with 143: temporary files are removed and an output that
+existed is left as it was.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import importlib
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from .._errors import InputError, StreamnormError
 
@@ -41,6 +47,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 #: exit codes
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 128 + 15  # SIGTERM
 
 #: errno values that say a file of the user's cannot be written, whatever the path
 _FILE_ERRNOS = frozenset(
@@ -98,6 +105,35 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt(terminated: list[int]) -> Iterator[None]:
+    """Within the block, ``SIGTERM`` raises ``KeyboardInterrupt`` as Ctrl-C does (once; it is
+    noted in ``terminated``), so that every ``finally`` and temporary-file cleanup runs. Only in
+    the main thread, where Python delivers signals; the old handler is put back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if not terminated:  # a second SIGTERM must not interrupt the cleanup of the first
+            terminated.append(signum)
+            raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _interrupted(prefix: str, terminated: list[int]) -> int:
+    if terminated:
+        print(f"{prefix}: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
+    print(f"{prefix}: interrupted", file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``streamnorm`` with ``argv`` (default: ``sys.argv[1:]``); the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -109,19 +145,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USER_ERROR
     prefix = f"streamnorm {args.command}"
+    terminated: list[int] = []
     try:
-        module = importlib.import_module(args._module)
-        return int(module.run(args) or 0)
+        with _sigterm_as_interrupt(terminated):
+            module = importlib.import_module(args._module)
+            return int(module.run(args) or 0)
     except KeyboardInterrupt:
-        print(f"{prefix}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _interrupted(prefix, terminated)
     except StreamnormError as e:
         print(f"{prefix}: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except Exception as e:
         if is_interrupt(e):
-            print(f"{prefix}: interrupted", file=sys.stderr)
-            return EXIT_INTERRUPTED
+            return _interrupted(prefix, terminated)
         if is_user_file_error(e):
             print(f"{prefix}: error: {_one_line(e)}", file=sys.stderr)
             return EXIT_USER_ERROR
@@ -130,6 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 __all__ = [
     "EXIT_INTERRUPTED",
+    "EXIT_TERMINATED",
     "EXIT_USER_ERROR",
     "SUBCOMMANDS",
     "UsageError",

@@ -28,7 +28,7 @@ import numpy as np
 from numba import njit, prange
 
 from .. import _kernels as K
-from .._io import atomic_write
+from .._io import atomic_write, check_output
 from .._moments import Moments, moments
 from . import UsageError
 
@@ -568,6 +568,8 @@ def run(args: argparse.Namespace) -> int:
     repeat = args.repeat if args.repeat is not None else (3 if args.quick else 7)
     if repeat < 1:
         raise UsageError(f"--repeat must be >= 1, got {repeat}")
+    if args.out:
+        check_output(args.out)  # before the benchmark, not after it
     cases = QUICK if args.quick else FULL
     command = "streamnorm bench" + (" --quick" if args.quick else "")
     print(f"streamnorm bench on {machine()}", flush=True)

@@ -23,7 +23,7 @@ from typing import Any
 
 from .._errors import InputError, InputNotFoundError, OutputPathError
 from .._extras import require
-from .._io import atomic_write, check_output
+from .._io import atomic_write, check_outputs
 from ..calibrate import ESTIMATORS, MODES, Dataset, open_data
 from ._args import count
 from ._words import speaking_cli
@@ -311,12 +311,25 @@ def _check_model_path(path: str) -> None:
         raise InputNotFoundError(f"model file {path!r} does not exist")
 
 
-def _check_out(args: Any, ds: Dataset) -> None:
-    """Before the run: --out is a writable file path and none of the inputs."""
+def _check_out(args: Any, kind: str, ds: Dataset, source: Dataset | None) -> None:
+    """Before the run: every output (--out, the external data file of an ONNX --out, --plot) is
+    a writable file path, none of the inputs (the model, its external data, --data, --source)
+    and no other output."""
     path, out = args.model, args.out
     if os.path.exists(out) and os.path.samefile(path, out):
         raise InputError(f"--out {out!r} is the input model; the input is never modified")
-    check_output(out, [path, args.data, *(p.path for p in ds.parts)])
+    reads = [path, args.data, *(p.path for p in ds.parts)]
+    if source is not None:
+        reads += [args.source, *(p.path for p in source.parts)]
+    writes = [out]
+    if kind == "onnx":
+        from ..onnx._files import model_files
+
+        model_reads, writes = model_files(path, out)
+        reads += model_reads
+    if args.plot is not None:
+        writes.append(args.plot)
+    check_outputs(writes, reads)
 
 
 def _check_options(args: Any, kind: str) -> None:
@@ -356,7 +369,7 @@ def _run_keras(args: Any, ds: Dataset) -> Any:
     )
 
 
-def _go(kind: str, args: Any, ds: Dataset, client: Any) -> Any:
+def _go(kind: str, args: Any, ds: Dataset, source: Dataset | None, client: Any) -> Any:
     if kind == "keras":
         return _run_keras(args, ds)
     if kind == "onnx":
@@ -375,7 +388,7 @@ def _go(kind: str, args: Any, ds: Dataset, client: Any) -> Any:
             progress=not args.no_progress,
             client=client,
             tol=args.tol,
-            source=None if args.source is None else open_data(args.source, args.key),
+            source=source,
             layers=args.layers,
             exclude=args.exclude,
             bn_only=args.bn_only,
@@ -390,23 +403,24 @@ def run(args: argparse.Namespace) -> int:
     """Recalibrate ``args.model`` on ``args.data`` and write ``args.out``; 0 on success.
 
     Everything that can be checked before the run is: the model path, the options, the data
-    (opened, not read) and the output path (a writable file that is none of the inputs).
+    (opened, not read) and the output paths (writable files, none of them an input or another
+    output).
     """
     _check_model_path(args.model)
     kind = _kind(args.model)
     _check_options(args, kind)
     ds = open_data(args.data, args.key)
-    _check_out(args, ds)
+    source = None if args.source is None else open_data(args.source, args.key)
     if args.plot is not None:
         require("matplotlib")
-        check_output(args.plot, [args.model, args.data, args.out, *(p.path for p in ds.parts)])
+    _check_out(args, kind, ds, source)
     if args.scheduler is not None or args.workers is not None:
         from ..calibrate import get_client
 
         with get_client(args.scheduler, args.workers) as client:
-            report = _go(kind, args, ds, client)
+            report = _go(kind, args, ds, source, client)
     else:
-        report = _go(kind, args, ds, None)
+        report = _go(kind, args, ds, source, None)
     print(report)
     print(f"wrote {args.out}")
     if args.plot is not None:

@@ -23,7 +23,7 @@ import numpy as np
 from .. import calibrate as core
 from .._errors import InputError, OutputPathError, RecordError
 from .._extras import require
-from .._io import check_output
+from .._io import check_outputs
 from .._moments import Moments
 from .._validate import check_size
 from . import _metadata as meta
@@ -38,6 +38,7 @@ from ._files import (
     load,
     model_input,
     open_source,
+    output_files,
     save,
 )
 from ._folded import FoldedLayer, named_layers, prepare_folded, select
@@ -699,8 +700,8 @@ def recalibrate(
     read_files = input_files(loaded, opened)
     if src_data is not None:
         read_files += input_files(loaded, src_data)
-    check_output(op, read_files)
     _check_data_file(loaded, op)
+    check_outputs(output_files(loaded, op), read_files)
 
     inits = {t.name: t for t in model.graph.initializer}
     weights = [n for f in folded for n in (f.weight, f.bias)]
@@ -829,8 +830,8 @@ def annotate(
     feed = model_input(model, input_name)
     check_fit(tuple(opened.shape), np.dtype(opened.dtype), feed)
     stream = core.Stream.of(opened, feed.fixed_batch or bs, num_samples)
-    check_output(op, input_files(loaded, opened))
     _check_data_file(loaded, op)
+    check_outputs(output_files(loaded, op), input_files(loaded, opened))
     outputs = [n.output[0] for n in nodes]
     runner = _runner(calibration_model(model, [], exposed=outputs), feed, providers, "annotating")
     measured, samples = _measure(runner, {}, outputs, stream, progress)

@@ -18,7 +18,7 @@ import numpy as np
 from .. import calibrate as core
 from .._errors import InputError, InputNotFoundError, InputTypeError, OutputPathError
 from .._extras import require
-from .._io import atomic_write
+from .._io import atomic_write, deferred_signals, file_mode
 from .._validate import is_torch_tensor
 
 __all__ = [
@@ -30,8 +30,10 @@ __all__ = [
     "data_path",
     "input_files",
     "load",
+    "model_files",
     "model_input",
     "open_source",
+    "output_files",
     "save",
 ]
 
@@ -175,6 +177,41 @@ def data_path(out_path: str) -> str:
     )
 
 
+def _written(out_path: str, external: bool, size: int) -> list[str]:
+    # the writer puts tensors in a data file when the input had external data or the model is
+    # near protobuf's limit; half the limit leaves room for what a run adds
+    if external or size >= MAX_PROTO // 2:
+        return [out_path, data_path(out_path)]
+    return [out_path]
+
+
+def output_files(loaded: Loaded, out_path: str) -> list[str]:
+    """Every file :func:`save` of ``loaded`` to ``out_path`` may write: the model, and its
+    external data file (:func:`data_path`) where the tensors need one."""
+    return _written(out_path, bool(loaded.external), loaded.model.ByteSize())
+
+
+def model_files(model_path: str, out_path: str) -> tuple[list[str], list[str]]:
+    """Before loading the weights: the files a run on ``model_path`` reads (the model and its
+    external data files) and those it may write at ``out_path`` (see :func:`output_files`)."""
+    onnx = require("onnx")
+    from onnx import external_data_helper as ext
+
+    try:
+        model = onnx.load(model_path, load_external_data=False)
+    except OSError:
+        raise
+    except Exception as e:  # protobuf DecodeError and friends
+        raise InputError(f"{model_path!r} is not a readable ONNX model: {e}") from e
+    base = os.path.dirname(os.path.abspath(model_path))
+    reads = [model_path]
+    for t in ext._get_all_tensors(model):
+        if ext.uses_external_data(t):
+            reads.append(os.path.join(base, ext.ExternalDataInfo(t).location))
+    writes = _written(out_path, len(reads) > 1, os.path.getsize(model_path))
+    return reads, writes
+
+
 def save(loaded: Loaded, out_path: str) -> None:
     """Write atomically; an ``OSError`` (full disk, no permission) becomes ``OutputPathError``."""
     try:
@@ -221,13 +258,18 @@ def _write(loaded: Loaded, out_path: str) -> None:
             onnx.checker.check_model(tmp_model)
         except Exception as e:
             raise InputError(f"the recalibrated model does not pass onnx.checker: {e}") from e
-        for p in (os.path.join(tmp, location), tmp_model):
+        tmp_data = os.path.join(tmp, location)
+        for p, target in ((tmp_data, data_file), (tmp_model, out_path)):
             if os.path.exists(p):
+                # onnx writes the data file with mode 0600: give each the mode of the file it
+                # replaces, or the umask's
+                os.chmod(p, file_mode(target))
                 with open(p, "rb+") as f:
                     os.fsync(f.fileno())
-        if os.path.exists(os.path.join(tmp, location)):
-            os.replace(os.path.join(tmp, location), data_file)
-        os.replace(tmp_model, out_path)
+        with deferred_signals():  # the model and its data file are put in place together
+            if os.path.exists(tmp_data):
+                os.replace(tmp_data, data_file)
+            os.replace(tmp_model, out_path)
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 import warnings
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -138,8 +140,44 @@ def _plain_batchnorm(module: Any) -> bool:
     return any(f"{k.__module__}.{k.__qualname__}" in _PLAIN for k in type(module).__mro__)
 
 
+#: every module of a model under an active adaptation -> that adaptation (a weak reference:
+#: the hooks keep an adaptation alive until it is restored)
+_ACTIVE: weakref.WeakKeyDictionary[Any, weakref.ref[Adaptation]] = weakref.WeakKeyDictionary()
+
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _caller() -> str:
+    """``file:line`` of the first caller outside streamnorm."""
+    f = inspect.currentframe()
+    while f is not None and os.path.abspath(f.f_code.co_filename).startswith(_PACKAGE + os.sep):
+        f = f.f_back
+    return "an unknown place" if f is None else f"{f.f_code.co_filename}:{f.f_lineno}"
+
+
+def _claim(model: Any, ada: Adaptation) -> None:
+    """Mark every module of ``model`` as adapted by ``ada``; ``InputError`` naming the first
+    adaptation if one of them (the model, a part of it or a model it is part of) already is."""
+    modules = list(model.modules())
+    for m in modules:
+        ref = _ACTIVE.get(m)
+        first = ref() if ref is not None else None
+        if first is not None and first._active:
+            raise InputError(
+                f"the model is already adapted by {first.describe()}, which is still active; "
+                "two adaptations of one model could not both be undone in any order: call "
+                "restore() on that one (or leave its with block) before adapting again, or "
+                "adapt a copy (copy.deepcopy(model))"
+            )
+    for m in modules:
+        _ACTIVE[m] = weakref.ref(ada)
+
+
 class Adaptation:
     """The handle :func:`adapt` returns: a context manager, or call :meth:`restore` yourself.
+
+    A model (or a part of it) is adapted by one active handle at a time: adapting it again
+    before :meth:`restore` raises ``InputError`` naming the active one.
 
     Attributes
     ----------
@@ -153,6 +191,9 @@ class Adaptation:
     def __init__(
         self, model: Any, template: Estimator, chosen: list[Chosen], groups: int = 1
     ) -> None:
+        self._where = _caller()
+        self._names = [name for name, _, _ in chosen]
+        _claim(model, self)
         self.model = model
         self.template = template
         self.groups = groups
@@ -268,6 +309,14 @@ class Adaptation:
         zero = torch.zeros(c, dtype=dtype, device=x.device)
         return shifted.reshape(x.shape), zero, var0
 
+    def describe(self) -> str:
+        """What this adaptation is and where it was made: its call, layers and ``file:line``."""
+        call = "adapt" if self.groups == 1 else f"adapt_groups(groups={self.groups})"
+        shown = self._names[:4] + (["..."] if len(self._names) > 4 else [])
+        return (
+            f"{call} with {type(self.template).__name__} on layers {shown}, made at {self._where}"
+        )
+
     def reset(self) -> Adaptation:
         """Forget the target data seen so far (every layer starts again from its source)."""
         self.estimators.clear()
@@ -279,6 +328,10 @@ class Adaptation:
         if not self._active:
             return
         self._active = False
+        for m in list(_ACTIVE.keys()):
+            ref = _ACTIVE.get(m)
+            if ref is not None and ref() is self:
+                del _ACTIVE[m]
         for h in self._handles:
             h.remove()
         for module, stats, values in reversed(self._saved):
