@@ -273,7 +273,17 @@ class Adaptation:
         xd = x.detach()
         if xd.dtype in UPCAST and not xd.is_cuda:
             xd = xd.float()
-        est.update(moments(xd, axis=axes))
+        m = moments(xd, axis=axes)
+        bad = ~(np.isfinite(m.mean) & np.isfinite(m.var()))
+        if np.any(bad):
+            # never fed to the estimator: one NaN would stay in every later estimate
+            where = np.flatnonzero(bad)
+            raise InputError(
+                f"the input of layer {name!r} has non-finite values (NaN/Inf) in "
+                f"{where.size} channel(s) (first: {where[:5].tolist()}); the batch was not used "
+                "and the estimates are unchanged: check the data, or skip this batch and go on"
+            )
+        est.update(m)
         return est.mean, est.running_var("biased")
 
     def _shift_groups(
@@ -411,6 +421,11 @@ def adapt(
     ``track_running_stats=False`` reads the estimate too (estimators without a source only).
     Modules that hold ``running_mean`` / ``running_var`` but whose class is not registered are
     left as they are, with a warning naming them.
+
+    A batch whose input to an adapted layer holds a NaN or an infinity raises ``InputError``
+    from that layer's forward pre-hook, as recalibration does, before its estimator sees it:
+    the estimates stay as they were, and the next clean batch goes on from them (an estimator
+    that keeps a running state would otherwise carry the NaN into every later batch).
 
     On :meth:`Adaptation.restore` (or leaving the block, also by an exception) the hooks are
     removed, and every adapted layer's statistics tensors, its buffers' values and every
