@@ -199,6 +199,31 @@ def test_errors():
             pass
 
 
+def test_data_that_do_not_fit_the_model_are_one_line_exit_2(tmp_path, capsys):
+    """Keras' own errors about the data (shape, rank) are an InputError: exit 2, one line."""
+    from streamnorm._errors import InputError
+    from streamnorm.cli import main
+
+    model = _model(seed=5)
+    src, out = tmp_path / "model.keras", tmp_path / "new.keras"
+    model.save(src)
+    digest = _sha(src)
+    for shape in ((6, 8, 8, 4), (6, 8, 8), (6, 5, 5, 2)):
+        x = np.ones(shape, "float32")
+        with pytest.raises(InputError, match="do not fit the model") as info:
+            recalibrate(model, x, batch_size=3, progress=False)
+        assert str((3, *shape[1:])) in str(info.value) and "\n" not in str(info.value)
+        data = tmp_path / "x.npy"
+        np.save(data, x)
+        argv = ["calibrate", str(src), "--data", str(data), "--out", str(out), "--no-progress"]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "do not fit the model" in err, err
+        assert "Traceback" not in err
+        assert not out.exists() and _sha(src) == digest
+    assert "call" not in vars(model.get_layer("bn_last"))  # the layers are restored
+
+
 def _sha(path):
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -21,7 +22,13 @@ from typing import Any
 import numpy as np
 
 from .. import calibrate as core
-from .._errors import InputError, InputNotFoundError, InputTypeError, OutputPathError
+from .._errors import (
+    InputError,
+    InputNotFoundError,
+    InputTypeError,
+    OutputPathError,
+    StreamnormError,
+)
 from .._extras import require
 from .._io import atomic_write, check_output
 from .._validate import check_callable, check_fraction, check_tracker
@@ -116,6 +123,31 @@ def _to_host(x: Any, fn: Callable[[np.ndarray], None]) -> None:
             "model.compile(..., run_eagerly=True)"
         ) from e
     fn(a)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _message(e: BaseException) -> str:
+    """The informative line of a framework error (without Keras' "Exception encountered when
+    calling ..." preamble and terminal colours), at most 300 characters."""
+    lines = [ln.strip() for ln in _ANSI.sub("", str(e)).splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith("Exception encountered when")]
+    text = lines[0] if lines else type(e).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _shapes(model: Any, x: Any) -> str:
+    """`` (a batch of shape ...; the model takes ...)``, as far as both are known."""
+    shape = getattr(x, "shape", None)
+    if shape is None:
+        return ""
+    try:
+        want = model.input_shape
+    except (AttributeError, ValueError, RuntimeError):  # a subclassed model not yet built
+        want = None
+    takes = "" if want is None else f"; the model takes {want}"
+    return f" (a batch of shape {tuple(shape)}{takes})"
 
 
 def _check_mask(name: str, mask: Any) -> None:
@@ -268,13 +300,27 @@ class _KerasAdapter(core.WatchedAdapter):
         m.moving_variance.assign(keras.ops.cast(result.var, m.moving_variance.dtype))
 
     def _call(self, batch: Any) -> None:
-        if self.forward_fn is not None:
-            self.forward_fn(self.model, batch)
-            return
-        x = core.input_of(batch, self.input_key)
-        if isinstance(x, np.ndarray) and x.dtype.kind == "f":
-            x = x.astype(keras.backend.floatx(), copy=False)
-        self.model(x, training=False)
+        """Run the model on ``batch``; what the framework raises about the data is an InputError.
+
+        Keras reports data that do not fit the model (shape, rank, dtype) as plain
+        ``ValueError`` / ``TypeError`` and its backends as ``RuntimeError``: they become one
+        :class:`~streamnorm._errors.InputError` line, as the PyTorch and ONNX adapters do.
+        """
+        x = batch
+        try:
+            if self.forward_fn is not None:
+                self.forward_fn(self.model, batch)
+                return
+            x = core.input_of(batch, self.input_key)
+            if isinstance(x, np.ndarray) and x.dtype.kind == "f":
+                x = x.astype(keras.backend.floatx(), copy=False)
+            self.model(x, training=False)
+        except StreamnormError:
+            raise
+        except (ValueError, TypeError, RuntimeError) as e:
+            raise InputError(
+                f"the data do not fit the model{_shapes(self.model, x)}: {_message(e)}"
+            ) from e
 
     def call_model(self, batch: Any, current: core.ForwardPass) -> None:
         """A forward pass whose patched calls hand their inputs to ``current``."""
