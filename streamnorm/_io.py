@@ -19,6 +19,7 @@ import os
 import signal
 import stat
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -52,19 +53,33 @@ _STOP_SIGNALS = frozenset(
 
 @contextlib.contextmanager
 def deferred_signals() -> Iterator[None]:
-    """Hold Ctrl-C and ``SIGTERM`` until the block ends (where the platform can).
+    """Hold Ctrl-C and ``SIGTERM`` until the block ends.
 
     For files put in place together (an ONNX model and its external data): a signal that comes
-    in between is handled after both, so the pair is never half old, half new.
+    in between is handled after both, so the pair is never half old, half new. Python runs
+    signal handlers in the main thread only, whichever thread the signal reached: there the
+    handlers are swapped for one that notes the signal, and the signal is raised again after
+    the block, to the handler that was there. In another thread this does nothing.
     """
-    if not hasattr(signal, "pthread_sigmask"):  # pragma: no cover - Windows
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    caught: list[int] = []
+
+    def hold(signum: int, frame: Any) -> None:
+        caught.append(signum)
+
+    old = {}
+    for s in _STOP_SIGNALS:
+        if signal.getsignal(s) is not None:  # None: a handler Python did not install
+            old[s] = signal.signal(s, hold)
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(caught):
+            signal.raise_signal(s)
 
 
 def atomic_write(path: PathLike, write: Callable[[Any], Any], mode: str = "wb") -> None:

@@ -281,6 +281,31 @@ def test_sigterm_handler_is_installed_only_while_a_command_runs(monkeypatch, cap
     assert err == "streamnorm bench: terminated"
 
 
+def test_deferred_signals_hold_sigterm_until_the_files_are_in_place() -> None:
+    from streamnorm._io import deferred_signals
+
+    class Stopped(Exception):
+        pass
+
+    def stop(signum: int, frame: object) -> None:
+        raise Stopped
+
+    steps = []
+    old = signal.signal(signal.SIGTERM, stop)
+    try:
+        with pytest.raises(Stopped):
+            with deferred_signals():
+                os.kill(os.getpid(), signal.SIGTERM)
+                for _ in range(1000):  # bytecodes at which Python would run a handler
+                    pass
+                steps.append("first file")
+                steps.append("second file")
+        assert signal.getsignal(signal.SIGTERM) is stop
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert steps == ["first file", "second file"]
+
+
 # ------------------------------------------------------------------------------------------
 # item 4: file modes
 
