@@ -319,6 +319,19 @@ def check_axes(axis: Axis, ndim: int) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
+def check_channel_axis(axis: int, ndim: int, layer: str) -> int:
+    """The channel axis ``axis`` of a norm layer's ``ndim``-axis input, as an index in
+    ``[1, ndim)``: in range (negative counts from the end, no wrapping around), and not the
+    batch axis 0. ``layer`` names the layer for the message."""
+    if not -ndim <= axis < ndim or axis % ndim == 0:
+        raise InputError(
+            f"layer {layer!r} keeps its channels on axis {axis}, which an input of {ndim} "
+            "axes does not have after its batch axis 0; register the layer with the channel "
+            "axis of its input (1 for NCHW, -1 for channels-last)"
+        )
+    return axis % ndim
+
+
 def check_weights_layout(weights: Any, length: int, axis: int) -> Any:
     """``weights`` if its dtype is real and its shape ``(length,)``: one weight per sample along
     ``axis``. Reads only ``dtype``, ``ndim`` and ``shape``, so it checks a lazy (Dask) array
@@ -374,6 +387,7 @@ __all__ = [
     "Axis",
     "check_axes",
     "check_bool",
+    "check_channel_axis",
     "check_callable",
     "check_choice",
     "check_drop",

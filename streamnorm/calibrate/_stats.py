@@ -25,7 +25,7 @@ import numpy as np
 
 from .._errors import InputError
 from .._moments import moments
-from .._validate import check_choice, check_momentum, check_var_convention
+from .._validate import check_channel_axis, check_choice, check_momentum, check_var_convention
 from ..estimators import EMA, CumulativeAverage, Estimator, Population
 from ._report import Stats
 from ._spread import BatchSpread
@@ -145,7 +145,7 @@ class LayerStats:
     def add(self, x: np.ndarray, channel_axis: int = 1) -> None:
         """Feed one batch of the layer's input, shape ``(N, ..., C, ...)``, channels on
         ``channel_axis`` (negative counts from the end)."""
-        channel_axis = channel_axis % x.ndim if x.ndim else channel_axis
+        channel_axis = check_channel_axis(channel_axis, x.ndim, self.name)
         axes = tuple(i for i in range(x.ndim) if i != channel_axis)
         channels = x.shape[channel_axis]
         per_channel = x.size // channels if channels else 0

@@ -21,7 +21,7 @@ import numpy as np
 
 from .._errors import InputError, InputTypeError
 from .._extras import require
-from .._validate import check_int, check_tracker, check_var_convention
+from .._validate import check_bool, check_int, check_tracker, check_var_convention
 from ..calibrate import select_layers
 
 torch = require("torch")
@@ -98,6 +98,16 @@ def _check_attr(what: str, value: Any, optional: bool = False) -> Any:
     return value
 
 
+def _check_channel_axis(channel_axis: Any) -> int:
+    axis = check_int("channel_axis", channel_axis)
+    if axis == 0:
+        raise InputError(
+            "channel_axis must not be 0, the batch axis; pass the axis of the layer's input "
+            "that holds the channels (1 for NCHW, -1 for channels-last)"
+        )
+    return axis
+
+
 def register_norm(
     cls: Any,
     *,
@@ -122,7 +132,8 @@ def register_norm(
         What ``var`` stores: PyTorch's ``running_var`` is unbiased (``M2 / (n - 1)``).
     channel_axis : int, default 1
         The channel axis of the layer's input; all other axes are reduced (``-1`` for
-        channels-last layers).
+        channels-last layers). Not 0 (the batch axis); an axis the input does not have (``7``
+        or ``-5`` for 4-D input) is refused when the layer's input arrives.
     eps : str, default "eps"
         The attribute holding the layer's epsilon (used for the report's shifts; a layer without
         it counts as 0).
@@ -166,10 +177,10 @@ def register_norm(
         mean=_check_attr("mean", mean),
         var=_check_attr("var", var),
         convention=check_var_convention(convention, "convention"),
-        channel_axis=check_int("channel_axis", channel_axis),
+        channel_axis=_check_channel_axis(channel_axis),
         eps=_check_attr("eps", eps),
         count=_check_attr("count", count, optional=True),
-        batch_stats=bool(batch_stats),
+        batch_stats=check_bool("batch_stats", batch_stats),
     )
     _REGISTRY[key] = spec
     return spec
