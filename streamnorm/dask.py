@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from ._compute import WEIGHTS_BOUND, scale_weights
 from ._errors import InputError, InputTypeError
 from ._extras import require
-from ._compute import WEIGHTS_BOUND, scale_weights
 from ._moments import Moments
 from ._state import State, empty_state
 from ._validate import (

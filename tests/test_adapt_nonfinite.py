@@ -49,7 +49,7 @@ def test_one_bad_batch_does_not_poison_the_stream(estimator: str, bad: float) ->
     with snt.adapt(ref_model, estimator), torch.no_grad():
         ref_model(clean[0])
         ref = [ref_model(x) for x in clean[1:]]
-    for a, b in zip(got, ref):
+    for a, b in zip(got, ref, strict=True):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     # the layer's own statistics are back after the error, and after restore
