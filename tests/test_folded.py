@@ -482,3 +482,28 @@ def test_bad_metadata_is_refused(tmp_path) -> None:
         with pytest.raises(ValueError, match=match):
             recalibrate(path, tgt, tmp_path / "o.onnx", progress=False)
         assert not (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.parametrize(
+    "field,value", [("mean", 1e39), ("m2", 1e300), ("count", 1e-300)], ids=["mean", "m2", "count"]
+)
+def test_metadata_that_overflows_the_weights_is_refused(tmp_path, field, value) -> None:
+    """Finite source moments whose folded weights overflow float32: an error, nothing written."""
+    src, tgt = _xs()
+    annotate_path = tmp_path / "a.onnx"
+    onnx.save(_graph_model(), str(tmp_path / "m.onnx"))
+    annotate(tmp_path / "m.onnx", src, annotate_path, progress=False)
+    meta = _metadata(annotate_path)
+    last = meta["layers"][-1]
+    last[field] = [value] * len(last[field])
+    m = onnx.load(str(annotate_path))
+    for p in m.metadata_props:
+        if p.key == KEY:
+            p.value = json.dumps(meta)
+    bad = tmp_path / "bad.onnx"
+    onnx.save(m, str(bad))
+    out = tmp_path / "o.onnx"
+    with pytest.raises(ValueError, match="not finite"):
+        recalibrate(bad, tgt, out, progress=False)
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")] == []

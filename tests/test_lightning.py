@@ -261,3 +261,32 @@ def test_arguments_checked():
         RecalibrateBN(dataloader=3)
     with pytest.raises(TypeError, match="forward_fn"):
         RecalibrateBN(forward_fn="no")
+
+
+def test_list_of_batches_is_checked_when_built_and_reports_standard_errors(tmp_path):
+    """``dataloader=[(x, y), ...]`` calibrates at the end of fit (it used to fail there) with the
+    standard errors ``streamnorm.torch.recalibrate`` gives on the same batches; what is not one
+    iterable of batches fails when the callback is built, before any training."""
+    from streamnorm.torch import recalibrate
+
+    torch.manual_seed(2)
+    x, y = _images(64)
+    train = DataLoader(TensorDataset(x, y), batch_size=32)
+    xc, yc = _images(60, seed=4)
+    batches = [(xc[i : i + 20], yc[i : i + 20]) for i in range(0, 60, 20)]
+    model = ConvNet()
+    cb = RecalibrateBN(dataloader=batches)
+    _trainer(tmp_path, [cb], max_epochs=1).fit(model, train)
+    assert cb.report is not None and cb.report.samples == 60
+    _check_buffers(model, _population(model, [b[0] for b in batches]))
+    ref = recalibrate(copy.deepcopy(model), DataLoader(TensorDataset(xc, yc), batch_size=20))
+    for got, want in zip(cb.report.layers, ref.layers, strict=True):
+        assert got.name == want.name and got.batches == want.batches == 3
+        for key in ("mean_se", "var_se"):
+            g, w = getattr(got, key), getattr(want, key)
+            assert g.shape == w.shape and w.size and np.isfinite(w).all()
+            np.testing.assert_allclose(g, w, rtol=1e-6, err_msg=key)
+    loader = DataLoader(TensorDataset(xc), batch_size=20)
+    for bad, err in (([loader, loader], TypeError), ({"a": loader}, TypeError), ([], ValueError)):
+        with pytest.raises(err, match="dataloader"):
+            RecalibrateBN(dataloader=bad)

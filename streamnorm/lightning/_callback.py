@@ -78,6 +78,34 @@ def _all_reduce(st: LayerStats) -> LayerStats:
     return LayerStats(st.name, Population().update(merged), batches=1)
 
 
+def _check_dataloader(dataloader: Any) -> Any:
+    """``dataloader`` if it is one iterable of batches (a ``DataLoader``, or a list of batches).
+
+    Checked when the callback is built, so that a wrong one fails before training, not at the
+    end of ``fit``.
+    """
+    if dataloader is None:
+        return None
+    if (
+        isinstance(dataloader, (str, bytes, dict))
+        or not isinstance(dataloader, Iterable)
+        or isinstance(dataloader, torch.Tensor)
+    ):
+        raise InputTypeError(
+            "dataloader must be one iterable of batches: a torch DataLoader, or a list of "
+            f"batches such as [(x, y), ...] or [x, ...]; got {type(dataloader).__name__}"
+        )
+    if isinstance(dataloader, (list, tuple)):
+        if not dataloader:
+            raise InputError("dataloader is an empty list: it holds no batch to calibrate on")
+        if any(isinstance(b, torch.utils.data.DataLoader) for b in dataloader):
+            raise InputTypeError(
+                "dataloader must be one iterable of batches, got a list of DataLoaders; pass "
+                "the one to calibrate on (RecalibrateBN(dataloader=loaders[0]))"
+            )
+    return dataloader
+
+
 def _batch_len(x: Any) -> int:
     shape = getattr(x, "shape", None)
     if shape is not None and len(shape) > 0:
@@ -94,8 +122,9 @@ class RecalibrateBN(Callback):
         Samples to use, over all ranks together (each rank takes ``ceil(num_samples / world)``;
         the last batch is cut). All the data by default.
     dataloader : iterable, optional
-        The calibration batches; by default the train dataloader (under DDP, Lightning already
-        gives each rank its own part of it). A given ``DataLoader`` without a
+        The calibration batches: one ``DataLoader`` or a list of batches (``[(x, y), ...]``),
+        checked when the callback is built; by default the train dataloader (under DDP,
+        Lightning already gives each rank its own part of it). A given ``DataLoader`` without a
         ``DistributedSampler`` is split by batch: rank ``r`` of ``w`` takes batches ``r, r+w,
         ...``, so every rank must iterate it in the same order.
     every_validation : bool, default False
@@ -130,6 +159,9 @@ class RecalibrateBN(Callback):
     in ``setup``), so it recalibrates the averaged weights they have put into the module, not the
     live ones. ``num_batches_tracked`` becomes the number of batches used (all ranks).
 
+    The report's standard errors come from the spread between batches, as in
+    ``streamnorm.torch.recalibrate``; under DDP (the ranks' moments merged into one) they are NaN.
+
     For each layer, the largest shift of the mean and of the standard deviation, in units of the
     old standard deviation, is logged to the trainer's loggers as
     ``recalibrate_bn/<layer>/mean_shift`` and ``recalibrate_bn/<layer>/std_shift``.
@@ -151,14 +183,7 @@ class RecalibrateBN(Callback):
     ) -> None:
         super().__init__()
         self.num_samples = check_optional_positive_int("num_samples", num_samples)
-        if dataloader is not None and (
-            isinstance(dataloader, (str, bytes)) or not isinstance(dataloader, Iterable)
-        ):
-            raise InputTypeError(
-                "dataloader must be an iterable of batches (a DataLoader), got "
-                f"{type(dataloader).__name__}"
-            )
-        self.dataloader = dataloader
+        self.dataloader = _check_dataloader(dataloader)
         self.every_validation = check_bool("every_validation", every_validation)
         self.forward_fn = check_callable("forward_fn", forward_fn)
         if input_key is not None and not isinstance(input_key, str):
@@ -216,7 +241,9 @@ class RecalibrateBN(Callback):
             raise InputError(
                 "RecalibrateBN found no train dataloader to calibrate on; pass dataloader="
             )
-        if not isinstance(loader, Iterable) or isinstance(loader, (dict, list, tuple)):
+        if self.dataloader is None and (
+            not isinstance(loader, Iterable) or isinstance(loader, (dict, list, tuple))
+        ):
             raise InputTypeError(
                 "RecalibrateBN needs one dataloader of batches; the trainer has "
                 f"{type(loader).__name__} (several train dataloaders?): pass dataloader="
@@ -306,7 +333,12 @@ class RecalibrateBN(Callback):
         for x, new in staged:
             old = adapter.read(x)
             adapter.write(x, LayerResult(new.mean, new.var, samples, batches, continued=False))
-            reports.append(layer_report(x.name, samples, batches, old, new, x.eps))
+            st = stats[x.name]  # standard errors from the spread between batches, as recalibrate
+            reports.append(
+                layer_report(
+                    x.name, samples, batches, old, new, x.eps, se=st.errors(), spread=st.spread
+                )
+            )
         return CalibrationReport(reports, "population", "one-pass", samples, snap.restore_buffers)
 
     def _log(self, trainer: Any, report: CalibrationReport) -> None:

@@ -130,6 +130,24 @@ class _Runner:
         return arr[:n], {k: np.asarray(v)[:n] for k, v in zip(out_names, res, strict=True)}
 
 
+def _finite(name: str, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``arrays`` (new weights, biases or statistics in the model's dtypes) if all are finite.
+
+    Source moments that pass the metadata checks can still give values the model's dtype cannot
+    hold (a mean of 1e39, a variance of 1e300 or a count of 1e-300 overflow float32):
+    ``InputError`` then, before anything is written.
+    """
+    for a in arrays:
+        if not np.isfinite(a).all():
+            raise InputError(
+                f"layer {name!r}: the new weights or statistics are not finite in {a.dtype} "
+                f"({int(np.size(a) - np.isfinite(a).sum())} of {a.size} values overflow); the "
+                "source moments (the model's metadata or source=) or the data are out of "
+                "range for the model. Nothing was written"
+            )
+    return arrays
+
+
 def _runner(cal: Any, feed: ModelInput, providers: list[str] | None, doing: str) -> _Runner:
     """A runner of the calibration model ``cal``, which must fit in one protobuf message."""
     if cal.ByteSize() >= MAX_PROTO:
@@ -210,8 +228,13 @@ class _OnnxAdapter:
         f = self._folded.get(layer.name)
         if f is None:
             b = self._bn[layer.name]
-            self.feeds[b.mean] = result.mean.astype(self.feeds[b.mean].dtype)
-            self.feeds[b.var] = result.var.astype(self.feeds[b.var].dtype)
+            with np.errstate(over="ignore", invalid="ignore"):  # _finite says it
+                mean, var = _finite(
+                    layer.name,
+                    result.mean.astype(self.feeds[b.mean].dtype),
+                    result.var.astype(self.feeds[b.var].dtype),
+                )
+            self.feeds[b.mean], self.feeds[b.var] = mean, var
             return
         rec = self.plan.exact.get(f.name)
         if rec is not None:
@@ -223,9 +246,9 @@ class _OnnxAdapter:
         scale = np.zeros_like(std_t)
         np.divide(std_s, std_t, out=scale, where=std_t > 0)
         shift = src.mean - scale * result.mean
-        self.feeds[f.weight], self.feeds[f.bias] = f.scaled(
-            self.feeds[f.weight], self.feeds[f.bias], scale, shift
-        )
+        with np.errstate(over="ignore", invalid="ignore"):  # _finite says it
+            new = f.scaled(self.feeds[f.weight], self.feeds[f.bias], scale, shift)
+        self.feeds[f.weight], self.feeds[f.bias] = _finite(f.name, *new)
         self.assumed[f.name] = core.Stats(result.mean.copy(), result.var.copy())
 
     def _write_exact(
@@ -250,9 +273,9 @@ class _OnnxAdapter:
         a = np.zeros_like(denom)
         np.divide(k, denom, out=a, where=denom > 0)
         shift = m - a * result.mean
-        self.feeds[f.weight], self.feeds[f.bias] = f.scaled(
-            self.feeds[f.weight], self.feeds[f.bias], a, shift
-        )
+        with np.errstate(over="ignore", invalid="ignore"):  # _finite says it
+            new = f.scaled(self.feeds[f.weight], self.feeds[f.bias], a, shift)
+        self.feeds[f.weight], self.feeds[f.bias] = _finite(f.name, *new)
         self.scales[f.name] = a * s
         self.assumed[f.name] = core.Stats(result.mean.copy(), result.var.copy())
 
