@@ -139,6 +139,18 @@ def test_unreached_layer_and_second_call() -> None:
     assert by_name["twice"].samples == 48  # the first call's input only, as a pass would
 
 
+def test_threads_run_under_the_callers_autocast() -> None:
+    out = []
+    for cache in (0, None):
+        model = _net()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            recalibrate(
+                model, _data(), mode="sequential", batch_size=8, progress=False, cache_bytes=cache
+            )
+        out.append(_stats(model))
+    _same(out[1], out[0], rtol=0)
+
+
 class _Boom(nn.Module):
     def __init__(self, at: int, exc: type[BaseException]) -> None:
         super().__init__()

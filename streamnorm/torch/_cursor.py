@@ -6,11 +6,13 @@ are not written yet. The core drives one cursor at a time and waits while it run
 never run together (the work and its order are those of one pass after another), and every
 layer's input reaches the core's ``emit`` on the calling thread.
 
-Grad mode is per thread: the thread runs its forward pass under ``torch.no_grad()``, as the
-passes from the data do. An exception in a thread ends that thread and is raised by
-:meth:`ThreadCursor.advance` in the caller; closing a cursor (the core closes every one whatever
-happens, ``KeyboardInterrupt`` included) makes a waiting thread raise out of its forward pass
-and waits for it to end.
+Grad mode and autocast are per thread: the thread runs its forward pass under
+``torch.no_grad()``, as the passes from the data do, and under the caller's autocast (CPU and
+CUDA). Other thread-local settings (``torch.cuda.set_device``) are not carried over.
+
+An exception in a thread ends that thread and is raised by :meth:`ThreadCursor.advance` in the
+caller; closing a cursor (the core closes every one whatever happens, ``KeyboardInterrupt``
+included) makes a waiting thread raise out of its forward pass and waits for it to end.
 """
 
 from __future__ import annotations
@@ -44,6 +46,16 @@ class _Pool:
         self.index = index
         self.call = call
         self.local = threading.local()
+        self.autocast = _autocast_now()
+
+    def run(self, batch: Any) -> None:
+        """``call(batch)`` without gradients, under the autocast of the thread that made the
+        pool."""
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.no_grad())
+            for device, dtype in self.autocast:
+                stack.enter_context(torch.autocast(device, dtype=dtype))
+            self.call(batch)
 
     def hook(self, name: str) -> Callable[..., None]:
         def pre_hook(module: Any, args: tuple[Any, ...]) -> None:
@@ -126,8 +138,7 @@ class ThreadCursor:
     def _main(self) -> None:
         self.pool.local.cursor = self
         try:
-            with torch.no_grad():
-                self.pool.call(self.batch)
+            self.pool.run(self.batch)
         except _Abort:
             pass
         except BaseException as e:  # raised in the caller by advance()
@@ -159,6 +170,15 @@ class ThreadCursor:
                 self.cond.notify_all()
                 while not self.running:
                     self.cond.wait()
+
+
+def _autocast_now() -> list[tuple[str, Any]]:
+    """The devices with autocast on in this thread, and their dtypes."""
+    on = []
+    for device in ("cpu", "cuda"):
+        if torch.is_autocast_enabled(device):
+            on.append((device, torch.get_autocast_dtype(device)))
+    return on
 
 
 def _nbytes_tensor(x: Any) -> int:
