@@ -186,6 +186,11 @@ def _layer(d: Any, i: int) -> LayerMoments:
         raise RecordError(
             f"impossible {_WHAT}: layer {d['output']!r} has non-finite moments or empty channels"
         )
+    if not (np.isfinite(count).all() and np.all(count >= 1) and np.all(count == np.round(count))):
+        raise RecordError(  # annotate counts the values each channel received
+            f"impossible {_WHAT}: layer {d['output']!r} has counts that are not whole numbers "
+            ">= 1 (the number of values each channel received)"
+        )
     try:
         mom = Moments.from_arrays(count, mean, m2)
     except ValueError as e:
