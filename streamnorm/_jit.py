@@ -7,9 +7,10 @@ renamed copy instead, so that each variant has cache entries of its own. Every k
 that ships a serial twin uses it.
 
 It also says whether the parallel kernels may run at all (:func:`threads_ok`): not in a process
-forked from one whose threading layer had started. GNU OpenMP cannot survive a ``fork()`` (Numba
-terminates such a child at its first parallel launch, and a pool of them may hang), so a forked
-child runs the serial twins, which give the same bits.
+started by ``fork()``. GNU OpenMP cannot survive a fork: Numba terminates a child forked after a
+parallel kernel at its first parallel launch, and a child forked after PyTorch ran its own
+OpenMP threads (one runtime for both) hangs there. A forked child therefore runs the serial
+twins, which give the same bits.
 """
 
 from __future__ import annotations
@@ -19,22 +20,17 @@ import types
 from collections.abc import Callable
 from typing import Any
 
-import numba
 from numba import njit
 
-#: set in a child forked after the parent's threading layer had started (see threads_ok)
-_forked_after_threads = False
+#: set in a process started by fork() (see threads_ok)
+_forked = False
 
 
 def _after_fork_in_child() -> None:
-    global _forked_after_threads
-    if _forked_after_threads:
-        return
-    try:
-        numba.threading_layer()  # raises ValueError while no parallel kernel has run
-    except ValueError:
-        return
-    _forked_after_threads = True
+    # unconditional: the parent's OpenMP runtime may have been started by another library
+    # (PyTorch's CPU ops share it), which nothing here can see
+    global _forked
+    _forked = True
 
 
 if hasattr(os, "register_at_fork"):  # POSIX only; Windows has no fork
@@ -44,12 +40,12 @@ if hasattr(os, "register_at_fork"):  # POSIX only; Windows has no fork
 def threads_ok() -> bool:
     """Whether the parallel kernels may run in this process.
 
-    False in a process forked (``os.fork``, ``multiprocessing``'s ``fork`` start method, a
-    DataLoader worker) from one that had already run a parallel kernel, and in its own forked
-    children: the threading layer does not survive the fork, and every dispatch takes the
-    serial twin instead (bit-identical results, one thread).
+    False in a process started by ``fork()`` (``os.fork``, ``multiprocessing``'s ``fork`` start
+    method, DataLoader workers) and in its own forked children: an OpenMP runtime started
+    before the fork does not survive it, and every dispatch takes the serial twin instead
+    (bit-identical results, one thread). Processes started by ``spawn`` keep their threads.
     """
-    return not _forked_after_threads
+    return not _forked
 
 
 def renamed(func: Callable[..., Any], name: str) -> types.FunctionType:

@@ -43,8 +43,8 @@ REF = stats()
 """
 
 
-def _run(body: str, timeout: float = 240) -> None:
-    code = textwrap.dedent(_PARENT) + textwrap.dedent(body)
+def _run(body: str, timeout: float = 240, parent: str = _PARENT) -> None:
+    code = textwrap.dedent(parent) + textwrap.dedent(body)
     try:
         res = subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout
@@ -120,4 +120,33 @@ def test_dataloader_workers_call_moments() -> None:
         assert all(np.array_equal(o, REF, equal_nan=True) for o in out)
         print("OK")
         """
+    )
+
+
+@pytest.mark.slow
+def test_fork_after_torch_threads_only() -> None:
+    # the parent never ran a Numba kernel, but PyTorch's CPU ops started the OpenMP runtime
+    # that Numba's threading layer shares: a parallel kernel in the child would hang
+    pytest.importorskip("torch")
+    _run(
+        """
+        import os
+        import numpy as np
+        import torch
+        import streamnorm as sn
+
+        torch.set_num_threads(2)
+        a = torch.randn(1000, 1000)
+        for _ in range(3):
+            float((a @ a).sum())
+        X = np.random.default_rng(0).standard_normal((120_000, 64)).astype(np.float32)
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if np.isfinite(sn.moments(X).mean).all() else 3)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, status
+        print("OK")
+        """,
+        timeout=120,
+        parent="",
     )
