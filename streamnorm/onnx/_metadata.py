@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -206,26 +207,7 @@ def read(model: Any) -> dict[str, LayerMoments] | None:
     RecordError
         An entry that is not JSON, another format, an unknown version, or impossible moments.
     """
-    texts = [p.value for p in model.metadata_props if p.key == METADATA_KEY]
-    if not texts:
-        return None
-    try:
-        d = json.loads(texts[-1])
-    except ValueError as e:
-        raise RecordError(f"the model's {METADATA_KEY!r} metadata is not JSON: {e}") from e
-    if not isinstance(d, dict):
-        raise RecordError(f"corrupt {_WHAT}: expected a JSON object, got {type(d).__name__}")
-    check_header(d, FORMAT_NAME, FORMAT_VERSION, _WHAT)
-    layers = d.get("layers")
-    if not isinstance(layers, list):
-        raise RecordError(f"corrupt {_WHAT}: 'layers' is not a list")
-    out: dict[str, LayerMoments] = {}
-    for i, entry in enumerate(layers):
-        m = _layer(entry, i)
-        if m.output in out:
-            raise RecordError(f"corrupt {_WHAT}: output {m.output!r} appears twice")
-        out[m.output] = m
-    return out
+    return _read_layers(model, METADATA_KEY, FORMAT_NAME, FORMAT_VERSION, _WHAT, _layer)
 
 
 # --------------------------------------------------------------------------------------------
@@ -401,23 +383,33 @@ def read_batchnorms(model: Any) -> dict[str, BatchNormRecord] | None:
     RecordError
         An entry that is not JSON, another format, an unknown version, or impossible values.
     """
-    texts = [p.value for p in model.metadata_props if p.key == BATCHNORMS_KEY]
+    return _read_layers(
+        model, BATCHNORMS_KEY, BATCHNORMS_FORMAT, BATCHNORMS_VERSION, _BN_WHAT, _bn_record
+    )
+
+
+def _read_layers(
+    model: Any, key: str, fmt: str, version: int, what: str, parse: Callable[[Any, int], Any]
+) -> dict[str, Any] | None:
+    """The entries of the JSON record under ``key`` in ``model``'s metadata, parsed one by one
+    with ``parse(entry, index)`` and keyed by their ``output`` (``None`` without a record)."""
+    texts = [p.value for p in model.metadata_props if p.key == key]
     if not texts:
         return None
     try:
         d = json.loads(texts[-1])
     except ValueError as e:
-        raise RecordError(f"the model's {BATCHNORMS_KEY!r} metadata is not JSON: {e}") from e
+        raise RecordError(f"the model's {key!r} metadata is not JSON: {e}") from e
     if not isinstance(d, dict):
-        raise RecordError(f"corrupt {_BN_WHAT}: expected a JSON object, got {type(d).__name__}")
-    check_header(d, BATCHNORMS_FORMAT, BATCHNORMS_VERSION, _BN_WHAT)
+        raise RecordError(f"corrupt {what}: expected a JSON object, got {type(d).__name__}")
+    check_header(d, fmt, version, what)
     layers = d.get("layers")
     if not isinstance(layers, list):
-        raise RecordError(f"corrupt {_BN_WHAT}: 'layers' is not a list")
-    out: dict[str, BatchNormRecord] = {}
+        raise RecordError(f"corrupt {what}: 'layers' is not a list")
+    out: dict[str, Any] = {}
     for i, entry in enumerate(layers):
-        r = _bn_record(entry, i)
+        r = parse(entry, i)
         if r.output in out:
-            raise RecordError(f"corrupt {_BN_WHAT}: output {r.output!r} appears twice")
+            raise RecordError(f"corrupt {what}: output {r.output!r} appears twice")
         out[r.output] = r
     return out
