@@ -401,3 +401,37 @@ def test_out_that_is_a_data_file_is_refused_before_the_run(tmp_path: pathlib.Pat
         with pytest.raises(OutputPathError, match="one of the inputs"):
             recalibrate(src, data, out, progress=False)
         assert _digest(out) == before
+
+
+def test_excluded_batchnorm_nodes_keep_their_statistics(tmp_path: pathlib.Path) -> None:
+    """``exclude`` names BatchNorm nodes too: they keep their stored statistics, the others are
+    recalibrated (with the kept node's old statistics upstream, sequentially); the CLI's
+    ``--exclude`` of ``annotate`` and ``calibrate`` takes the same list."""
+    from streamnorm.cli import main
+    from streamnorm.onnx import folded_layers
+
+    src = _save(onnx_cnn(15), tmp_path / "m.onnx")
+    x = _x()
+    old = onnx_stats(str(src))
+    out = tmp_path / "out.onnx"
+    report = recalibrate(src, x, out, batch_size=16, progress=False, exclude=["bn1"])
+    assert [r.name for r in report.layers] == ["bn2"]
+    new = onnx_stats(str(out))
+    np.testing.assert_array_equal(new["bn1"][0], old["bn1"][0])
+    np.testing.assert_array_equal(new["bn1"][1], old["bn1"][1])
+    assert not np.allclose(new["bn2"][1], old["bn2"][1])
+    ref = onnx_bn_inputs(str(out), x)["bn2"]  # bn2's input with bn1 as it was
+    np.testing.assert_allclose(new["bn2"][1], ref[1], rtol=2e-5)
+    # by output name, and through the CLI (annotate ignores BatchNorm names)
+    bn1_out = next(n.output[0] for n in onnx.load(str(src)).graph.node if n.name == "bn1")
+    again = tmp_path / "again.onnx"
+    recalibrate(src, x, again, batch_size=16, progress=False, exclude=[bn1_out])
+    assert onnx_stats(str(again))["bn1"][0].tolist() == old["bn1"][0].tolist()
+    np.save(tmp_path / "x.npy", x)
+    cli_out = tmp_path / "cli.onnx"
+    args = ["--data", str(tmp_path / "x.npy"), "--exclude", "bn1", "--no-progress"]
+    assert main(["calibrate", str(src), *args, "--out", str(cli_out)]) == 0
+    cli = onnx_stats(str(cli_out))
+    np.testing.assert_array_equal(cli["bn1"][1], old["bn1"][1])
+    np.testing.assert_allclose(cli["bn2"][1], new["bn2"][1], rtol=1e-6)
+    assert not any(c.chosen for c in folded_layers(str(src), exclude=["bn1"]))

@@ -48,7 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         nargs="+",
         default=None,
-        help="Conv/Gemm layers (node or output names) not to take",
+        help="Conv/Gemm layers (node or output names) not to take (BatchNormalization nodes named "
+        "here are ignored, so that one list serves annotate and calibrate)",
     )
     parser.add_argument(
         "--num-samples", metavar="N", type=count, default=None, help="use the first N samples"

@@ -126,7 +126,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         nargs="+",
         default=None,
-        help="ONNX: Conv/Gemm layers (node or output names) not to adapt",
+        help="ONNX: layers to leave as they are (node or output names): Conv/Gemm layers not to "
+        "adapt, BatchNormalization nodes whose stored statistics are kept",
     )
     parser.add_argument(
         "--bn-only",

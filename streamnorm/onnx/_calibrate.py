@@ -41,7 +41,7 @@ from ._files import (
     output_files,
     save,
 )
-from ._folded import FoldedLayer, named_layers, prepare_folded, select
+from ._folded import FoldedLayer, named_layers, prepare_folded, select, split_excluded
 from ._graph import BNNode, calibration_model, depths, prepare, prune
 from ._rule import chosen, layer_label
 from ._segments import Target, segment_cursors
@@ -630,10 +630,12 @@ def recalibrate(
         The Conv / Gemm layers to adapt by moment matching (node or output names). Default: the
         layers annotated in the metadata; with ``source``, or for a model without annotation,
         those the graph shows a folded BatchNorm in (:func:`folded_layers` lists them and why).
-        ``BatchNormalization`` nodes are always recalibrated.
+        ``BatchNormalization`` nodes are recalibrated unless named in ``exclude``.
     exclude : list of str, optional
-        Conv / Gemm layers (node or output names) not to adapt, taken out of the default or of
-        ``layers``.
+        Layers (node or output names) to leave as they are: Conv / Gemm layers taken out of the
+        default or of ``layers``, and ``BatchNormalization`` nodes whose stored statistics are
+        kept (e.g. a detection head whose statistics suit the new data better than their
+        re-estimate; see the README's "Real models").
     bn_only : bool, default False
         Recalibrate the ``BatchNormalization`` nodes only and adapt no Conv / Gemm layer. Without
         it, a model with BatchNorm nodes and folded layers but no source moments for them is
@@ -701,6 +703,8 @@ def recalibrate(
     loaded = load(mp)
     model = loaded.model
     bns = prepare(model, allow_none=True)
+    kept, exclude = split_excluded(model, exclude)
+    bns = [b for b in bns if b.index not in kept]
     stored = meta.read(model)
     recorded = _folded_records(model)
     choice = _Choice(layers, exclude, bn_only)

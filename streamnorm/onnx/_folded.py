@@ -55,6 +55,7 @@ __all__ = [
     "named_layers",
     "prepare_folded",
     "select",
+    "split_excluded",
 ]
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -178,6 +179,7 @@ def select(
             )
             for i, c in verdicts
         ]
+    _, exclude = split_excluded(model, exclude)
     if exclude is not None:
         dropped = set(named_layers(model, exclude, what="exclude"))
         verdicts = [
@@ -185,6 +187,29 @@ def select(
             for i, c in verdicts
         ]
     return verdicts
+
+
+def split_excluded(
+    model: Any, exclude: Sequence[str] | None
+) -> tuple[set[int], Sequence[str] | None]:
+    """``exclude`` split into the ``BatchNormalization`` nodes it names (indices: nodes whose
+    stored statistics stay as they are) and the other names (``None`` when none is left).
+
+    A list that is not a sequence of str is passed on as it is, for :func:`named_layers` to
+    refuse.
+    """
+    if exclude is None or isinstance(exclude, str) or not isinstance(exclude, Sequence):
+        return set(), exclude
+    g = model.graph
+    bns: set[int] = set()
+    rest: list[str] = []
+    for name in exclude:
+        i = match(model, name) if isinstance(name, str) else None
+        if i is not None and g.node[i].op_type == "BatchNormalization":
+            bns.add(i)
+        else:
+            rest.append(name)
+    return bns, (rest if rest or not bns else None)
 
 
 def folded_layers(
@@ -276,7 +301,7 @@ def named_layers(model: Any, layers: Any, what: str = "layers") -> list[int]:
         node = g.node[i]
         if node.op_type not in FOLDABLE or not _is_default_domain(node):
             hint = (
-                " (BatchNormalization nodes are always recalibrated)"
+                " (BatchNormalization nodes are recalibrated unless named in exclude)"
                 if node.op_type == "BatchNormalization"
                 else ""
             )
