@@ -62,16 +62,23 @@ class Loaded:
     external: set[str]
 
 
-def load(path: str) -> Loaded:
+def _load_graph(path: str) -> Any:
+    """The model at ``path`` without its external data; ``InputError`` for an unreadable
+    file (``OSError`` as it is)."""
     onnx = require("onnx")
-    from onnx import external_data_helper as ext
-
     try:
-        model = onnx.load(path, load_external_data=False)
+        return onnx.load(path, load_external_data=False)
     except OSError:
         raise
     except Exception as e:  # protobuf DecodeError and friends
         raise InputError(f"{path!r} is not a readable ONNX model: {e}") from e
+
+
+def load(path: str) -> Loaded:
+    model = _load_graph(path)
+    onnx = require("onnx")
+    from onnx import external_data_helper as ext
+
     files = {os.path.realpath(path)}
     base = os.path.dirname(os.path.abspath(path))
     external: set[str] = set()
@@ -194,15 +201,10 @@ def output_files(loaded: Loaded, out_path: str) -> list[str]:
 def model_files(model_path: str, out_path: str) -> tuple[list[str], list[str]]:
     """Before loading the weights: the files a run on ``model_path`` reads (the model and its
     external data files) and those it may write at ``out_path`` (see :func:`output_files`)."""
-    onnx = require("onnx")
+    require("onnx")
     from onnx import external_data_helper as ext
 
-    try:
-        model = onnx.load(model_path, load_external_data=False)
-    except OSError:
-        raise
-    except Exception as e:  # protobuf DecodeError and friends
-        raise InputError(f"{model_path!r} is not a readable ONNX model: {e}") from e
+    model = _load_graph(model_path)
     base = os.path.dirname(os.path.abspath(model_path))
     reads = [model_path]
     for t in ext._get_all_tensors(model):

@@ -154,12 +154,7 @@ def dumps(layers: list[LayerMoments], samples: int) -> str:
 def store(model: Any, text: str) -> None:
     """Put ``text`` under :data:`METADATA_KEY` in ``model.metadata_props`` (replacing an old
     entry; other entries are kept)."""
-    props = model.metadata_props
-    keep = [(p.key, p.value) for p in props if p.key != METADATA_KEY]
-    del props[:]
-    for k, v in keep:
-        props.add(key=k, value=v)
-    props.add(key=METADATA_KEY, value=text)
+    store_entry(model, METADATA_KEY, text)
 
 
 def _layer(d: Any, i: int) -> LayerMoments:
